@@ -1,0 +1,210 @@
+"""Segmentation training data: ``<name>.<ext>`` images with ``<name>.png`` masks.
+
+The layout is that of the magnetic-tile data set (and of :mod:`export.synth`):
+a folder tree where ``Crack/exp1_num_1.jpg`` has its truth mask in
+``Crack/exp1_num_1.png`` (defect where > 127). A ``.png`` file with no image of
+the same stem beside it is an image itself (with no mask).
+
+Images are decoded with :func:`station.imageio.read_image` and turned into
+model inputs with :func:`station.preprocess.preprocess` and the model card —
+the very code the line daemon runs — and masks into labels with
+:func:`station.preprocess.prepare_mask`. Nothing here imports TensorFlow.
+
+Splits are by group (a physical part photographed several times) when a
+groups file is given, so near-identical photos never sit on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from station.errors import InputError
+from station.imageio import IMAGE_EXTENSIONS, read_image, read_mask
+from station.modelcard import ModelCard
+from station.preprocess import preprocess, prepare_mask
+
+from . import ExportError
+
+log = logging.getLogger(__name__)
+
+MASK_SUFFIX = ".png"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image file and its mask file (None: defect-free by declaration).
+
+    key: the image path relative to the data root, '/'-separated — the key of
+    a groups file.
+    """
+
+    image: Path
+    mask: Path | None
+    key: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What :func:`find_samples` found under a root."""
+
+    root: Path
+    samples: tuple[Sample, ...]
+    skipped_no_mask: int  # images without a mask that were left out
+
+
+@dataclass(frozen=True)
+class Split:
+    train: tuple[Sample, ...]
+    val: tuple[Sample, ...]
+    description: str  # one line for the model card
+
+
+@dataclass(frozen=True)
+class Arrays:
+    """Model inputs and labels, ready for Keras.
+
+    x: (N, H, W, C) in the card's input dtype (float32 after 'normalize').
+    y: (N, H, W, 1) float32, 1 where defective, else 0.
+    keys: the sample key of each row.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    keys: tuple[str, ...]
+
+
+def find_samples(root: str | Path, missing_mask_is_free: bool = False) -> Listing:
+    """List image/mask pairs under ``root`` recursively, sorted by key.
+
+    An image without a mask is skipped (and counted) unless
+    ``missing_mask_is_free``, in which case it is a defect-free sample.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ExportError(f"{root}: data directory does not exist or is not a directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    stems_with_image = {p.with_suffix("") for p in files if p.suffix.lower() != MASK_SUFFIX}
+    samples: list[Sample] = []
+    skipped = 0
+    for path in files:
+        if path.suffix.lower() == MASK_SUFFIX and path.with_suffix("") in stems_with_image:
+            continue  # the mask of an image beside it
+        mask = path.with_suffix(MASK_SUFFIX) if path.suffix.lower() != MASK_SUFFIX else None
+        if mask is not None and not mask.is_file():
+            mask = None
+        if mask is None and not missing_mask_is_free:
+            skipped += 1
+            continue
+        samples.append(Sample(path, mask, path.relative_to(root).as_posix()))
+    if skipped:
+        log.warning("%s: %d image(s) without a %s mask skipped (pass --missing-mask-is-free to use them "
+                    "as defect-free)", root, skipped, MASK_SUFFIX)
+    if not samples:
+        raise ExportError(f"{root}: no image with a {MASK_SUFFIX} mask found")
+    return Listing(root, tuple(samples), skipped)
+
+
+def load_groups(path: str | Path) -> dict[str, str]:
+    """Read a groups file: JSON object {image key: group id}, both strings."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ExportError(f"--groups {path}: cannot read ({exc.strerror or exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"--groups {path}: not JSON (line {exc.lineno}: {exc.msg})") from exc
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ExportError(f"--groups {path}: expected a JSON object of \"image path\": \"group id\" strings")
+    return data
+
+
+def split_samples(
+    samples: Sequence[Sample],
+    val_fraction: float,
+    seed: int,
+    groups: Mapping[str, str] | None = None,
+) -> Split:
+    """Deterministic train/validation split.
+
+    With ``groups`` (image key → group id), whole groups go to one side; an
+    image missing from ``groups`` is a group of its own (and counted in the
+    log). Groups (or images) are shuffled with ``seed`` and moved to validation
+    until it holds at least ``val_fraction`` of the images; training keeps at
+    least one group.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ExportError(f"--val-fraction {val_fraction}: must be between 0 and 1 (exclusive)")
+    by_group: dict[str, list[Sample]] = {}
+    ungrouped = 0
+    for s in samples:
+        if groups is not None and s.key in groups:
+            gid = "g:" + groups[s.key]
+        else:
+            gid = "i:" + s.key
+            if groups is not None:
+                ungrouped += 1
+        by_group.setdefault(gid, []).append(s)
+    if ungrouped:
+        log.warning("%d image(s) missing from the groups file: each is its own group", ungrouped)
+    if len(by_group) < 2:
+        raise ExportError(f"{len(samples)} image(s) in {len(by_group)} group(s): need at least 2 groups to split")
+    order = sorted(by_group)
+    np.random.default_rng(seed).shuffle(order)
+    target = val_fraction * len(samples)
+    val_ids: list[str] = []
+    n_val = 0
+    for gid in order[:-1]:
+        if n_val >= target:
+            break
+        val_ids.append(gid)
+        n_val += len(by_group[gid])
+    val_set = set(val_ids)
+    train = tuple(sorted((s for g in order if g not in val_set for s in by_group[g]), key=lambda s: s.key))
+    val = tuple(sorted((s for g in val_ids for s in by_group[g]), key=lambda s: s.key))
+    unit = "group" if groups is not None else "image"
+    description = (
+        f"by {unit}: {len(train)} train / {len(val)} validation images "
+        f"({len(by_group) - len(val_ids)} / {len(val_ids)} {unit}s), "
+        f"validation fraction {val_fraction:g}, seed {seed}"
+    )
+    return Split(train, val, description)
+
+
+def load_sample(sample: Sample, card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
+    """One sample → (input (H, W, C) in the card's dtype, label (H, W, 1) float32 0/1)."""
+    image = read_image(sample.image)
+    x, geometry = preprocess(image, card)
+    if sample.mask is None:
+        y = np.zeros((card.input.height, card.input.width), np.float32)
+    else:
+        mask = read_mask(sample.mask)
+        try:
+            y = prepare_mask(mask, card, geometry)
+        except ValueError as exc:
+            raise ExportError(f"{sample.mask}: {exc}") from exc
+    return x, y[:, :, None]
+
+
+def load_arrays(samples: Iterable[Sample], card: ModelCard, progress: bool = False) -> Arrays:
+    """Decode and preprocess samples into stacked arrays (see :class:`Arrays`)."""
+    samples = list(samples)
+    spec = card.input
+    x = np.empty((len(samples), spec.height, spec.width, spec.channels), np.dtype(spec.dtype))
+    y = np.empty((len(samples), spec.height, spec.width, 1), np.float32)
+    it: Iterable[tuple[int, Sample]] = enumerate(samples)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, total=len(samples), unit="img", desc="load", disable=None)
+    for i, sample in it:
+        try:
+            x[i], y[i] = load_sample(sample, card)
+        except InputError as exc:
+            raise ExportError(str(exc)) from exc
+    return Arrays(x, y, tuple(s.key for s in samples))

@@ -1,0 +1,273 @@
+"""An anchor-free (FCOS-style) box detector on MobileNetV2 features (Keras 3).
+
+Backbone: ``keras.applications.MobileNetV2(weights=None)`` (trained from
+scratch; a local weights file may be given, never downloaded). Neck: a small
+FPN — 1×1 lateral convolutions of the stride-8/16/32 features
+(``block_6_expand_relu``, ``block_13_expand_relu``, ``out_relu``) to ``width``
+channels, summed top-down (nearest upsampling) into one stride-8 map.
+Head: two towers of ``head_depth`` separable 3×3 conv → BN → ReLU, one for
+classification (``C`` sigmoid logits, bias at prior 0.01) and one for the box
+(4 distances to the left/top/right/bottom sides, ``stride · exp(t)``) and
+centre-ness (one logit).
+
+Training output (``build_detector``): ``(N, H/8, W/8, C + 5)`` raw
+[class logits | ltrb log-distances | centre-ness logit].
+
+Targets (:func:`encode_targets`, numpy): every stride-8 cell whose centre lies
+inside a box is positive for that box (the smallest box when several contain
+it; a box containing no cell centre takes the cell nearest its centre).
+Loss (:func:`make_loss`): sigmoid focal loss (α 0.25, γ 2) over all cells,
+GIoU on positive cells weighted by the centre-ness target, BCE on the
+centre-ness of positive cells; the first two normalised by the number of
+positives, as in FCOS.
+
+Inference (``build_inference``): boxes ``(x − l, y − t, x + r, y + b)``,
+score = √(σ(class) · σ(centre-ness)), then ``tf.image.combined_non_max_suppression``
+(hard NMS per class, ``clip_boxes``) in the graph. Outputs, the card's
+:class:`station.modelcard.DetectionOutputs` layout: ``boxes`` (1, K, 4)
+[y1, x1, y2, x2] normalised to the input tensor, ``scores`` (1, K),
+``classes`` (1, K) float, ``count`` (1,) int32.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+import keras
+import numpy as np
+from keras import layers
+
+from . import ExportError
+from .unet import set_bn_momentum
+
+log = logging.getLogger(__name__)
+
+STRIDE = 8
+FEATURE_LAYERS: tuple[str, ...] = ("block_6_expand_relu", "block_13_expand_relu", "out_relu")  # strides 8, 16, 32
+INPUT_NAME = "image"
+OUTPUT_NAMES: tuple[str, ...] = ("boxes", "scores", "classes", "count")
+MAX_LOG_DISTANCE = 8.0  # exp(8) · 8 px ≫ any input side: keeps exp() finite early in training
+
+
+# --- model -------------------------------------------------------------------
+
+
+def _tower(x, width: int, depth: int, prefix: str, momentum: float):
+    for i in range(depth):
+        x = layers.SeparableConv2D(width, 3, padding="same", use_bias=False, name=f"{prefix}_conv{i + 1}")(x)
+        x = layers.BatchNormalization(momentum=momentum, name=f"{prefix}_bn{i + 1}")(x)
+        x = layers.ReLU(name=f"{prefix}_relu{i + 1}")(x)
+    return x
+
+
+def build_detector(
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    alpha: float = 0.5,
+    width: int = 96,
+    head_depth: int = 2,
+    weights: str | Path | None = None,
+    bn_momentum: float = 0.9,
+    name: str = "fcos_mobilenetv2",
+) -> keras.Model:
+    """The training model: (N, H, W, C) → (N, H/8, W/8, num_classes + 5) raw head outputs.
+
+    input_shape: (H, W, C), H and W multiples of 32, C 1 or 3. alpha: MobileNetV2
+    width multiplier. width: FPN and head channels. weights: None (random) or a
+    local MobileNetV2 ``include_top=False`` weights file (3-channel; a gray input
+    is repeated to three channels inside the model).
+    """
+    h, w, c = input_shape
+    if h % 32 or w % 32 or h < 32 or w < 32:
+        raise ExportError(f"--size {h} {w}: height and width must be multiples of 32 (MobileNetV2 has stride 32)")
+    if c not in (1, 3):
+        raise ExportError(f"input channels {c}: must be 1 (gray) or 3 (colour)")
+    encoder_channels = 3 if weights is not None else c
+    try:
+        base = keras.applications.MobileNetV2(input_shape=(h, w, encoder_channels), alpha=alpha, include_top=False,
+                                              weights=str(weights) if weights is not None else None)
+    except (ValueError, OSError) as exc:
+        raise ExportError(f"--weights {weights}: cannot load into MobileNetV2(alpha={alpha:g}): {exc}") from exc
+    backbone = keras.Model(base.input, [base.get_layer(n).output for n in FEATURE_LAYERS], name="backbone")
+
+    inputs = keras.Input((h, w, c), name=INPUT_NAME)
+    x = inputs
+    if c != encoder_channels:
+        x = layers.Concatenate(axis=-1, name="gray_to_3")([x, x, x])
+    c3, c4, c5 = backbone(x)
+    p = layers.Conv2D(width, 1, name="lat5")(c5)
+    for lvl, feat in ((4, c4), (3, c3)):
+        p = layers.UpSampling2D(2, interpolation="nearest", name=f"up{lvl}")(p)
+        p = layers.Add(name=f"p{lvl}")([p, layers.Conv2D(width, 1, name=f"lat{lvl}")(feat)])
+    p = layers.SeparableConv2D(width, 3, padding="same", use_bias=False, name="p3_smooth")(p)
+    p = layers.BatchNormalization(momentum=bn_momentum, name="p3_bn")(p)
+    p = layers.ReLU(name="p3_relu")(p)
+
+    cls_t = _tower(p, width, head_depth, "cls", bn_momentum)
+    box_t = _tower(p, width, head_depth, "box", bn_momentum)
+    prior = -float(np.log((1 - 0.01) / 0.01))
+    cls = layers.Conv2D(num_classes, 3, padding="same", name="cls_logits",
+                        bias_initializer=keras.initializers.Constant(prior))(cls_t)
+    ltrb = layers.Conv2D(4, 3, padding="same", name="ltrb",
+                         kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01))(box_t)
+    ctr = layers.Conv2D(1, 3, padding="same", name="centerness")(box_t)
+    out = layers.Concatenate(axis=-1, name="head")([cls, ltrb, ctr])
+    model = keras.Model(inputs, out, name=name)
+    set_bn_momentum(model, bn_momentum)
+    return model
+
+
+def grid_centres(in_h: int, in_w: int, stride: int = STRIDE) -> tuple[np.ndarray, np.ndarray]:
+    """Cell centres of the stride grid in input pixels: (cx (h, w), cy (h, w)) float32."""
+    gy, gx = np.mgrid[0 : in_h // stride, 0 : in_w // stride].astype(np.float32)
+    return (gx + 0.5) * stride, (gy + 0.5) * stride
+
+
+class DecodeNms(layers.Layer):
+    """Raw head (N, h, w, C + 5) → combined-NMS outputs (see the module docstring)."""
+
+    def __init__(self, in_h: int, in_w: int, num_classes: int, score_threshold: float, iou_threshold: float,
+                 max_per_class: int, max_total: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.in_h, self.in_w, self.num_classes = in_h, in_w, num_classes
+        self.score_threshold, self.iou_threshold = float(score_threshold), float(iou_threshold)
+        self.max_per_class, self.max_total = int(max_per_class), int(max_total)
+        cx, cy = grid_centres(in_h, in_w)
+        self._cx = cx.reshape(1, -1)
+        self._cy = cy.reshape(1, -1)
+
+    def call(self, raw):
+        import tensorflow as tf
+
+        c = self.num_classes
+        n = tf.shape(raw)[0]
+        flat = tf.reshape(raw, [n, -1, c + 5])
+        prob = tf.sigmoid(flat[..., :c]) * tf.sigmoid(flat[..., c + 4 : c + 5])
+        scores = tf.sqrt(prob)
+        dist = tf.exp(tf.minimum(flat[..., c : c + 4], MAX_LOG_DISTANCE)) * float(STRIDE)
+        cx, cy = tf.constant(self._cx), tf.constant(self._cy)
+        y1 = (cy - dist[..., 1]) / self.in_h
+        x1 = (cx - dist[..., 0]) / self.in_w
+        y2 = (cy + dist[..., 3]) / self.in_h
+        x2 = (cx + dist[..., 2]) / self.in_w
+        boxes = tf.stack([y1, x1, y2, x2], axis=-1)[:, :, None, :]
+        nmsed = tf.image.combined_non_max_suppression(
+            boxes, scores, max_output_size_per_class=self.max_per_class, max_total_size=self.max_total,
+            iou_threshold=self.iou_threshold, score_threshold=self.score_threshold, pad_per_class=False,
+            clip_boxes=True)
+        return [nmsed.nmsed_boxes, nmsed.nmsed_scores, nmsed.nmsed_classes,
+                tf.cast(nmsed.valid_detections, tf.int32)]
+
+    def compute_output_spec(self, raw):
+        n = raw.shape[0]
+        k = self.max_total
+        return [keras.KerasTensor((n, k, 4), "float32"), keras.KerasTensor((n, k), "float32"),
+                keras.KerasTensor((n, k), "float32"), keras.KerasTensor((n,), "int32")]
+
+
+def build_inference(model: keras.Model, num_classes: int, score_threshold: float = 0.05, iou_threshold: float = 0.5,
+                    max_per_class: int = 50, max_total: int = 100) -> keras.Model:
+    """``model`` (sharing its weights) followed by decoding and in-graph NMS; outputs
+    in the order of :data:`OUTPUT_NAMES`."""
+    h, w = model.input.shape[1:3]
+    inputs = keras.Input(model.input.shape[1:], name=INPUT_NAME)
+    outs = DecodeNms(h, w, num_classes, score_threshold, iou_threshold, max_per_class, max_total,
+                     name="decode_nms")(model(inputs, training=False))
+    return keras.Model(inputs, outs, name=model.name + "_nms")
+
+
+# --- targets and loss --------------------------------------------------------
+
+
+def encode_targets(boxes: np.ndarray, labels: np.ndarray, in_h: int, in_w: int, num_classes: int,
+                   stride: int = STRIDE) -> np.ndarray:
+    """One image's boxes → (h, w, C + 6) float32 targets on the stride grid.
+
+    boxes: (n, 4) [x1, y1, x2, y2] input pixels; labels: (n,) class index.
+    Channels: one-hot class (C) | assigned box x1 y1 x2 y2 (4) | centre-ness
+    target (1) | positive flag (1). Negative cells are all zero.
+    """
+    cx, cy = grid_centres(in_h, in_w, stride)
+    gh, gw = cx.shape
+    out = np.zeros((gh, gw, num_classes + 6), np.float32)
+    if len(boxes) == 0:
+        return out
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    left = cx[..., None] - b[:, 0]
+    top = cy[..., None] - b[:, 1]
+    right = b[:, 2] - cx[..., None]
+    bottom = b[:, 3] - cy[..., None]
+    inside = (np.minimum(np.minimum(left, right), np.minimum(top, bottom)) > 0)  # (gh, gw, n)
+    for k in range(len(b)):  # a box too small to contain a cell centre takes the nearest cell
+        if not inside[..., k].any():
+            mx, my = (b[k, 0] + b[k, 2]) / 2, (b[k, 1] + b[k, 3]) / 2
+            i = int(np.clip(my // stride, 0, gh - 1))
+            j = int(np.clip(mx // stride, 0, gw - 1))
+            inside[i, j, k] = True
+    cost = np.where(inside, area[None, None, :], np.inf)
+    best = np.argmin(cost, axis=-1)
+    pos = np.isfinite(np.min(cost, axis=-1))
+    ii, jj = np.nonzero(pos)
+    kk = best[ii, jj]
+    out[ii, jj, labels[kk]] = 1.0
+    out[ii, jj, num_classes : num_classes + 4] = b[kk]
+    l_, t_, r_, b_ = (np.maximum(v[ii, jj, kk], 1e-3) for v in (left, top, right, bottom))
+    ctr = np.sqrt((np.minimum(l_, r_) / np.maximum(l_, r_)) * (np.minimum(t_, b_) / np.maximum(t_, b_)))
+    out[ii, jj, num_classes + 4] = ctr
+    out[ii, jj, num_classes + 5] = 1.0
+    return out
+
+
+def make_loss(num_classes: int, in_h: int, in_w: int, alpha: float = 0.25, gamma: float = 2.0,
+              box_weight: float = 1.0):
+    """FCOS loss on (N, h, w, C + 6) targets and (N, h, w, C + 5) raw outputs (see the module docstring)."""
+    ops = keras.ops
+    c = num_classes
+    cx, cy = grid_centres(in_h, in_w)
+
+    class FcosLoss(keras.losses.Loss):
+        def __init__(self) -> None:
+            super().__init__(name="fcos", reduction="sum_over_batch_size")
+
+        def call(self, y_true, y_pred):
+            y_true = ops.cast(y_true, y_pred.dtype)
+            pos = y_true[..., c + 5]
+            npos = ops.maximum(ops.sum(pos), 1.0)
+            # focal loss
+            t = y_true[..., :c]
+            logits = y_pred[..., :c]
+            p = ops.sigmoid(logits)
+            ce = ops.maximum(logits, 0.0) - logits * t + ops.log1p(ops.exp(-ops.abs(logits)))
+            p_t = p * t + (1 - p) * (1 - t)
+            a_t = alpha * t + (1 - alpha) * (1 - t)
+            focal = ops.sum(a_t * ops.power(1 - p_t, gamma) * ce) / npos
+            # GIoU on positives, weighted by the centre-ness target
+            dist = ops.exp(ops.minimum(y_pred[..., c : c + 4], MAX_LOG_DISTANCE)) * float(STRIDE)
+            gx = ops.convert_to_tensor(cx)
+            gy = ops.convert_to_tensor(cy)
+            px1, py1 = gx - dist[..., 0], gy - dist[..., 1]
+            px2, py2 = gx + dist[..., 2], gy + dist[..., 3]
+            tx1, ty1, tx2, ty2 = (y_true[..., c + i] for i in range(4))
+            iw = ops.maximum(ops.minimum(px2, tx2) - ops.maximum(px1, tx1), 0.0)
+            ih = ops.maximum(ops.minimum(py2, ty2) - ops.maximum(py1, ty1), 0.0)
+            inter = iw * ih
+            union = (px2 - px1) * (py2 - py1) + (tx2 - tx1) * (ty2 - ty1) - inter
+            iou = inter / ops.maximum(union, 1e-6)
+            enc = (ops.maximum(px2, tx2) - ops.minimum(px1, tx1)) * (ops.maximum(py2, ty2) - ops.minimum(py1, ty1))
+            giou = iou - (enc - union) / ops.maximum(enc, 1e-6)
+            w_ctr = y_true[..., c + 4] * pos
+            box = ops.sum(w_ctr * (1.0 - giou)) / ops.maximum(ops.sum(w_ctr), 1e-6)
+            # centre-ness BCE on positives
+            z = y_pred[..., c + 4]
+            ct = y_true[..., c + 4]
+            bce = ops.maximum(z, 0.0) - z * ct + ops.log1p(ops.exp(-ops.abs(z)))
+            centre = ops.sum(bce * pos) / npos
+            # Keras divides by the batch size ("sum_over_batch_size" of a scalar is the scalar).
+            return focal + box_weight * box + centre
+
+    return FcosLoss()
+
+
+def describe(model: keras.Model) -> str:
+    return f"{model.name}: {model.count_params():,} parameters, input {tuple(model.input.shape[1:])}"

@@ -1,0 +1,336 @@
+"""The shipped magnetic-tile segmentation model: one recipe, retrained and evaluated by command.
+
+::
+
+    python -m export.magnetic_tile train [--data DIR] [--run RUN_DIR] [--epochs N]
+    python -m export.magnetic_tile eval  [--data DIR] [--run RUN_DIR] [--model FILE] [--config FILE]
+    python -m export.magnetic_tile export-checkpoint [--data DIR] [--run RUN_DIR]
+    python -m export.magnetic_tile tune  [--run RUN_DIR] [--model FILE] [--thresholds T…] [--min-areas A…]
+
+``train`` runs :func:`export.train.train` with the recipe below (fixed seeds:
+split, initialisation and augmentation all from ``SEED``), copies the
+exported model to ``models/magnetic_tile_unet.onnx`` and its training curves
+to ``docs/magnetic_tile_training.png``.
+
+``eval`` runs ``station eval`` — the line's own ``Inspector`` with the ONNX
+model and ``config/magnetic_tile.yaml`` — on exactly the validation images of
+the run (``RUN_DIR/split.json``), writes ``docs/magnetic_tile_eval.json`` and
+``docs/magnetic_tile_eval.png``, and records its figures (IoU overall and per
+class, pixel precision/recall, grade agreement) in the model's card.
+
+``export-checkpoint`` exports the best checkpoint of a ``train`` run that was
+stopped before its last epoch (the run writes ``best.weights.h5`` at every
+improvement), with the number of epochs really run on the card.
+
+Data: the Magnetic-tile defect data set (Huang, Qiu, Yuan, "Surface defect
+saliency of magnetic tile", The Visual Computer, 2020; repository
+abin24/Magnetic-tile-defect-datasets), split by physical tile
+(``tile_groups.json``), never by image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from . import ExportError
+from .card import PreprocessOptions, preprocess_ops
+from .onnx_export import embed_card_file, read_card
+from .train import TrainConfig, final_figures, train
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = Path("/work/shared/data/magnetic_tile")
+DEFAULT_RUN = Path("runs/magnetic_tile")
+MODEL_PATH = Path("models/magnetic_tile_unet.onnx")
+CONFIG_PATH = Path("config/magnetic_tile.yaml")
+DOCS = Path("docs")
+SEED = 7
+CITATION = ('Magnetic-tile defect data set: Huang, Qiu, Yuan, "Surface defect saliency of magnetic tile", '
+            "The Visual Computer, 2020 (repository abin24/Magnetic-tile-defect-datasets, commit cc4eb53)")
+
+# The recipe. Letterbox keeps the tile's aspect ratio (widths 103-632, heights
+# 222-403) and a square input allows all 8 flips/rotations; 256 px keeps the
+# small blowholes and cracks (median 0.13 % / 0.29 % of the image) a few pixels
+# wide. No grey dilation: the defects are dark, a max filter would erase thin cracks.
+PREPROCESS = PreprocessOptions(colour="gray", clahe=(2.0, 8), dilate=0, resize_mode="letterbox",
+                               interpolation="area", pad_value=0, normalize="symmetric")
+# The mask threshold the line uses (the card's output.threshold), chosen with
+# `tune` on the training split: above it the grade agreement only rises by
+# predicting nothing (0.95: IoU 0). Training figures use 0.5.
+SERVE_THRESHOLD = 0.85
+RECIPE = dict(size=(256, 256), alpha=0.35, epochs=30, batch=16, lr=2e-3, dice_weight=1.0, loss="bce",
+              defect_repeat=2, jitter=0.1, seed=SEED, val_fraction=0.2, threshold=0.5)
+
+
+def recipe(data: Path, run: Path, epochs: int | None = None, stop_after: int | None = None) -> TrainConfig:
+    """The TrainConfig of the shipped model (``epochs`` overrides the recipe's, for trials;
+    ``stop_after`` ends the run early with the recipe's learning-rate schedule)."""
+    groups = data / "tile_groups.json"
+    cfg = TrainConfig(
+        data_dir=data, out_dir=run, preprocess=tuple(preprocess_ops(PREPROCESS)), groups=groups,
+        name="magnetic-tile-unet", version="1",
+        description="magnetic-tile surface defects (blowhole, break, crack, fray, uneven) as one 'defect' mask",
+        data_description=CITATION + f"; {data}: 1,076 images (757 defect-free), masks beside the images",
+        **RECIPE,
+    )
+    if epochs is not None:
+        cfg = replace(cfg, epochs=epochs)
+    if stop_after is not None:
+        cfg = replace(cfg, stop_after=stop_after)
+    argv = ["train", "--data", str(data), "--run", str(run)] + (["--epochs", str(epochs)] if epochs else []) \
+        + (["--stop-after", str(stop_after)] if stop_after else [])
+    return replace(cfg, command="python -m export.magnetic_tile " + shlex.join(argv)
+                   + "   # = " + _train_equivalent(cfg))
+
+
+def _train_equivalent(cfg: TrainConfig) -> str:
+    from .train import command_of
+
+    return command_of(replace(cfg, command=""))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = recipe(args.data, args.run, args.epochs, args.stop_after)
+    result = train(cfg)
+    MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result.onnx_path, MODEL_PATH)
+    DOCS.mkdir(exist_ok=True)
+    shutil.copyfile(cfg.out_dir / "curves.png", DOCS / "magnetic_tile_training.png")
+    log.info("%s: val IoU %.4f (Keras, input resolution); now run: python -m export.magnetic_tile eval",
+             MODEL_PATH, result.card.training.figures["val_iou"])
+    return 0
+
+
+def cmd_export_checkpoint(args: argparse.Namespace) -> int:
+    """Export ``RUN_DIR/best.weights.h5`` of an interrupted ``train`` (same recipe, same split).
+
+    The card records how many of the planned epochs ran (from ``history.csv``);
+    the learning-rate schedule of such a run had not decayed to its end.
+    """
+    import csv
+    import time
+
+    from station.modelcard import TrainingInfo
+
+    from .card import draft_card
+    from .data import find_samples, load_arrays, load_groups, split_samples
+    from .onnx_export import export_model
+    from .train import make_iou_metric, make_loss, plot_curves
+    from .unet import build_unet
+
+    cfg = recipe(args.data, args.run, args.epochs)
+    weights = cfg.out_dir / "best.weights.h5"
+    if not weights.is_file():
+        raise ExportError(f"{weights}: no checkpoint")
+    with (cfg.out_dir / "history.csv").open() as f:
+        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    if not rows:
+        raise ExportError(f"{cfg.out_dir / 'history.csv'}: no epoch finished")
+    best = max(rows, key=lambda r: r["val_iou"])
+    if len(rows) < cfg.epochs:  # the command that reproduces these weights stops where this run stopped
+        cfg = recipe(args.data, args.run, args.epochs, stop_after=len(rows))
+    draft = draft_card(name=cfg.name, version=cfg.version, size=cfg.size, preprocess=cfg.preprocess,
+                       training=TrainingInfo(data="(pending)"), threshold=cfg.threshold,
+                       description=cfg.description, opset=cfg.opset)
+    listing = find_samples(cfg.data_dir)
+    split = split_samples(listing.samples, cfg.val_fraction, cfg.seed, load_groups(cfg.groups))
+    train_arrays = load_arrays(split.train, draft)
+    val_arrays = load_arrays(split.val, draft)
+    model = build_unet((cfg.size[0], cfg.size[1], draft.input.channels), num_classes=1, alpha=cfg.alpha,
+                       decoder_filters=cfg.decoder_filters, dropout=cfg.dropout, name=cfg.name.replace("-", "_"))
+    model.load_weights(weights)
+    model.compile(loss=make_loss(cfg.dice_weight, kind=cfg.loss, gamma=cfg.focal_gamma),
+                  metrics=[make_iou_metric(cfg.threshold)])
+    figures = {**final_figures(model, train_arrays, val_arrays, cfg.batch, best["epoch"]), "epochs_run": float(len(rows))}
+    seconds = sum(r["seconds"] for r in rows)
+    plot_curves(rows, cfg.out_dir / "curves.png", f"{cfg.name}: {len(train_arrays.x)} train / "
+                f"{len(val_arrays.x)} val images, {cfg.size[0]}x{cfg.size[1]}, alpha {cfg.alpha:g} "
+                f"({len(rows)} of {cfg.epochs} epochs)")
+    stopped = len(rows) < cfg.epochs
+    training = TrainingInfo(
+        data=cfg.data_description, split=split.description, command=cfg.command, epochs=len(rows), seed=cfg.seed,
+        seconds=round(seconds, 1), figures=figures,
+        evaluated_by=(f"python -m export.magnetic_tile export-checkpoint (best-val-IoU weights of epoch "
+                      f"{best['epoch']:.0f}, thresholded at {cfg.threshold:g}; IoU accumulated over all pixels of "
+                      f"each set, at the model's input resolution)"
+                      + (f"; training stopped by hand after {len(rows)} of the recipe's {cfg.epochs} epochs "
+                         f"(time budget): the cosine learning-rate decay had not finished" if stopped else "")),
+    )
+    card = draft.model_copy(update={"training": training})
+    t0 = time.perf_counter()
+    card = export_model(model, card, cfg.out_dir / "model.onnx", val_arrays.x[: max(1, cfg.parity_count)],
+                        opset=cfg.opset)
+    (cfg.out_dir / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
+    MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cfg.out_dir / "model.onnx", MODEL_PATH)
+    DOCS.mkdir(exist_ok=True)
+    shutil.copyfile(cfg.out_dir / "curves.png", DOCS / "magnetic_tile_training.png")
+    log.info("%s from %s (epoch %d of %d run): val IoU %.4f; export %.0f s", MODEL_PATH, weights,
+             best["epoch"], len(rows), figures["val_iou"], time.perf_counter() - t0)
+    return 0
+
+
+def validation_images(data: Path, run: Path) -> list[Path]:
+    """The validation images of a run, as paths under ``data`` (from ``RUN_DIR/split.json``)."""
+    split_file = run / "split.json"
+    try:
+        split = json.loads(split_file.read_text())
+    except OSError as exc:
+        raise ExportError(f"{split_file}: cannot read ({exc.strerror or exc}); train first") from exc
+    return [data / key for key in split["val"]]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    images = validation_images(args.data, args.run)
+    if not args.no_card and args.threshold is not None:
+        card = read_card(args.model)
+        if card.output.threshold != args.threshold:
+            log.info("%s: mask threshold %g → %g (card output.threshold)", args.model, card.output.threshold,
+                     args.threshold)
+            embed_card_file(args.model, card.model_copy(update={"output": card.output.model_copy(
+                update={"threshold": args.threshold})}))
+    json_out, png_out = args.json, args.report
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    png_out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "station", "eval", "-c", str(args.config), "--seg-model", str(args.model),
+           "--json", str(json_out), "--report", str(png_out), "-q", *map(str, images)]
+    log.info("station eval on %d validation images of %s", len(images), args.run / "split.json")
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        log.error("station eval exited with %d", rc)
+        return rc
+    report = json.loads(json_out.read_text())
+    seg = report["segmentation"]
+    figures = {f"eval_{k}": round(float(v), 4) for k, v in report["card_figures"].items()}
+    for cls, s in sorted(seg["per_class"].items()):
+        if s["iou"] is not None:
+            figures[f"eval_iou_{cls}"] = round(float(s["iou"]), 4)
+    cm = report["grades"]["matrix"]
+    for i, t in enumerate(report["grades"]["labels"]):
+        for j, p in enumerate(report["grades"]["labels"]):
+            figures[f"grades_true_{t}_pred_{p}"] = float(cm[i][j])
+    figures["eval_images"] = float(report["counts"]["evaluated"])
+    if args.no_card:
+        return 0
+    card = read_card(args.model)
+    training = card.training
+    argv = ["eval", "--data", str(args.data), "--run", str(args.run), "--model", str(args.model),
+            "--config", str(args.config), "--json", str(json_out), "--report", str(png_out),
+            "--threshold", f"{card.output.threshold:g}"]
+    kept = {k: v for k, v in training.figures.items() if not (k.startswith("eval_") or k.startswith("grades_"))}
+    base = training.evaluated_by.split(" [figures without a prefix]")[0]
+    evaluated_by = (
+        f"{base} [figures without a prefix]; "
+        f"python -m export.magnetic_tile {shlex.join(argv)} [eval_* and grades_* figures: station eval with the "
+        f"ONNX model (mask threshold {card.output.threshold:g}, chosen on the training split by "
+        f"'python -m export.magnetic_tile tune') and {args.config} (min_area_px "
+        f"{report['rules']['min_area_px']}, total area PASS <= 0.5 % < "
+        f"DISCOUNT <= 2 % < REJECT) on the {len(images)} validation images, pixels counted at source resolution; "
+        f"report {json_out}]"
+    )
+    card = card.model_copy(update={"training": training.model_copy(
+        update={"figures": {**kept, **figures}, "evaluated_by": evaluated_by})})
+    for path in {args.model.resolve(), (args.run / "model.onnx").resolve()}:
+        if path.is_file():
+            embed_card_file(path, card)
+    log.info("figures written into the card of %s: %s", args.model, json.dumps(figures))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Mask threshold × min_area_px chosen on the *training* split (never on validation):
+    ``station eval`` on the run's training images for each pair; prints IoU and grade
+    agreement, and the pair with the best IoU (to 3 decimals), then agreement."""
+    import tempfile
+
+    import yaml
+
+    split = json.loads((args.run / "split.json").read_text())
+    images = [args.data / key for key in split["train"]]
+    card = read_card(args.model)
+    base = yaml.safe_load(args.config.read_text())
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mt-tune-") as tmp:
+        tmp_dir = Path(tmp)
+        for threshold in args.thresholds:
+            model = tmp_dir / f"t{threshold:g}.onnx"
+            embed_card_file(args.model, card.model_copy(update={"output": card.output.model_copy(
+                update={"threshold": threshold})}), model)
+            for min_area in args.min_areas:
+                cfg = dict(base, models={"segmentation": str(model), "detection": None},
+                           postprocess=dict(base.get("postprocess", {}), min_area_px=min_area))
+                cfg_path = tmp_dir / "station.yaml"
+                cfg_path.write_text(yaml.safe_dump(cfg))
+                out = tmp_dir / "eval.json"
+                rc = subprocess.call([sys.executable, "-m", "station", "eval", "-c", str(cfg_path), "--json", str(out),
+                                      "-q", *map(str, images)], stdout=subprocess.DEVNULL)
+                if rc != 0:
+                    log.error("station eval exited with %d", rc)
+                    return rc
+                report = json.loads(out.read_text())
+                row = (report["grades"]["agreement_pct"], report["segmentation"]["all_defects"]["iou"], threshold,
+                       min_area)
+                results.append(row)
+                log.info("train split: threshold %.2f min_area_px %3d: grade agreement %.2f %%, IoU %.4f",
+                         threshold, min_area, row[0], row[1])
+    # IoU first (to 3 decimals), then agreement: agreement alone rewards predicting nothing
+    # (about 89 % of the images are PASS by their truth).
+    best = max(results, key=lambda r: (round(r[1], 3), r[0]))
+    log.info("best on the training split: threshold %.2f, min_area_px %d (agreement %.2f %%, IoU %.4f)",
+             best[2], best[3], best[0], best[1])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export.magnetic_tile", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train with the fixed recipe, export, copy to models/ and docs/")
+    e = sub.add_parser("eval", help="station eval on the run's validation split; figures into the card")
+    x = sub.add_parser("export-checkpoint", help="export the best checkpoint of an interrupted train run")
+    x.add_argument("--epochs", type=int, help="the --epochs the run was started with (default: the recipe's)")
+    u = sub.add_parser("tune", help="threshold x min_area_px on the training split (station eval)")
+    u.add_argument("--model", type=Path, default=MODEL_PATH)
+    u.add_argument("--config", type=Path, default=CONFIG_PATH)
+    u.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6])
+    u.add_argument("--min-areas", type=int, nargs="+", default=[12, 32, 64])
+    for s in (t, e, x, u):
+        s.add_argument("--data", type=Path, default=DEFAULT_DATA, help="magnetic_tile folder (with tile_groups.json)")
+        s.add_argument("--run", type=Path, default=DEFAULT_RUN, help="run directory")
+    t.add_argument("--epochs", type=int, help="override the recipe's epochs (trials only)")
+    t.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs (learning-rate schedule of "
+                   "the recipe's epochs)")
+    e.add_argument("--model", type=Path, default=MODEL_PATH)
+    e.add_argument("--config", type=Path, default=CONFIG_PATH)
+    e.add_argument("--json", type=Path, default=DOCS / "magnetic_tile_eval.json", help="station eval JSON report")
+    e.add_argument("--report", type=Path, default=DOCS / "magnetic_tile_eval.png", help="station eval PNG report")
+    e.add_argument("--threshold", type=float, default=SERVE_THRESHOLD,
+                   help="set the card's mask threshold first (the line's threshold)")
+    e.add_argument("--no-card", action="store_true", help="do not write threshold or figures into the card")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    try:
+        commands = {"train": cmd_train, "eval": cmd_eval, "export-checkpoint": cmd_export_checkpoint,
+                    "tune": cmd_tune}
+        return commands[args.cmd](args)
+    except ExportError as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,627 @@
+"""Train a MobileNetV2 U-Net defect segmenter and export it to ONNX with its card.
+
+::
+
+    python -m export.train DATA_DIR --out RUN_DIR [--groups FILE] [--size H W]
+        [--alpha 0.35] [--epochs N] [--batch B] [--seed S] [--val-fraction 0.2]
+        [--clahe CLIP,GRID | --no-clahe | --equalize] [--dilate K] [--resize-mode stretch|letterbox]
+        [--normalize unit|symmetric] [--weights local.h5] [--name NAME]
+
+DATA_DIR holds ``<name>.jpg`` + ``<name>.png`` (mask) pairs, in sub-folders or
+not (see :mod:`export.data`). The model card is drafted first; its
+preprocessing ops build the training inputs through ``station.preprocess``,
+the code the line daemon runs. All defect classes of the masks are one
+``defect`` class.
+
+Training: Adam with cosine learning-rate decay, loss = binary cross-entropy
+(or binary focal cross-entropy, ``--loss focal``) + soft Dice (over the batch),
+augmentation by flips (and 90° rotations when the input is square) and an
+optional gain/offset jitter drawn from the seed, optional oversampling of the
+images with a defect (``--defect-repeat``), ``keras.utils.set_random_seed`` and
+deterministic TensorFlow ops. The figure tracked is the IoU of the defect class
+on masks thresholded at 0.5, accumulated over the epoch (intersection and
+union summed over all pixels of all batches, so batches without any defect
+count; with no defect and no prediction in a whole epoch it is 1.0).
+
+RUN_DIR receives ``history.csv`` (epoch, loss, iou, val_loss, val_iou,
+seconds), ``curves.png``, ``best.weights.h5`` (best validation IoU),
+``split.json`` (the images on each side), ``card.json`` and ``model.onnx``
+(the best weights, card embedded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from station.modelcard import (
+    ClaheOp,
+    ColourOp,
+    DilateOp,
+    EqualizeHistOp,
+    ModelCard,
+    NormalizeOp,
+    PreprocessOp,
+    ResizeOp,
+    TrainingInfo,
+)
+
+from . import ExportError
+from .card import DEFAULT_OPSET, MAX_OPSET, NORMALIZATIONS, PreprocessOptions, clahe_arg, draft_card, preprocess_ops
+from .data import Arrays, find_samples, load_arrays, load_groups, split_samples
+
+log = logging.getLogger(__name__)
+
+HISTORY_FIELDS = ("epoch", "loss", "iou", "val_loss", "val_iou", "seconds")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on. size: (height, width) of the model input, pixels."""
+
+    data_dir: Path
+    out_dir: Path
+    preprocess: tuple[PreprocessOp, ...] = field(default_factory=lambda: tuple(preprocess_ops(PreprocessOptions())))
+    groups: Path | None = None
+    size: tuple[int, int] = (128, 128)
+    alpha: float = 0.35
+    decoder_filters: tuple[int, ...] | None = None
+    dropout: float = 0.0
+    weights: Path | None = None
+    epochs: int = 30
+    batch: int = 16
+    lr: float = 2e-3
+    dice_weight: float = 1.0
+    loss: str = "bce"  # pixel term next to Dice: "bce" or "focal" (binary focal cross-entropy)
+    focal_gamma: float = 2.0
+    defect_repeat: int = 1  # training images with any defect appear this many times per epoch
+    jitter: float = 0.0  # per-image gain 1±jitter and offset ±jitter on the normalised input (training only)
+    seed: int = 0
+    val_fraction: float = 0.2
+    missing_mask_is_free: bool = False
+    name: str = "seg"
+    version: str = "1"
+    description: str = ""
+    data_description: str = ""
+    threshold: float = 0.5
+    opset: int = DEFAULT_OPSET
+    parity_count: int = 8
+    stop_after: int | None = None  # stop after this many epochs; the learning-rate schedule still spans `epochs`
+    eager: bool = False  # run_eagerly: skips the ~20 s graph tracing of tiny runs (tests); slower per step
+    command: str = ""  # recorded on the card; default: python -m export.train with these options
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    card: ModelCard
+    onnx_path: Path
+    best_epoch: int
+    seconds: float  # wall-clock time of model.fit
+    history: list[dict[str, float]]
+
+
+# --- loss, metric, augmentation (TensorFlow imported lazily) -----------------
+
+
+def _keras():
+    import keras
+
+    return keras
+
+
+def make_loss(dice_weight: float = 1.0, smooth: float = 1.0, kind: str = "bce", gamma: float = 2.0):
+    """Pixel term + ``dice_weight`` × (1 − soft Dice). The pixel term is binary
+    cross-entropy (``kind="bce"``) or binary focal cross-entropy with focusing
+    parameter ``gamma`` (``kind="focal"``: easy background pixels, the bulk of
+    defect-free images, weigh less). Dice is over the whole batch and all
+    channels: ``(2·Σ y·p + smooth) / (Σ y + Σ p + smooth)``; inputs (N, H, W, C)."""
+    keras = _keras()
+    ops = keras.ops
+    if kind not in ("bce", "focal"):
+        raise ExportError(f"--loss {kind!r}: expected bce or focal")
+
+    class BceDice(keras.losses.Loss):
+        def __init__(self) -> None:
+            super().__init__(name="bce_dice" if kind == "bce" else "focal_dice")
+
+        def call(self, y_true, y_pred):
+            y_true = ops.cast(y_true, y_pred.dtype)
+            if kind == "focal":
+                bce = ops.mean(keras.losses.binary_focal_crossentropy(y_true, y_pred, gamma=gamma))
+            else:
+                bce = ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
+            inter = ops.sum(y_true * y_pred)
+            dice = (2.0 * inter + smooth) / (ops.sum(y_true) + ops.sum(y_pred) + smooth)
+            return bce + dice_weight * (1.0 - dice)
+
+    return BceDice()
+
+
+def make_iou_metric(threshold: float = 0.5, channel: int = 0, name: str = "iou"):
+    """IoU of one class channel of thresholded predictions, accumulated over all
+    batches since the last reset (an epoch): Σ|T∩P| / Σ|T∪P|, and 1.0 when the
+    union is empty (nothing to find, nothing found). Truth T = y_true ≥ 0.5,
+    prediction P = y_pred > threshold."""
+    keras = _keras()
+    ops = keras.ops
+
+    class DefectIoU(keras.metrics.Metric):
+        def __init__(self) -> None:
+            super().__init__(name=name)
+            self.intersection = self.add_variable(shape=(), initializer="zeros", name="intersection", dtype="float64")
+            self.union = self.add_variable(shape=(), initializer="zeros", name="union", dtype="float64")
+
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            t = ops.greater_equal(y_true[..., channel], 0.5)
+            p = ops.greater(y_pred[..., channel], threshold)
+            self.intersection.assign_add(ops.sum(ops.cast(ops.logical_and(t, p), "float64")))
+            self.union.assign_add(ops.sum(ops.cast(ops.logical_or(t, p), "float64")))
+
+        def result(self):
+            return ops.cast(
+                ops.where(self.union > 0, self.intersection / ops.maximum(self.union, 1.0), 1.0), "float32"
+            )
+
+        def reset_state(self):
+            self.intersection.assign(0.0)
+            self.union.assign(0.0)
+
+    return DefectIoU()
+
+
+def make_augmented(x: np.ndarray, y: np.ndarray, batch: int, seed: int, defect_repeat: int = 1,
+                   jitter: float = 0.0):
+    """A ``keras.utils.PyDataset`` of shuffled, randomly flipped (N, H, W, C) batches.
+
+    Each epoch's order and each sample's transform (horizontal flip, vertical
+    flip, and a 90° rotation when H == W: the 8 symmetries of the square, or
+    the 4 of the rectangle) are functions of (seed, epoch, index) only, so the
+    batches are the same whatever Keras prefetches.
+
+    defect_repeat: rows whose label has any defect pixel are listed this many
+    times per epoch (oversampling the rarer defective images). jitter: each
+    sample's input becomes ``x · g + o`` with g in [1 − jitter, 1 + jitter] and
+    o in [−jitter, jitter] (normalised units; 0: off).
+    """
+    keras = _keras()
+    square = x.shape[1] == x.shape[2]
+    rows_all = np.arange(len(x))
+    if defect_repeat > 1:
+        defective = np.flatnonzero(y.reshape(len(y), -1).max(axis=1) > 0)
+        rows_all = np.concatenate([rows_all] + [defective] * (defect_repeat - 1))
+
+    class Augmented(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.epoch = 0
+
+        def __len__(self) -> int:
+            return math.ceil(len(rows_all) / batch)
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+
+        def __getitem__(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
+            order = rows_all[np.random.default_rng([seed, self.epoch]).permutation(len(rows_all))]
+            rows = order[idx * batch : (idx + 1) * batch]
+            rng = np.random.default_rng([seed, self.epoch, idx])
+            xb, yb = x[rows].copy(), y[rows].copy()
+            for i in range(len(rows)):
+                flips = rng.integers(0, 2, size=2)
+                turns = int(rng.integers(0, 4)) if square else 0
+                if flips[0]:
+                    xb[i], yb[i] = xb[i][:, ::-1], yb[i][:, ::-1]
+                if flips[1]:
+                    xb[i], yb[i] = xb[i][::-1], yb[i][::-1]
+                if turns:
+                    xb[i], yb[i] = np.rot90(xb[i], turns), np.rot90(yb[i], turns)
+                if jitter > 0:
+                    gain, offset = rng.uniform(-jitter, jitter, size=2)
+                    xb[i] = xb[i] * np.float32(1.0 + gain) + np.float32(offset)
+            return xb, yb
+
+    return Augmented()
+
+
+# --- run outputs ---------------------------------------------------------------
+
+
+def plot_curves(history: Sequence[dict[str, float]], path: Path, title: str = "") -> None:
+    """Loss and IoU per epoch, train and validation, to a PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for ax, key, label in ((ax_loss, "loss", "loss (BCE + Dice)"), (ax_iou, "iou", "defect IoU @ 0.5")):
+        ax.plot(epochs, [h[key] for h in history], "o-", ms=3, label="train")
+        ax.plot(epochs, [h["val_" + key] for h in history], "o-", ms=3, label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    best = max(history, key=lambda h: h["val_iou"])
+    ax_iou.axvline(best["epoch"], color="grey", ls=":", lw=1)
+    ax_iou.annotate(f"best {best['val_iou']:.3f} (epoch {best['epoch']:.0f})", (best["epoch"], best["val_iou"]),
+                    textcoords="offset points", xytext=(-10, -18), ha="right", fontsize=8)
+    ax_iou.set_ylim(0, 1)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _history_callback(path: Path, rows: list[dict[str, float]]):
+    keras = _keras()
+
+    class EpochLog(keras.callbacks.Callback):
+        """Appends one row per epoch to history.csv (flushed, so a running training can be watched)."""
+
+        def on_train_begin(self, logs=None):
+            with path.open("w", newline="") as f:
+                csv.writer(f).writerow(HISTORY_FIELDS)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            row = {"epoch": float(epoch + 1), "seconds": time.perf_counter() - self._t0}
+            for key in ("loss", "iou", "val_loss", "val_iou"):
+                row[key] = float(logs.get(key, float("nan")))
+            rows.append(row)
+            with path.open("a", newline="") as f:
+                csv.writer(f).writerow([f"{row[k]:.6g}" if k != "epoch" else int(row[k]) for k in HISTORY_FIELDS])
+            log.info("epoch %d: loss %.4f iou %.4f | val_loss %.4f val_iou %.4f | %.1f s", epoch + 1, row["loss"],
+                     row["iou"], row["val_loss"], row["val_iou"], row["seconds"])
+
+    return EpochLog()
+
+
+def _stop_after(epochs: int):
+    keras = _keras()
+
+    class StopAfter(keras.callbacks.Callback):
+        """Ends training after ``epochs`` epochs (the optimiser's schedule is unchanged)."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 >= epochs:
+                self.model.stop_training = True
+
+    return StopAfter()
+
+
+def _keep_best(monitor: str = "val_iou", path: Path | None = None):
+    keras = _keras()
+
+    class KeepBest(keras.callbacks.Callback):
+        """Keeps a copy of the weights of the epoch with the highest ``monitor`` (the
+        first such epoch on ties) in memory, and writes them to ``path`` (when given)
+        at each improvement, so an interrupted run leaves its best weights behind."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.best = -math.inf
+            self.epoch = 0
+            self.weights: list[np.ndarray] | None = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            value = (logs or {}).get(monitor)
+            if value is not None and float(value) > self.best:
+                self.best, self.epoch = float(value), epoch + 1
+                self.weights = self.model.get_weights()
+                if path is not None:
+                    self.model.save_weights(path)
+
+    return KeepBest()
+
+
+# --- the run -----------------------------------------------------------------
+
+
+def final_figures(model, train_arrays, val_arrays, batch: int, best_epoch: int) -> dict[str, float]:
+    """The card's figures for the loaded weights: IoU on both sets without
+    augmentation, validation loss, and the epoch the weights come from."""
+    val = model.evaluate(val_arrays.x, val_arrays.y, batch_size=batch, verbose=0, return_dict=True)
+    train = model.evaluate(train_arrays.x, train_arrays.y, batch_size=batch, verbose=0, return_dict=True)
+    return {
+        "val_iou": round(float(val["iou"]), 4),
+        "train_iou": round(float(train["iou"]), 4),
+        "val_loss": round(float(val["loss"]), 4),
+        "best_epoch": float(best_epoch),
+    }
+
+
+def _check(cfg: TrainConfig) -> None:
+    if cfg.epochs < 1:
+        raise ExportError(f"--epochs {cfg.epochs}: need at least 1")
+    if cfg.batch < 1:
+        raise ExportError(f"--batch {cfg.batch}: need at least 1")
+    if cfg.loss not in ("bce", "focal"):
+        raise ExportError(f"--loss {cfg.loss!r}: expected bce or focal")
+    if cfg.stop_after is not None and cfg.stop_after < 1:
+        raise ExportError(f"--stop-after {cfg.stop_after}: need at least 1")
+    if cfg.defect_repeat < 1:
+        raise ExportError(f"--defect-repeat {cfg.defect_repeat}: need at least 1")
+    if not 0 <= cfg.jitter < 1:
+        raise ExportError(f"--jitter {cfg.jitter}: must be in [0, 1)")
+    if not cfg.lr > 0:
+        raise ExportError(f"--lr {cfg.lr}: must be positive")
+    if any(v < 32 or v % 32 for v in cfg.size):
+        raise ExportError(f"--size {cfg.size[0]} {cfg.size[1]}: height and width must be multiples of 32 "
+                          "(MobileNetV2 has stride 32)")
+    if not 0 < cfg.alpha <= 1.4:
+        raise ExportError(f"--alpha {cfg.alpha}: MobileNetV2 width multipliers are 0.35 … 1.4")
+    if cfg.groups is not None and not cfg.groups.is_file():
+        raise ExportError(f"--groups {cfg.groups}: no such file")
+    if cfg.weights is not None and not cfg.weights.is_file():
+        raise ExportError(f"--weights {cfg.weights}: no such file")
+    if not 1 <= cfg.opset <= MAX_OPSET:
+        raise ExportError(f"--opset {cfg.opset}: must be between 1 and {MAX_OPSET}")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Load data, train, keep the best-validation-IoU weights and export them (see the module docstring)."""
+    _check(cfg)
+    command = cfg.command or command_of(cfg)
+    draft = draft_card(name=cfg.name, version=cfg.version, size=cfg.size, preprocess=cfg.preprocess,
+                       training=TrainingInfo(data="(pending)"), threshold=cfg.threshold,
+                       description=cfg.description, opset=cfg.opset)
+
+    listing = find_samples(cfg.data_dir, cfg.missing_mask_is_free)
+    groups = load_groups(cfg.groups) if cfg.groups is not None else None
+    split = split_samples(listing.samples, cfg.val_fraction, cfg.seed, groups)
+    log.info("data %s: %d images (%d skipped without mask); split %s", cfg.data_dir, len(listing.samples),
+             listing.skipped_no_mask, split.description)
+    train_arrays = load_arrays(split.train, draft, progress=True)
+    val_arrays = load_arrays(split.val, draft, progress=True)
+    _log_arrays("train", train_arrays)
+    _log_arrays("validation", val_arrays)
+
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.out_dir / "split.json").write_text(json.dumps(
+        {"description": split.description, "train": [s.key for s in split.train], "val": [s.key for s in split.val]},
+        indent=1) + "\n")
+
+    import keras
+    import tensorflow as tf
+
+    from .onnx_export import export_model
+    from .unet import build_unet
+
+    keras.utils.set_random_seed(cfg.seed)
+    tf.config.experimental.enable_op_determinism()
+    model = build_unet((cfg.size[0], cfg.size[1], draft.input.channels), num_classes=len(draft.classes),
+                       alpha=cfg.alpha, weights=cfg.weights, decoder_filters=cfg.decoder_filters,
+                       dropout=cfg.dropout, name=cfg.name.replace("-", "_"))
+    train_data = make_augmented(train_arrays.x, train_arrays.y, cfg.batch, cfg.seed, cfg.defect_repeat, cfg.jitter)
+    steps = len(train_data)
+    schedule = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=steps * cfg.epochs, alpha=0.05)
+    model.compile(optimizer=keras.optimizers.Adam(schedule),
+                  loss=make_loss(cfg.dice_weight, kind=cfg.loss, gamma=cfg.focal_gamma),
+                  metrics=[make_iou_metric(cfg.threshold)], run_eagerly=cfg.eager)
+    log.info("model %s: %d parameters, input %s; %d epochs of %d steps", model.name, model.count_params(),
+             tuple(model.input.shape[1:]), cfg.epochs, steps)
+
+    best_path = cfg.out_dir / "best.weights.h5"
+    rows: list[dict[str, float]] = []
+    keep_best = _keep_best("val_iou", best_path)
+    callbacks = [_history_callback(cfg.out_dir / "history.csv", rows), keep_best]
+    if cfg.stop_after is not None and cfg.stop_after < cfg.epochs:
+        callbacks.append(_stop_after(cfg.stop_after))
+    t0 = time.perf_counter()
+    model.fit(train_data,
+              validation_data=(val_arrays.x, val_arrays.y), validation_batch_size=cfg.batch,
+              epochs=cfg.epochs, shuffle=False, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
+    seconds = time.perf_counter() - t0
+    plot_curves(rows, cfg.out_dir / "curves.png", f"{cfg.name}: {len(train_arrays.x)} train / "
+                f"{len(val_arrays.x)} val images, {cfg.size[0]}x{cfg.size[1]}, alpha {cfg.alpha:g}")
+
+    if keep_best.weights is None:
+        raise ExportError("training produced no validation IoU (empty validation set?)")
+    model.set_weights(keep_best.weights)
+    model.save_weights(best_path)
+    best = rows[keep_best.epoch - 1]
+    figures = final_figures(model, train_arrays, val_arrays, cfg.batch, best["epoch"])
+    log.info("best epoch %d of %d: val IoU %.4f, train IoU %.4f (no augmentation); fit took %.0f s",
+             best["epoch"], cfg.epochs, figures["val_iou"], figures["train_iou"], seconds)
+
+    data_text = cfg.data_description or (
+        f"{len(listing.samples)} images with masks from {cfg.data_dir}"
+        + (f" ({listing.skipped_no_mask} without mask skipped)" if listing.skipped_no_mask else "")
+    )
+    training = TrainingInfo(
+        data=data_text,
+        split=split.description,
+        command=command,
+        epochs=len(rows),
+        seed=cfg.seed,
+        seconds=round(seconds, 1),
+        figures=figures,
+        evaluated_by=f"{command} (best-val-IoU weights, thresholded at {cfg.threshold:g}; IoU accumulated over "
+                     f"all pixels of each set)",
+    )
+    card = draft.model_copy(update={"training": training})
+    card = export_model(model, card, cfg.out_dir / "model.onnx", val_arrays.x[: max(1, cfg.parity_count)],
+                        opset=cfg.opset)
+    (cfg.out_dir / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
+    return TrainResult(card, cfg.out_dir / "model.onnx", int(best["epoch"]), seconds, rows)
+
+
+def _log_arrays(what: str, arrays: Arrays) -> None:
+    defect = float(arrays.y.mean()) * 100 if arrays.y.size else 0.0
+    log.info("%s: x %s %s, y %s; %.2f %% of label pixels are defect", what, arrays.x.shape, arrays.x.dtype,
+             arrays.y.shape, defect)
+
+
+# --- CLI ---------------------------------------------------------------------
+
+
+def command_of(cfg: TrainConfig) -> str:
+    """A command line reproducing ``cfg`` (for configs built in Python rather than from
+    a command line). Preprocess settings the flags cannot express are named in a
+    trailing ``# ...`` comment."""
+    argv = [str(cfg.data_dir), "--out", str(cfg.out_dir), "--size", str(cfg.size[0]), str(cfg.size[1]),
+            "--alpha", f"{cfg.alpha:g}", "--epochs", str(cfg.epochs), "--batch", str(cfg.batch),
+            "--lr", f"{cfg.lr:g}", "--dice-weight", f"{cfg.dice_weight:g}", "--seed", str(cfg.seed),
+            "--val-fraction", f"{cfg.val_fraction:g}", "--name", cfg.name, "--version", cfg.version,
+            "--threshold", f"{cfg.threshold:g}", "--opset", str(cfg.opset)]
+    for flag, value in (("--groups", cfg.groups), ("--weights", cfg.weights)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if cfg.decoder_filters:
+        argv += ["--decoder-filters", *map(str, cfg.decoder_filters)]
+    if cfg.dropout:
+        argv += ["--dropout", f"{cfg.dropout:g}"]
+    if cfg.loss != "bce":
+        argv += ["--loss", cfg.loss, "--focal-gamma", f"{cfg.focal_gamma:g}"]
+    if cfg.defect_repeat != 1:
+        argv += ["--defect-repeat", str(cfg.defect_repeat)]
+    if cfg.jitter:
+        argv += ["--jitter", f"{cfg.jitter:g}"]
+    if cfg.missing_mask_is_free:
+        argv.append("--missing-mask-is-free")
+    if cfg.stop_after is not None and cfg.stop_after < cfg.epochs:
+        argv += ["--stop-after", str(cfg.stop_after)]
+    if cfg.eager:
+        argv.append("--eager")
+    kinds = {type(op) for op in cfg.preprocess}
+    if ClaheOp not in kinds and EqualizeHistOp not in kinds:
+        argv.append("--no-clahe")
+    if DilateOp not in kinds:
+        argv += ["--dilate", "0"]
+    odd: list[str] = []
+    for op in cfg.preprocess:
+        if isinstance(op, ColourOp):
+            argv += ["--colour", op.to]
+        elif isinstance(op, ClaheOp):
+            argv += ["--clahe", f"{op.clip_limit:g},{op.tile_grid}"]
+        elif isinstance(op, EqualizeHistOp):
+            argv.append("--equalize")
+        elif isinstance(op, DilateOp):
+            argv += ["--dilate", str(op.kernel), "--dilate-shape", op.shape]
+            if op.iterations != 1:
+                odd.append(f"dilate iterations {op.iterations}")
+        elif isinstance(op, ResizeOp):
+            argv += ["--resize-mode", op.mode, "--interpolation", op.interpolation, "--pad-value", str(op.pad_value)]
+        elif isinstance(op, NormalizeOp):
+            named = [k for k, (m, s) in NORMALIZATIONS.items()
+                     if op.scale == 1.0 / 255.0 and op.mean == [m] and op.std == [s]]
+            if named:
+                argv += ["--normalize", named[0]]
+            else:
+                odd.append(f"normalize {op.model_dump_json()}")
+    command = "python -m export.train " + shlex.join(argv)
+    return command + ("  # preprocess set in Python: " + "; ".join(odd) if odd else "")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data_dir", type=Path, help="folder of <name>.jpg + <name>.png (mask) pairs, searched recursively")
+    p.add_argument("--out", type=Path, required=True, help="run directory (history, curves, weights, model.onnx)")
+    p.add_argument("--groups", type=Path, help="JSON {image path relative to DATA_DIR: group}; split by group")
+    p.add_argument("--missing-mask-is-free", action="store_true", help="use images without mask as defect-free")
+    p.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"),
+                   help="model input, pixels (multiples of 32)")
+    p.add_argument("--alpha", type=float, default=0.35, help="MobileNetV2 width multiplier")
+    p.add_argument("--decoder-filters", type=int, nargs=4, metavar="F", help="decoder widths, deepest first; unset: "
+                   "pix2pix's 512 256 128 64 scaled by alpha")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout in the decoder blocks")
+    p.add_argument("--weights", type=Path, help="local MobileNetV2 include_top=False weights file (never downloaded)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3, help="initial Adam learning rate (cosine decay to 5 %%)")
+    p.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft-Dice term next to BCE")
+    p.add_argument("--loss", choices=("bce", "focal"), default="bce",
+                   help="pixel loss next to Dice: binary cross-entropy or binary focal cross-entropy")
+    p.add_argument("--focal-gamma", type=float, default=2.0, help="focusing parameter of --loss focal")
+    p.add_argument("--defect-repeat", type=int, default=1, metavar="K",
+                   help="training images with any defect appear K times per epoch (oversampling)")
+    p.add_argument("--jitter", type=float, default=0.0,
+                   help="augmentation: per-image gain 1±J and offset ±J on the normalised input (0: off)")
+    p.add_argument("--seed", type=int, default=0, help="split, augmentation and initialisation seed")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop after N epochs, the learning-rate schedule still spanning --epochs (the card "
+                        "records the epochs run)")
+    p.add_argument("--eager", action="store_true", help="run eagerly (no graph tracing: for tiny debug runs)")
+    g = p.add_argument_group("preprocessing (written to the model card, applied by station at run time)")
+    g.add_argument("--colour", choices=("gray", "rgb", "bgr"), default="gray", help="model input colour")
+    g.add_argument("--clahe", type=clahe_arg, default=(2.0, 8), metavar="CLIP,GRID", help="CLAHE parameters")
+    g.add_argument("--no-clahe", action="store_true", help="no contrast op")
+    g.add_argument("--equalize", action="store_true", help="global histogram equalisation instead of CLAHE")
+    g.add_argument("--dilate", type=int, default=3, metavar="K", help="grey dilation kernel, source pixels; 0: none")
+    g.add_argument("--dilate-shape", choices=("rect", "ellipse"), default="rect")
+    g.add_argument("--resize-mode", choices=("stretch", "letterbox"), default="stretch")
+    g.add_argument("--interpolation", choices=("area", "linear", "nearest"), default="area")
+    g.add_argument("--pad-value", type=int, default=0, help="letterbox padding gray level")
+    g.add_argument("--normalize", choices=tuple(("unit", "symmetric")), default="symmetric",
+                   help="unit: x/255; symmetric: x/127.5 - 1 (MobileNetV2's range, for --weights)")
+    c = p.add_argument_group("model card")
+    c.add_argument("--name", default="seg", help="model name")
+    c.add_argument("--version", default="1", help="model version")
+    c.add_argument("--description", default="", help="one line on what the model is for")
+    c.add_argument("--data-description", default="", help="where the data came from (default: folder and count)")
+    c.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold")
+    c.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (at most {MAX_OPSET})")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, command: str) -> TrainConfig:
+    opts = PreprocessOptions(
+        colour=args.colour,
+        clahe=None if (args.no_clahe or args.equalize) else args.clahe,
+        equalize=args.equalize,
+        dilate=args.dilate,
+        dilate_shape=args.dilate_shape,
+        resize_mode=args.resize_mode,
+        interpolation=args.interpolation,
+        pad_value=args.pad_value,
+        normalize=args.normalize,
+    )
+    return TrainConfig(
+        data_dir=args.data_dir, out_dir=args.out, preprocess=tuple(preprocess_ops(opts)), groups=args.groups,
+        size=tuple(args.size), alpha=args.alpha,
+        decoder_filters=tuple(args.decoder_filters) if args.decoder_filters else None, dropout=args.dropout,
+        weights=args.weights, epochs=args.epochs, batch=args.batch, lr=args.lr, dice_weight=args.dice_weight,
+        loss=args.loss, focal_gamma=args.focal_gamma, defect_repeat=args.defect_repeat, jitter=args.jitter,
+        seed=args.seed, val_fraction=args.val_fraction, missing_mask_is_free=args.missing_mask_is_free,
+        name=args.name, version=args.version, description=args.description,
+        data_description=args.data_description, threshold=args.threshold, opset=args.opset, command=command,
+        eager=args.eager, stop_after=args.stop_after,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    try:
+        cfg = config_from_args(args, "python -m export.train " + shlex.join(argv))
+        result = train(cfg)
+    except ExportError as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("%s: val IoU %.4f (train %.4f)", result.onnx_path, result.card.training.figures["val_iou"],
+             result.card.training.figures["train_iou"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""``station bench``: how close the whole station comes to its models alone.
+
+One run measures, on this machine and with the configured models:
+
+1. **bare**: ``InferenceSession.run`` of every model, one frame after the
+   other, on tensors prepared beforehand — the limit of any pipeline;
+2. **pipeline**: the daemon in this process, from a synthetic camera (plates
+   made once and cycled, so producing a frame costs nothing) through
+   preprocessing, inference, postprocessing, grading, the SQLite outbox and a
+   local Mosquitto until the broker acknowledged each result. Throughput is
+   measured with an unpaced, lossless camera (the pipeline's own limit),
+   end-to-end latency (capture → PUBACK) with the camera paced at
+   ``latency_load`` × that throughput, as on a line the station keeps up with;
+3. **outbox**: store + acknowledge throughput of the durable outbox alone, and
+   results/s through the publisher and the broker.
+
+It prints a table and writes JSON with the ratios the targets are stated in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .config import FakeCamera, MqttConfig, StationConfig, load_config
+from .errors import StationError
+from .messages import result_record
+from .outbox import Outbox
+from .pipeline import Inspector, open_models
+from .types import Frame
+
+log = logging.getLogger(__name__)
+
+TARGETS = {"ratio": 0.90, "p99_over_bare_median": 2.0, "rss_growth_mb": 10.0, "outbox_per_s": 2000.0}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+class Broker:
+    """A throw-away Mosquitto on a free loopback port."""
+
+    def __init__(self, workdir: Path):
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(exe).exists():
+            raise StationError("station bench needs the mosquitto binary (apt install mosquitto)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        conf = workdir / "mosquitto.conf"
+        user = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(f"{user}persistence false\nlistener {self.port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n")
+        self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise StationError(f"mosquitto did not start on 127.0.0.1:{self.port}")
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def bare(inspector: Inspector, frames: list[Frame], runs: int) -> dict:
+    """Every model run back to back on prepared tensors: per-frame ms and frames/s."""
+    tensors = [inspector.prepare(f).tensors for f in frames]
+    models = inspector.models
+    for t in tensors[:4]:  # warm-up beyond the load-time one
+        for role, m in models.items():
+            m.run(t[role])
+    per_frame: list[float] = []
+    per_model: dict[str, list[float]] = {role: [] for role in models}
+    t_start = time.perf_counter()
+    for i in range(runs):
+        t = tensors[i % len(tensors)]
+        t0 = time.perf_counter()
+        for role, m in models.items():
+            t1 = time.perf_counter()
+            m.run(t[role])
+            per_model[role].append((time.perf_counter() - t1) * 1e3)
+        per_frame.append((time.perf_counter() - t0) * 1e3)
+    elapsed = time.perf_counter() - t_start
+    return {
+        "runs": runs,
+        "fps": runs / elapsed,
+        "median_ms": _pct(per_frame, 50),
+        "p99_ms": _pct(per_frame, 99),
+        "models": {role: {"median_ms": _pct(v, 50), "fps": 1e3 / _pct(v, 50)} for role, v in per_model.items()},
+    }
+
+
+class _Run:
+    """One daemon run in this process, with its acknowledgements timed."""
+
+    def __init__(self, cfg: StationConfig, state_dir: Path, warm: int):
+        from .daemon import Daemon
+
+        self.acks: dict[int, float] = {}
+        self.captured: dict[int, float] = {}
+        self.stages: dict[str, list[float]] = {}
+        self.records = 0
+        self.warm = warm
+        self.marks: dict[str, tuple[float, float, float]] = {}  # name → (wall, cpu, rss)
+        self._lock = threading.Lock()
+        self.daemon = Daemon(cfg, state_dir=state_dir)
+        self.daemon.on_ack = self._on_ack
+        self.daemon.on_published = self._on_published
+        self.done = threading.Event()
+        self.expected = cfg.camera.frames or 0
+
+    def _mark(self, name: str) -> None:
+        self.marks[name] = (time.perf_counter(), _cpu_s(), _rss_mb())
+
+    def _on_published(self, record: dict, seq: int | None) -> None:
+        if seq is None or "error" in record:
+            return
+        captured = datetime.fromisoformat(record["captured_at"].replace("Z", "+00:00")).timestamp()
+        with self._lock:
+            self.captured[seq] = captured
+            for stage, ms in record["latency_ms"].items():
+                self.stages.setdefault(stage, []).append(ms)
+
+    def _on_ack(self, seq: int) -> None:
+        now = time.time()
+        with self._lock:
+            self.acks[seq] = now
+            n = len(self.acks)
+        if n == self.warm:
+            self._mark("warm")
+        if n == self.expected:
+            self._mark("end")
+            self.done.set()
+
+    def run(self, timeout: float) -> None:
+        self._mark("start")
+        thread = threading.Thread(target=self.daemon.run, kwargs={"install_signals": False}, name="bench-daemon")
+        thread.start()
+        # A finite camera ends the daemon by itself once every part is flushed;
+        # frames a paced camera dropped are never acknowledged.
+        deadline = time.monotonic() + timeout
+        while thread.is_alive() and not self.done.is_set() and time.monotonic() < deadline:
+            thread.join(0.2)
+        self.daemon.stop_event.set()
+        thread.join(60)
+        if "end" not in self.marks:
+            self._mark("end")
+        if len(self.acks) + self.daemon.queue.dropped < self.expected:
+            raise StationError(f"bench: only {len(self.acks)} of {self.expected} results acknowledged within {timeout:.0f} s")
+
+    def latencies_ms(self) -> list[float]:
+        return [(self.acks[s] - c) * 1e3 for s, c in self.captured.items() if s in self.acks]
+
+
+def _camera(cfg: StationConfig, frames: int, fps: float | None, size: tuple[int, int] | None) -> FakeCamera:
+    if size is None:
+        cam = cfg.camera
+        size = (cam.height, cam.width) if isinstance(cam, FakeCamera) else (480, 640)
+    return FakeCamera(type="fake", fps=fps, height=size[0], width=size[1], seed=1, distinct=32, frames=frames)
+
+
+def _configure(cfg: StationConfig, camera: FakeCamera, port: int) -> StationConfig:
+    mqtt = MqttConfig(host="127.0.0.1", port=port, reconnect_min_s=0.2, reconnect_max_s=1.0, max_inflight=1000)
+    run = cfg.run.model_copy(update={"stats_interval_s": 3600.0, "state_dir": None})
+    return cfg.model_copy(update={"camera": camera, "mqtt": mqtt, "run": run,
+                                  "archive": cfg.archive.model_copy(update={"enabled": False}),
+                                  "metrics": cfg.metrics.model_copy(update={"enabled": False})})
+
+
+def outbox_throughput(workdir: Path, record: dict, n: int = 5000) -> float:
+    """put + ack of real result payloads, results/s."""
+    from .messages import dumps
+
+    payload = dumps(record).encode()
+    with Outbox(workdir / "outbox-bench.sqlite3", max_rows=n + 10, max_bytes=len(payload) * (n + 10)) as box:
+        t0 = time.perf_counter()
+        for i in range(n):
+            seq = box.put(f"r{i}", "bench/result", payload, time.time())
+            box.ack(seq)
+        return n / (time.perf_counter() - t0)
+
+
+def publisher_throughput(workdir: Path, port: int, record: dict, n: int = 5000) -> float:
+    """Results stored, sent and acknowledged through Mosquitto, results/s."""
+    from .publish import MqttPublisher
+
+    cfg = MqttConfig(host="127.0.0.1", port=port, max_inflight=1000)
+    with Outbox(workdir / "outbox-pub.sqlite3") as box:
+        pub = MqttPublisher(cfg, "bench-pub", box)
+        pub.start()
+        try:
+            if not pub.wait_connected(10):
+                raise StationError(f"bench: cannot connect to 127.0.0.1:{port}")
+            t0 = time.perf_counter()
+            for i in range(n):
+                pub.publish_result({**record, "id": f"bench-{i}"})
+            if not pub.wait_until(lambda p: p.outbox_depth == 0, 120):
+                raise StationError("bench: publisher did not drain its outbox")
+            return n / (time.perf_counter() - t0)
+        finally:
+            pub.stop(5)
+
+
+def run_bench(cfg: StationConfig, frames: int, latency_frames: int, latency_load: float,
+              size: tuple[int, int] | None = None, timeout: float = 3600.0) -> dict:
+    with tempfile.TemporaryDirectory(prefix="station-bench-") as tmp:
+        work = Path(tmp)
+        broker = Broker(work)
+        try:
+            return _bench(cfg, frames, latency_frames, latency_load, size, timeout, work, broker)
+        finally:
+            broker.stop()
+
+
+def _bench(cfg, frames, latency_frames, latency_load, size, timeout, work: Path, broker: Broker) -> dict:
+    models = open_models(cfg)
+    inspector = Inspector(models, cfg, keep_mask=False)
+    cam = _camera(cfg, frames, None, size)
+    from .camera.live import FakeSource
+
+    src = FakeSource(None, cam.height, cam.width, cam.seed, distinct=8)
+    src.open()
+    sample = [src.read(1.0) for _ in range(8)]
+    report: dict = {
+        "station": __version__,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "onnxruntime": __import__("onnxruntime").__version__},
+        "frame": {"height": cam.height, "width": cam.width},
+        "models": {r: {"name": m.card.name, "input": [m.card.input.height, m.card.input.width],
+                       "providers": m.providers, "sha256": m.sha256} for r, m in models.items()},
+    }
+    log.info("bare ONNX Runtime runs")
+    report["bare"] = bare(inspector, sample, max(50, min(frames // 4, 1000)))
+
+    log.info("pipeline: %d frames, unpaced", frames)
+    warm = min(50, max(1, frames // 10))
+    run = _Run(_configure(cfg, cam, broker.port), work / "state-throughput", warm)
+    run.run(timeout)
+    (w0, c0, r0), (w1, c1, r1) = run.marks["warm"], run.marks["end"]
+    pipeline_fps = (frames - warm) / (w1 - w0)
+    report["pipeline"] = {
+        "frames": frames,
+        "fps": pipeline_fps,
+        "cpu_pct": 100.0 * (c1 - c0) / (w1 - w0),
+        "rss_mb_start": r0,
+        "rss_mb_end": r1,
+        "rss_growth_mb": r1 - r0,
+        "dropped": run.daemon.queue.dropped,
+        "stage_ms": {k: {"p50": _pct(v, 50), "p99": _pct(v, 99)} for k, v in run.stages.items()},
+    }
+
+    pace = latency_load * pipeline_fps
+    log.info("latency: %d frames at %.1f frames/s", latency_frames, pace)
+    lat_cam = _camera(cfg, latency_frames, pace, (cam.height, cam.width))
+    lrun = _Run(_configure(cfg, lat_cam, broker.port), work / "state-latency", 1)
+    lrun.run(timeout)
+    lat = lrun.latencies_ms()
+    report["latency"] = {
+        "frames": latency_frames,
+        "load": latency_load,
+        "fps": pace,
+        "p50_ms": _pct(lat, 50),
+        "p99_ms": _pct(lat, 99),
+        "dropped": lrun.daemon.queue.dropped,
+    }
+
+    record = result_record(inspector.inspect(sample[0]))
+    report["outbox"] = {
+        "store_ack_per_s": outbox_throughput(work, record),
+        "through_broker_per_s": publisher_throughput(work, broker.port, record),
+    }
+    b = report["bare"]
+    report["ratios"] = {
+        "pipeline_over_bare": pipeline_fps / b["fps"],
+        "p99_over_bare_median": report["latency"]["p99_ms"] / b["median_ms"],
+    }
+    report["targets"] = {
+        "pipeline_over_bare >= 0.90": report["ratios"]["pipeline_over_bare"] >= TARGETS["ratio"],
+        "p99_e2e <= 2 x bare median": report["ratios"]["p99_over_bare_median"] <= TARGETS["p99_over_bare_median"],
+        "rss_growth <= 10 MB": report["pipeline"]["rss_growth_mb"] <= TARGETS["rss_growth_mb"],
+        "outbox >= 2000 results/s": report["outbox"]["store_ack_per_s"] >= TARGETS["outbox_per_s"],
+    }
+    return report
+
+
+def format_report(r: dict) -> str:
+    b, p, lat, o = r["bare"], r["pipeline"], r["latency"], r["outbox"]
+    lines = [
+        f"station bench — {r['machine']['cpus']} CPUs, onnxruntime {r['machine']['onnxruntime']}, "
+        f"frames {r['frame']['width']}x{r['frame']['height']}",
+    ]
+    for role, m in r["models"].items():
+        lines.append(f"  {role}: {m['name']} {m['input'][1]}x{m['input'][0]} on {', '.join(m['providers'])}: "
+                     f"bare median {b['models'][role]['median_ms']:.2f} ms")
+    lines += [
+        f"bare (all models)       {b['fps']:8.1f} frames/s   median {b['median_ms']:.2f} ms   p99 {b['p99_ms']:.2f} ms",
+        f"pipeline (to PUBACK)    {p['fps']:8.1f} frames/s   ratio {r['ratios']['pipeline_over_bare']:.3f}   "
+        f"CPU {p['cpu_pct']:.0f} %   dropped {p['dropped']}",
+        f"end-to-end at {lat['load']:.0%} load  p50 {lat['p50_ms']:.2f} ms   p99 {lat['p99_ms']:.2f} ms   "
+        f"= {r['ratios']['p99_over_bare_median']:.2f} x bare median",
+        f"RSS                     {p['rss_mb_start']:.1f} → {p['rss_mb_end']:.1f} MB over {p['frames']} frames "
+        f"({p['rss_growth_mb']:+.1f} MB)",
+        f"outbox                  {o['store_ack_per_s']:8.0f} store+ack/s   {o['through_broker_per_s']:8.0f} results/s through the broker",
+        "stages (ms, pipeline run):",
+    ]
+    for stage, q in p["stage_ms"].items():
+        lines.append(f"  {stage:<28} p50 {q['p50']:8.3f}   p99 {q['p99']:8.3f}")
+    lines.append("targets: " + "   ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in r["targets"].items()))
+    return "\n".join(lines)
+
+
+def add_bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="measure the pipeline against bare ONNX Runtime",
+                       description=__doc__.split("\n\n")[0])
+    b.add_argument("-c", "--config", type=Path, help="config YAML: models, inference and postprocess settings")
+    b.add_argument("--frames", type=int, default=2000, help="frames through the pipeline (default 2000)")
+    b.add_argument("--latency-frames", type=int, default=500, help="frames of the paced latency run (default 500)")
+    b.add_argument("--latency-load", type=float, default=0.8, help="pace of the latency run, × pipeline throughput")
+    b.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="camera frame size (default: the fake camera's, else 480 640)")
+    b.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
+    b.set_defaults(func=cmd_bench, log_level=logging.INFO)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.frames < 20 or args.latency_frames < 10:
+        raise StationError("--frames must be at least 20 and --latency-frames at least 10")
+    if not 0 < args.latency_load <= 1:
+        raise StationError("--latency-load must be in (0, 1]")
+    cfg = load_config(args.config)
+    report = run_bench(cfg, args.frames, args.latency_frames, args.latency_load, tuple(args.size) if args.size else None)
+    report["command"] = " ".join(["station", *sys.argv[1:]])
+    print(format_report(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0

@@ -1,0 +1,608 @@
+"""Strict, frozen configuration. Unknown keys are errors; every error names the
+file, the line and the field. Validation does no I/O: paths are resolved
+relative to the config file's folder but not opened here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import stat
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_CONFIG = ASSETS / "default.yaml"
+DEMO_MODEL = ASSETS / "demo_seg.onnx"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StationInfo(_Strict):
+    id: str = Field("station-1", min_length=1, description="station identifier, in every result")
+
+
+_SHA256 = r"^[0-9a-fA-F]{64}$"
+
+
+class ModelsConfig(_Strict):
+    segmentation: Path | None = Field(None, description="segmentation ONNX file (relative to this file)")
+    detection: Path | None = Field(None, description="detection ONNX file (relative to this file)")
+    segmentation_sha256: str | None = Field(
+        None, pattern=_SHA256, description="pin: sha256 (hex) the segmentation file must have; another file is refused"
+    )
+    detection_sha256: str | None = Field(
+        None, pattern=_SHA256, description="pin: sha256 (hex) the detection file must have; another file is refused"
+    )
+
+    @field_validator("segmentation_sha256", "detection_sha256", mode="before")
+    @classmethod
+    def _hex_text(cls, value: Any) -> Any:
+        # YAML reads an all-digit hash (or one like 12e45…) as a number, losing digits.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ValueError("YAML read this hash as a number: put it in quotes")
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _pin_needs_a_file(self) -> "ModelsConfig":
+        for role in ("segmentation", "detection"):
+            if getattr(self, f"{role}_sha256") is not None and getattr(self, role) is None:
+                raise ValueError(f"{role}_sha256 pins a model but {role} names no file")
+        return self
+
+
+Provider = Literal["tensorrt", "cuda", "cpu"]
+
+
+class TensorRTConfig(_Strict):
+    """TensorRT execution provider options (used when ``tensorrt`` is in providers)."""
+
+    fp16: bool = Field(True, description="let TensorRT run layers in FP16")
+    engine_cache: Path | None = Field(
+        None, description="folder for built engines (minutes to build; reused across starts); null = no cache"
+    )
+    workspace_mb: int = Field(2048, ge=64, description="TensorRT builder workspace, MiB")
+
+
+class InferenceConfig(_Strict):
+    providers: list[Provider] = Field(
+        default_factory=lambda: ["cuda", "cpu"],
+        min_length=1,
+        description="execution providers in order of preference; those not available are skipped",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per operator; 0 = one per core")
+    spin: bool = Field(
+        False,
+        description="let ONNX Runtime's idle threads spin: lowers latency a little, but takes CPU from the "
+        "preprocessing and postprocessing threads that run beside inference",
+    )
+    device_id: int = Field(0, ge=0, description="GPU used by the CUDA and TensorRT providers")
+    io_binding: bool = Field(
+        True, description="on a GPU: bind fixed-shape input buffers on the device instead of copying per call"
+    )
+    tensorrt: TensorRTConfig = Field(default_factory=TensorRTConfig, description="TensorRT provider options")
+
+    @model_validator(mode="after")
+    def _unique(self) -> "InferenceConfig":
+        if len(set(self.providers)) != len(self.providers):
+            raise ValueError("providers are listed twice")
+        return self
+
+
+class PostprocessConfig(_Strict):
+    min_area_px: int = Field(16, ge=0, description="segmentation regions smaller than this (source pixels) are dropped")
+    min_score: float = Field(0.0, ge=0, le=1, description="defects with a lower score are dropped")
+
+
+class Thresholds(_Strict):
+    """A value above ``discount`` grades at least DISCOUNT, above ``reject`` REJECT. Null disables a level."""
+
+    discount: float | None = Field(None, ge=0)
+    reject: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Thresholds":
+        if self.discount is not None and self.reject is not None and self.discount > self.reject:
+            raise ValueError(f"discount ({self.discount}) must not exceed reject ({self.reject})")
+        return self
+
+
+class ClassRule(_Strict):
+    total_area_pct: Thresholds | None = Field(None, description="summed area of this class, % of the frame")
+    defect_area_pct: Thresholds | None = Field(None, description="area of any one defect of this class, % of the frame")
+    count: Thresholds | None = Field(None, description="number of defects of this class")
+
+
+class GradingConfig(_Strict):
+    total_area_pct: Thresholds = Field(
+        default_factory=lambda: Thresholds(discount=0.5, reject=2.0),
+        description="total defective area, % of the frame",
+    )
+    defect_area_pct: Thresholds | None = Field(None, description="area of any one defect, % of the frame")
+    classes: dict[str, ClassRule] = Field(default_factory=dict, description="rules per class name")
+
+
+# --- the line daemon: camera, trigger, queue -------------------------------------------
+
+
+class FolderCamera(_Strict):
+    """Watch a folder for image files written by a vendor camera SDK."""
+
+    type: Literal["folder"]
+    path: Path = Field(description="the watched folder")
+    after: Literal["delete", "move", "keep"] = Field(
+        "delete", description="what happens to a file once its result is stored"
+    )
+    move_to: Path | None = Field(None, description="folder for processed files when after: move")
+    extensions: list[str] | None = Field(None, description="file extensions to take, e.g. ['.png']; null = all image types")
+    poll_interval_s: float = Field(0.05, gt=0, le=10, description="how often the folder is listed when idle")
+    settle_s: float = Field(0.2, ge=0, le=60, description="a file is taken once unchanged for this long")
+
+    @model_validator(mode="after")
+    def _move_needs_target(self) -> "FolderCamera":
+        if self.after == "move" and self.move_to is None:
+            raise ValueError("after: move needs move_to")
+        return self
+
+
+class VideoCamera(_Strict):
+    """A video file played as the line camera."""
+
+    type: Literal["video"]
+    path: Path = Field(description="video file")
+    loop: bool = Field(False, description="start again at the end (otherwise the daemon stops at the end)")
+    realtime: bool = Field(False, description="pace frames at the video's frame rate")
+
+
+class OpenCVCamera(_Strict):
+    """A camera opened by OpenCV: V4L2 device index, RTSP/HTTP URL or GStreamer pipeline."""
+
+    type: Literal["opencv"]
+    device: int | str = Field(description="device index (0 = /dev/video0), URL, or GStreamer pipeline ending in appsink")
+    backend: Literal["any", "v4l2", "gstreamer", "ffmpeg"] = Field("any", description="OpenCV capture backend")
+    width: int | None = Field(None, ge=1, description="requested frame width")
+    height: int | None = Field(None, ge=1, description="requested frame height")
+    fps: float | None = Field(None, gt=0, description="requested frame rate")
+
+
+class FakeCamera(_Strict):
+    """Synthetic light-guide plates: a camera for demos, tests and benchmarks.
+    ``fail_after_frames`` simulates a camera that is lost after that many
+    frames and comes back after ``fail_for_s``."""
+
+    type: Literal["fake"]
+    fps: float | None = Field(
+        10.0, gt=0, le=100_000, description="frames per second; null = as fast as inspection takes them (never dropped)"
+    )
+    height: int = Field(256, ge=32, le=4096)
+    width: int = Field(256, ge=32, le=4096)
+    seed: int = Field(0, description="random seed of the plates")
+    distinct: int | None = Field(
+        None, ge=1, le=10_000, description="cycle through this many plates made at start (cheap frames); null = a new plate per frame"
+    )
+    frames: int | None = Field(None, ge=1, description="stop after this many frames (null = endless)")
+    fail_after_frames: int | None = Field(None, ge=1, description="simulate losing the camera after this many frames")
+    fail_for_s: float = Field(1.0, ge=0, description="how long a simulated loss lasts")
+
+
+CameraConfig = Annotated[Union[FolderCamera, VideoCamera, OpenCVCamera, FakeCamera], Field(discriminator="type")]
+
+
+class TriggerConfig(_Strict):
+    """Which frames become inspected parts.
+
+    free-run: every frame (or every Nth, or at most ``max_fps``).
+    mqtt: a message on ``<prefix>/trigger`` carries a part id; the next frame
+    is inspected and tagged with it; no frame within ``timeout_s`` gives an
+    error result for that part.
+    """
+
+    type: Literal["free-run", "mqtt"] = "free-run"
+    every_nth: int = Field(1, ge=1, description="free-run: inspect every Nth frame")
+    max_fps: float | None = Field(None, gt=0, description="free-run: inspect at most this many frames per second")
+    timeout_s: float = Field(2.0, gt=0, le=3600, description="mqtt: a part with no frame within this time gets an error result")
+
+
+class RunConfig(_Strict):
+    """The daemon's own behaviour."""
+
+    queue_size: int = Field(4, ge=1, le=1000, description="frames waiting for inspection, at most")
+    overflow: Literal["drop_oldest", "drop_newest", "block"] = Field(
+        "drop_oldest",
+        description="camera frames when the queue is full (counted); triggered parts, folder files and unpaced videos always wait",
+    )
+    stats_interval_s: float = Field(10.0, gt=0, description="how often …/stats is published")
+    reconnect_min_s: float = Field(0.5, gt=0, description="first camera reopen delay; doubles per failure")
+    reconnect_max_s: float = Field(30.0, gt=0, description="camera reopen delay cap")
+    stop_timeout_s: float = Field(10.0, gt=0, le=300, description="bound on a clean stop: finish parts, flush MQTT")
+    stall_s: float = Field(10.0, gt=0, description="an inspection taking longer than this stops the watchdog pings")
+    state_dir: Path | None = Field(None, description="outbox and archive root; default $STATE_DIRECTORY or --state-dir")
+    include_mask: bool = Field(False, description="put the defect mask (PNG, base64) into each result payload")
+
+    @model_validator(mode="after")
+    def _backoff_ordered(self) -> "RunConfig":
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(f"reconnect_min_s ({self.reconnect_min_s}) must not exceed reconnect_max_s ({self.reconnect_max_s})")
+        return self
+
+
+# --- MQTT and the durable outbox ----------------------------------------------------
+#
+# No secret is ever part of the config: the MQTT password is read from a file or an
+# environment variable when the publisher starts (station/publish.py), so a config
+# can be logged or printed as it is. Files named here are not opened during
+# validation; relative paths are made absolute by ``MqttConfig.with_base_dir``.
+
+_TOPIC_LEVEL = r"^[^/+#\x00]+$"  # one MQTT topic level: no separator, no wildcard, no NUL
+
+
+class MqttTlsConfig(_Strict):
+    """TLS towards the broker (the section being present turns TLS on)."""
+
+    ca_file: Path | None = Field(
+        None, description="CA certificates (PEM) that signed the broker's certificate; null = the system store"
+    )
+    cert_file: Path | None = Field(None, description="client certificate (PEM) for mutual TLS; needs key_file")
+    key_file: Path | None = Field(None, description="private key (PEM, unencrypted) of cert_file")
+    insecure: bool = Field(
+        False, description="do not check the broker's host name against its certificate (testing only)"
+    )
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> "MqttTlsConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class MqttAuthConfig(_Strict):
+    """Username and where to find the password; the password is never written here."""
+
+    username: str = Field(..., min_length=1, description="MQTT username")
+    password_file: Path | None = Field(
+        None, description="file holding the password (its first line); keep it mode 0600"
+    )
+    password_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="environment variable holding the password"
+    )
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> "MqttAuthConfig":
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("give password_file or password_env, not both")
+        return self
+
+
+class MqttConfig(_Strict):
+    """The broker connection and the topic prefix.
+
+    Topics are ``<prefix>/result`` (QoS 1), ``<prefix>/status`` (retained, Last
+    Will "offline") and ``<prefix>/stats`` (QoS 0), where the prefix is
+    ``topic_prefix`` or, by default, ISA-95 style
+    ``<enterprise>/<site>/<area>/<line>/<station.id>``.
+    """
+
+    host: str = Field(..., min_length=1, description="broker host name or address")
+    port: int | None = Field(None, ge=1, le=65535, description="broker port; null = 8883 with tls, 1883 without")
+    protocol: Literal["3.1.1", "5"] = Field("5", description='MQTT protocol version: "3.1.1" or "5"')
+    client_id: str | None = Field(
+        None, min_length=1, description="MQTT client id; null = station-<station.id>; unique per broker"
+    )
+    keepalive_s: int = Field(30, ge=5, le=65535, description="MQTT keep-alive interval, seconds")
+    connect_timeout_s: float = Field(5.0, gt=0, le=120, description="TCP/TLS connect and CONNACK timeout, seconds")
+    reconnect_min_s: float = Field(1.0, gt=0, description="first reconnect delay, seconds; doubles per failed attempt")
+    reconnect_max_s: float = Field(
+        60.0, gt=0, description="reconnect delay cap, seconds; also the retry delay after refused credentials"
+    )
+    max_inflight: int = Field(
+        100, ge=1, le=10_000,  # well below the 65535 packet ids, which paho hands out round-robin
+        description="results sent and not yet acknowledged, at most (capped by the broker's Receive Maximum)",
+    )
+    enterprise: str = Field("enterprise", description="ISA-95 enterprise (first topic level)")
+    site: str = Field("site", description="ISA-95 site")
+    area: str = Field("area", description="ISA-95 area")
+    line: str = Field("line", description="ISA-95 line")
+    topic_prefix: str | None = Field(
+        None, min_length=1, description="topic prefix replacing <enterprise>/<site>/<area>/<line>/<station.id>"
+    )
+    tls: MqttTlsConfig | None = Field(None, description="TLS settings; absent = plain TCP")
+    auth: MqttAuthConfig | None = Field(None, description="username/password; absent = anonymous")
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_as_text(cls, value: Any) -> Any:
+        # YAML reads `protocol: 5` as an integer and `protocol: 3.1.1` as text.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("enterprise", "site", "area", "line")
+    @classmethod
+    def _one_level(cls, value: str) -> str:
+        if not re.match(_TOPIC_LEVEL, value):
+            raise ValueError(f"{value!r}: one topic level: non-empty, without '/', '+', '#' or NUL")
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_levels(cls, value: str | None) -> str | None:
+        if value is not None and not all(re.match(_TOPIC_LEVEL, level) for level in value.split("/")):
+            raise ValueError(
+                f"{value!r}: levels must be non-empty, without '+', '#' or NUL, and no leading or trailing '/'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_ordered(self) -> "MqttConfig":
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(
+                f"reconnect_min_s ({self.reconnect_min_s}) must not exceed reconnect_max_s ({self.reconnect_max_s})"
+            )
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        return self.port if self.port is not None else (8883 if self.tls is not None else 1883)
+
+    def with_base_dir(self, base_dir: Path) -> "MqttConfig":
+        """Relative TLS and password file paths made absolute against ``base_dir`` (the config file's folder)."""
+
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None or p.is_absolute() else base_dir / p
+
+        update: dict[str, Any] = {}
+        if self.tls is not None:
+            tls_fix = {k: fix(getattr(self.tls, k)) for k in ("ca_file", "cert_file", "key_file")}
+            update["tls"] = self.tls.model_copy(update={k: v for k, v in tls_fix.items() if v is not None})
+        if self.auth is not None and fix(self.auth.password_file) is not None:
+            update["auth"] = self.auth.model_copy(update={"password_file": fix(self.auth.password_file)})
+        return self.model_copy(update=update)
+
+
+OverflowPolicy = Literal["refuse_new", "drop_oldest"]
+
+
+class OutboxConfig(_Strict):
+    """The durable on-disk outbox (SQLite) that holds results until the broker acknowledged them.
+
+    When it is full, ``refuse_new`` (the default) refuses the new result with
+    OutboxFull and raises the outbox alarm, so nothing already stored is lost
+    and the caller knows at once; ``drop_oldest`` deletes the oldest results to
+    make room and counts them (alarm raised too).
+    """
+
+    path: Path = Field(
+        Path("outbox.sqlite3"),
+        description="SQLite file; a relative path is relative to the state directory ($STATE_DIRECTORY under systemd)",
+    )
+    max_rows: int = Field(100_000, ge=1, description="results held at most")
+    max_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="payload bytes held at most (the file is somewhat larger)"
+    )
+    policy: OverflowPolicy = Field(
+        "refuse_new", description="when full: refuse_new (raise OutboxFull) or drop_oldest (counted)"
+    )
+    synchronous: Literal["normal", "full"] = Field(
+        "normal",
+        description="SQLite synchronous mode: normal survives a daemon crash, full also a power cut (one fsync per write)",
+    )
+
+
+# StationConfig names MqttConfig and OutboxConfig, which are defined after it.
+
+
+# --- archive and metrics -----------------------------------------------------------
+
+ArchivePart = Literal["image", "mask", "overlay"]
+
+
+class ArchiveConfig(_Strict):
+    """Which results are archived, what is written for each, and how long it is kept.
+
+    ``path`` is not opened during validation; the daemon resolves a relative path
+    against the state directory and passes the result to :class:`Archive`.
+    """
+
+    enabled: bool = Field(False, description="archive results on disk")
+    path: Path = Field(
+        Path("archive"),
+        description="archive root folder; a relative path is relative to the state directory ($STATE_DIRECTORY under systemd)",
+    )
+    grades: list[Literal["PASS", "DISCOUNT", "REJECT"]] = Field(
+        default_factory=lambda: ["REJECT", "DISCOUNT"],
+        description="grades whose results are archived (PASS, DISCOUNT, REJECT)",
+    )
+    errors: bool = Field(False, description="also archive frames that could not be inspected (error records)")
+    what: list[ArchivePart] = Field(
+        default_factory=lambda: ["image", "mask", "overlay"],
+        description="files written per result besides the record JSON: image (source frame), mask (0/255 PNG, when the result has one), overlay",
+    )
+    max_age_days: float | None = Field(
+        30.0, gt=0, description="entries captured longer ago than this are deleted; null = no age limit"
+    )
+    max_total_mb: float | None = Field(
+        2048.0, gt=0, description="total size of the archive files, MiB; the oldest entries are deleted above it; null = no size limit"
+    )
+    fsync: bool = Field(
+        False, description="flush each file to disk before renaming it into place: survives a power cut, costs a disk flush per file"
+    )
+
+    @model_validator(mode="after")
+    def _unique(self) -> "ArchiveConfig":
+        if len(set(self.grades)) != len(self.grades):
+            raise ValueError("grades: a grade is listed twice")
+        if len(set(self.what)) != len(self.what):
+            raise ValueError("what: an item is listed twice")
+        return self
+
+
+class MetricsConfig(_Strict):
+    """The Prometheus endpoint. Bound to loopback by default: expose it deliberately."""
+
+    enabled: bool = Field(False, description="serve Prometheus metrics over HTTP at /metrics")
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on; 0.0.0.0 or :: for every interface")
+    port: int = Field(9108, ge=0, le=65535, description="TCP port to listen on; 0 = any free port (tests)")
+
+
+class StationConfig(_Strict):
+    station: StationInfo = Field(default_factory=StationInfo)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    grading: GradingConfig = Field(default_factory=GradingConfig)
+    mqtt: MqttConfig | None = Field(None, description="MQTT broker and topics; absent = no MQTT")
+    outbox: OutboxConfig = Field(default_factory=lambda: OutboxConfig(), description="durable outbox for MQTT results")
+    camera: CameraConfig | None = Field(None, description="frame source of `station run`")
+    trigger: TriggerConfig = Field(default_factory=TriggerConfig, description="which frames are inspected")
+    run: RunConfig = Field(default_factory=RunConfig, description="daemon queue, timing and state directory")
+    archive: ArchiveConfig = Field(default_factory=ArchiveConfig, description="images, masks and overlays kept on disk")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
+
+
+# --- loading with file/line/field errors -----------------------------------------
+
+
+def _index_lines(node: yaml.Node, path: tuple, out: dict[tuple, int], where: str) -> None:
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                dotted = ".".join(str(p) for p in path + (key,))
+                raise ConfigError(f"{where}:{line}: {dotted}: duplicate key (first at line {seen[key]})")
+            seen[key] = line
+            _index_lines(value_node, path + (key,), out, where)
+            out[path + (key,)] = line
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index_lines(item, path + (i,), out, where)
+
+
+def _locate(loc: tuple, lines: dict[tuple, int], data: Any) -> tuple[tuple, int | None]:
+    """Map a pydantic error location onto the YAML: (the field path as written,
+    the line). Tagged-union tags (``camera.folder.path``) are not in the YAML
+    and are skipped; a missing field keeps its name and the line of its parent."""
+    path: tuple = ()
+    node = data
+    rest = list(loc)
+    while rest:
+        head = rest.pop(0)
+        if isinstance(node, dict) and node.get("type") == head and head not in node:
+            continue  # a tagged-union tag: `type: <head>` in the YAML
+        if path + (head,) in lines:
+            path += (head,)
+            node = node[head] if isinstance(node, (dict, list)) else None
+        else:
+            return path + (head, *rest), lines.get(path, lines.get(()))
+    return path, lines.get(path)
+
+
+def format_validation_error(exc: ValidationError, where: str, lines: dict[tuple, int], data: Any = None) -> str:
+    msgs = []
+    for err in exc.errors():
+        path, line = _locate(tuple(err["loc"]), lines, data)
+        field = ".".join(str(p) for p in path) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        prefix = f"{where}:{line}" if line else where
+        msgs.append(f"{prefix}: {field}: {msg}")
+    return "\n".join(msgs)
+
+
+def parse_config(text: str, where: str = "<config>", base_dir: Path | None = None) -> StationConfig:
+    """Parse YAML text into a StationConfig; ConfigError names where, line and field."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}{line}: invalid YAML: {exc.problem or exc}") from exc
+    lines: dict[tuple, int] = {}
+    if root is not None:
+        _index_lines(root, (), lines, where)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}:1: (top level): expected a mapping of sections, got {type(data).__name__}")
+    try:
+        cfg = StationConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where, lines, data)) from exc
+    if base_dir is not None:
+        cfg = resolve_paths(cfg, base_dir)
+    return cfg
+
+
+def resolve_paths(cfg: StationConfig, base_dir: Path) -> StationConfig:
+    """Model, TLS and password paths relative to ``base_dir`` (the config file's folder) made absolute."""
+
+    def fix(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (base_dir / p))
+
+    update: dict[str, Any] = {
+        "models": cfg.models.model_copy(
+            update={"segmentation": fix(cfg.models.segmentation), "detection": fix(cfg.models.detection)}
+        )
+    }
+    if cfg.mqtt is not None:
+        update["mqtt"] = cfg.mqtt.with_base_dir(base_dir)
+    cam = cfg.camera
+    if isinstance(cam, (FolderCamera, VideoCamera)):
+        changes = {"path": fix(cam.path)}
+        if isinstance(cam, FolderCamera) and cam.move_to is not None:
+            changes["move_to"] = fix(cam.move_to)
+        update["camera"] = cam.model_copy(update=changes)
+    if cfg.inference.tensorrt.engine_cache is not None:
+        trt = cfg.inference.tensorrt.model_copy(update={"engine_cache": fix(cfg.inference.tensorrt.engine_cache)})
+        update["inference"] = cfg.inference.model_copy(update={"tensorrt": trt})
+    if cfg.run.state_dir is not None:
+        update["run"] = cfg.run.model_copy(update={"state_dir": fix(cfg.run.state_dir)})
+    return cfg.model_copy(update=update)
+
+
+def load_config(path: str | Path | None) -> StationConfig:
+    """Load a config file, or the bundled default when ``path`` is None.
+
+    Logs a warning (never fails) when the file is writable by anyone, or is
+    readable by anyone and configures credentials (``mqtt.auth``, a TLS key):
+    see :func:`warn_if_exposed`.
+    """
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    cfg = parse_config(text, str(path), path.resolve().parent)
+    mqtt = cfg.mqtt
+    secrets = mqtt is not None and (mqtt.auth is not None or (mqtt.tls is not None and mqtt.tls.key_file is not None))
+    warn_if_exposed(path, "config file", secret=secrets, why="it configures mqtt credentials")
+    return cfg
+
+
+def warn_if_exposed(path: Path, what: str, secret: bool, why: str = "it holds a secret") -> None:
+    """Log a WARNING naming ``path`` and its mode when anyone may write it (any file
+    station trusts), or, for a ``secret`` file, when anyone may read it. Never raises."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if mode & stat.S_IWOTH:
+        log.warning("%s: %s is world-writable (mode %04o): anyone can change it; remove the write bit (chmod o-w)",
+                    path, what, mode)
+    if secret and mode & stat.S_IROTH:
+        log.warning("%s: %s is world-readable (mode %04o) and %s: restrict it (chmod o-r, e.g. 0640 root:station)",
+                    path, what, mode, why)
+

@@ -1,0 +1,606 @@
+"""``station run``: the line daemon. The only module that owns threads.
+
+    capture ──▶ FrameQueue ──▶ prepare ──▶ infer ──▶ finish ──▶ outbox ──▶ MQTT sender
+    (source, trigger,  (bounded,    (pre-     (ONNX     (postprocess, grade,   (PUBACK deletes)
+     reopen w/ backoff) drop policy) process)  Runtime)  archive, metrics)
+
+The main thread handles signals, the systemd notifications (READY after the
+models are warm, WATCHDOG only while frames make progress), periodic stats,
+archive pruning and reloads. SIGTERM/SIGINT stop capture, finish the parts
+already queued, flush MQTT, publish the "stopped" status and exit within
+``run.stop_timeout_s``; a second signal exits at once. SIGHUP reloads the
+config: models, grading, postprocessing and trigger rates take effect for the
+next frame; other sections need a restart (logged).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import sdnotify
+from .archive import Archive
+from .camera.live import EndOfSource, LiveSource, make_source
+from .config import StationConfig, load_config
+from .errors import CameraError, PublishError, StationError
+from .messages import error_record, result_record, stats_record, topics_for
+from .metrics import Metrics
+from .outbox import Outbox, OutboxFull
+from .pipeline import Inspector, Work, open_models
+from .publish import MqttPublisher
+from .types import Frame, FrameError, InspectionResult
+
+log = logging.getLogger(__name__)
+
+Item = Frame | FrameError
+
+
+class FrameQueue:
+    """Bounded hand-over between two pipeline threads.
+
+    policy: what a full queue does with a free-run frame — ``drop_oldest``
+    (the default: the line moves on, the newest frame matters), ``drop_newest``
+    or ``block``. Triggered parts and frames of lossless sources (folder files,
+    unpaced videos) always block: a part someone asked for, or a file waiting
+    in a folder, is never dropped. Every drop is counted.
+    """
+
+    def __init__(self, size: int, policy: str):
+        self.size = size
+        self.policy = policy
+        self._items: collections.deque[Item] = collections.deque()
+        self._cond = threading.Condition()
+        self.dropped = 0
+
+    def put(self, item: Item, must_keep: bool, stop: threading.Event) -> Item | None:
+        """Queue ``item``; returns the item dropped to make room (or ``item``
+        itself under drop_newest), None if nothing was dropped."""
+        with self._cond:
+            if len(self._items) >= self.size:
+                if must_keep or self.policy == "block":
+                    while len(self._items) >= self.size and not stop.is_set():
+                        self._cond.wait(0.1)
+                elif self.policy == "drop_newest":
+                    self.dropped += 1
+                    return item
+                else:
+                    dropped = self._items.popleft()
+                    self.dropped += 1
+                    self._items.append(item)
+                    self._cond.notify_all()
+                    return dropped
+            self._items.append(item)
+            self._cond.notify_all()
+            return None
+
+    def get(self, timeout: float) -> Item | None:
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            self._cond.notify_all()
+            return item
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclasses.dataclass
+class _Pending:
+    part_id: str
+    deadline: float
+
+
+class Trigger:
+    """Decides which captured frames become parts.
+
+    free-run: every ``every_nth`` frame, at most ``max_fps`` per second; the
+    part id is a counter. mqtt: each message on ``…/trigger`` names a part;
+    the next frame is tagged with it; a part with no frame within
+    ``timeout_s`` becomes an error result.
+    """
+
+    def __init__(self, cfg: StationConfig):
+        self.cfg = cfg.trigger
+        self.mode = self.cfg.type
+        self._lock = threading.Lock()
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._seen = 0
+        self._last_t = 0.0
+        self._count = 0
+
+    def reconfigure(self, cfg: StationConfig) -> None:
+        with self._lock:
+            self.cfg = cfg.trigger.model_copy(update={"type": self.mode})
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        text = payload.decode("utf-8", "replace").strip()
+        part = text
+        if text.startswith("{"):
+            try:
+                part = str(json.loads(text)["part_id"])
+            except (ValueError, KeyError, TypeError):
+                log.error("trigger on %s ignored: JSON without a part_id: %.100s", topic, text)
+                return
+        if not part:
+            log.error("trigger on %s ignored: empty part id", topic)
+            return
+        with self._lock:
+            self._pending.append(_Pending(part, time.monotonic() + self.cfg.timeout_s))
+        log.debug("trigger: part %s", part)
+
+    def expired(self) -> list[str]:
+        now = time.monotonic()
+        out = []
+        with self._lock:
+            while self._pending and self._pending[0].deadline <= now:
+                out.append(self._pending.popleft().part_id)
+        return out
+
+    def take(self, frame: Frame) -> Frame | None:
+        """The frame as a part (tagged with its part id), or None if not inspected."""
+        if self.mode == "mqtt":
+            with self._lock:
+                if not self._pending:
+                    return None
+                part = self._pending.popleft().part_id
+            return dataclasses.replace(frame, part_id=part)
+        with self._lock:
+            self._seen += 1
+            if (self._seen - 1) % self.cfg.every_nth:
+                return None
+            if self.cfg.max_fps is not None:
+                now = time.monotonic()
+                if now - self._last_t < 1.0 / self.cfg.max_fps:
+                    return None
+                self._last_t = now
+            self._count += 1
+            return dataclasses.replace(frame, part_id=str(self._count))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failed:
+    """A frame whose inspection raised: it becomes an error record."""
+
+    frame: Frame
+    error: str
+
+
+class RollingStats:
+    """Counters since start and a window of recent latencies (ms) per stage."""
+
+    def __init__(self, window: int = 1000):
+        self.started = time.time()
+        self.grades: collections.Counter = collections.Counter()
+        self.errors = 0
+        self.latency: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=window))
+        self._times: collections.deque = collections.deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    def add(self, record: dict) -> None:
+        with self._lock:
+            self._times.append(time.monotonic())
+            if "error" in record:
+                self.errors += 1
+                return
+            self.grades[record["grade"]] += 1
+            for stage, ms in record["latency_ms"].items():
+                self.latency[stage].append(ms)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            times = list(self._times)
+            fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+            lat = {
+                stage: {"p50": round(float(np.percentile(v, 50)), 3), "p99": round(float(np.percentile(v, 99)), 3)}
+                for stage, v in self.latency.items()
+                if v
+            }
+            return {"grades": dict(self.grades), "errors": self.errors, "fps": round(fps, 2), "latency_ms": lat}
+
+
+class Daemon:
+    """One camera, its models, its publisher. ``run()`` blocks until stopped
+    and returns the process exit code."""
+
+    def __init__(self, cfg: StationConfig, config_path: Path | None = None, state_dir: Path | None = None,
+                 sink: Callable[[dict], None] | None = None):
+        if cfg.camera is None:
+            raise StationError("camera: section missing: `station run` needs a frame source")
+        self.cfg = cfg
+        self.config_path = config_path
+        self.state_dir = state_dir or cfg.run.state_dir or _env_state_dir()
+        self.sink = sink
+        self.stop_event = threading.Event()
+        self.source: LiveSource = make_source(cfg.camera)
+        self.queue = FrameQueue(cfg.run.queue_size, cfg.run.overflow)
+        self.trigger = Trigger(cfg)
+        self.stats = RollingStats()
+        self.camera_state = "starting"
+        self.capture_done = threading.Event()
+        self.end_of_source = threading.Event()
+        self._heartbeat = time.monotonic()
+        self._busy: dict[str, float | None] = {}
+        self._abort = threading.Event()  # set when the stop deadline passed with parts in the pipeline
+        self._reload = threading.Event()
+        self._signals = 0
+        self.outbox: Outbox | None = None
+        self.publisher: MqttPublisher | None = None
+        self.outbox_refused = 0
+        # A worker thread that died: run() then exits 1, so that systemd's
+        # Restart=on-failure restarts the daemon (exit 0 would not).
+        self.failed = False
+        # Hooks for station bench: the broker's acknowledgement of an outbox seq,
+        # and each record with the seq it was stored under (None without MQTT).
+        self.on_ack: Callable[[int], None] | None = None
+        self.on_published: Callable[[dict, int | None], None] | None = None
+        self.metrics = Metrics()
+        self._metrics_server = None
+        self.archive = Archive(cfg.archive, self._archive_root(cfg)) if cfg.archive.enabled else None
+        models = open_models(cfg)
+        self.inspector = Inspector(models, cfg, keep_mask=self._keep_mask(cfg))
+        self.providers = {role: m.providers for role, m in models.items()}
+        self.metrics.set_models({role: m.describe() for role, m in models.items()})
+
+    def _archive_root(self, cfg: StationConfig) -> Path:
+        path = cfg.archive.path
+        if path.is_absolute():
+            return path
+        if self.state_dir is None:
+            raise StationError(f"archive.path: {path} is relative but no state directory is set (--state-dir, run.state_dir or $STATE_DIRECTORY)")
+        return Path(self.state_dir) / path
+
+    @staticmethod
+    def _keep_mask(cfg: StationConfig) -> bool:
+        # The frame-sized mask is kept only when something uses it.
+        archived = cfg.archive.enabled and bool({"mask", "overlay"} & set(cfg.archive.what))
+        return cfg.run.include_mask or archived
+
+    # --- threads ----------------------------------------------------------------------
+
+    def _set_camera(self, state: str) -> None:
+        if state != self.camera_state:
+            self.camera_state = state
+            log.info("camera %s: %s", self.source.name, state)
+            self.metrics.set_camera_state(state)
+            if self.publisher is not None:
+                self.publisher.set_status(camera=state)
+
+    def _capture_loop(self) -> None:
+        run = self.cfg.run
+        delay = run.reconnect_min_s
+        opened = False
+        # Triggered parts and files waiting in a folder are never dropped.
+        must_keep = self.trigger.mode == "mqtt" or self.source.lossless
+        try:
+            while not self.stop_event.is_set():
+                self._heartbeat = time.monotonic()
+                for part in self.trigger.expired():
+                    err = FrameError(self.source.name, -1, f"part {part}: no frame within {self.cfg.trigger.timeout_s} s of its trigger", part)
+                    self.queue.put(err, True, self.stop_event)
+                if not opened:
+                    try:
+                        self.source.open()
+                    except CameraError as exc:
+                        self._set_camera("reconnecting")
+                        log.warning("%s; retrying in %.1f s", exc, delay)
+                        self.stop_event.wait(delay)
+                        delay = min(delay * 2, run.reconnect_max_s)
+                        continue
+                    opened = True
+                    delay = run.reconnect_min_s
+                    self._set_camera("connected")
+                try:
+                    item = self.source.read(0.2)
+                except EndOfSource as exc:
+                    log.info("%s", exc)
+                    self.end_of_source.set()
+                    return
+                except CameraError as exc:
+                    log.error("%s", exc)
+                    self.source.close()
+                    opened = False
+                    self._set_camera("lost")
+                    continue
+                if item is None:
+                    continue
+                self.metrics.frame_captured()
+                if isinstance(item, Frame):
+                    part = self.trigger.take(item)
+                    if part is None:
+                        self.source.done(item)
+                        continue
+                    item = part
+                dropped = self.queue.put(item, must_keep, self.stop_event)
+                if dropped is not None:
+                    log.debug("queue full: dropped frame %s", dropped.source)
+                    self.metrics.frame_dropped("queue_full")
+                    self.source.done(dropped)
+                self.metrics.set_queue_depth(len(self.queue))
+        except Exception:  # the top of the worker loop: a crash here must stop the daemon visibly
+            log.exception("capture thread failed")
+            self.failed = True
+            self.stop_event.set()
+        finally:
+            self.source.close()
+            self.capture_done.set()
+
+    # After capture, three stages on their own threads, joined by small blocking
+    # queues: prepare (preprocess) → infer (ONNX Runtime, which releases the
+    # GIL) → finish (postprocess, grade, store, publish). Preprocessing and
+    # postprocessing of neighbouring frames overlap with inference; each frame
+    # goes through the same Inspector functions as `station replay`.
+
+    def _stage_loop(self, name: str, inq: FrameQueue, upstream: threading.Event, step: Callable,
+                    outq: FrameQueue | None, done: threading.Event) -> None:
+        try:
+            while True:
+                item = inq.get(0.2)
+                if item is None:
+                    if upstream.is_set() and len(inq) == 0:
+                        return
+                    continue
+                self._busy[name] = time.monotonic()
+                try:
+                    out = step(item)
+                except Exception as exc:  # one bad part must not stop the line: log, count, go on
+                    log.exception("%s: %s failed", getattr(item, "source", "?"), name)
+                    self.metrics.error(name)
+                    out = _Failed(item.frame if isinstance(item, Work) else item, f"{name} failed: {exc}")
+                finally:
+                    self._busy[name] = None
+                if outq is not None:
+                    outq.put(out, True, self._abort)
+        finally:
+            done.set()
+
+    def _prepare(self, item: Item) -> "Work | FrameError | _Failed":
+        if isinstance(item, FrameError):
+            return item
+        try:
+            return self.inspector.prepare(item)
+        except Exception as exc:
+            log.exception("%s: preprocessing failed", item.source)
+            return _Failed(item, f"inspection failed: {exc}")
+
+    @staticmethod
+    def _infer(item: "Work | FrameError | _Failed") -> "Work | FrameError | _Failed":
+        if not isinstance(item, Work):
+            return item
+        try:
+            return item.inspector.infer(item)
+        except Exception as exc:
+            log.exception("%s: inference failed", item.frame.source)
+            return _Failed(item.frame, f"inspection failed: {exc}")
+
+    def _finish(self, item: "Work | FrameError | _Failed") -> None:
+        station_id = self.cfg.station.id
+        result = None
+        if isinstance(item, FrameError):
+            record = error_record(item.source, item.error, max(item.seq, 0), station_id, item.part_id)
+            frame: Item = item
+        elif isinstance(item, _Failed):
+            f = item.frame
+            record = error_record(f.source, item.error, f.seq, station_id, f.part_id)
+            frame = f
+        else:
+            frame = item.frame
+            try:
+                result = item.inspector.finish(item)
+                record = result_record(result, self.cfg.run.include_mask)
+            except Exception as exc:
+                log.exception("%s: postprocessing failed", frame.source)
+                record = error_record(frame.source, f"inspection failed: {exc}", frame.seq, station_id, frame.part_id)
+        stored = self._deliver(record)
+        self._archive(frame, result, record)
+        if stored:  # a folder file whose result was not stored stays, for the next start to inspect
+            self.source.done(frame)
+
+    def _archive(self, item: Item, result: InspectionResult | None, record: dict) -> None:
+        if self.archive is None:
+            return
+        if result is not None:
+            if self.archive.wants(result):
+                self.archive.save(item.image, result, record)
+        else:
+            self.archive.save_error(record, item.image if isinstance(item, Frame) else None)
+
+    def _deliver(self, record: dict) -> bool:
+        """Count, store (outbox) and sink one record; False when MQTT is configured
+        and the outbox did not store it (full, or the disk refused the write)."""
+        stored = True
+        self.stats.add(record)
+        self.metrics.observe_result(record)
+        seq = None
+        if self.publisher is not None:
+            try:
+                seq = self.publisher.publish_result(record)
+            except OutboxFull as exc:
+                # refuse_new: the outbox keeps what it has; this result is logged and counted.
+                stored = False
+                self.outbox_refused += 1
+                self.metrics.error("outbox_full")
+                log.error("result %s not stored: %s", record.get("id"), exc)
+            except PublishError as exc:
+                stored = False
+                self.metrics.error("outbox_write")
+                log.error("result %s not stored: %s", record.get("id"), exc)
+        if self.sink is not None:
+            self.sink(record)
+        if self.on_published is not None:
+            self.on_published(record, seq)
+        return stored
+
+    # --- main thread ------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if signum == signal.SIGHUP:
+            self._reload.set()
+            return
+        self._signals += 1
+        if self._signals > 1:
+            log.error("second signal: exiting now; %d parts in the pipeline are not finished", self.in_flight())
+            os._exit(1)
+        log.info("%s: stopping", signal.Signals(signum).name)
+        self.stop_event.set()
+
+    def _healthy(self) -> bool:
+        now = time.monotonic()
+        stuck = any(t is not None and now - t > self.cfg.run.stall_s for t in list(self._busy.values()))
+        capture_alive = now - self._heartbeat < self.cfg.run.stall_s
+        return capture_alive and not stuck
+
+    def stats_payload(self) -> dict:
+        snap = self.stats.snapshot()
+        outbox = self.outbox.stats() if self.outbox is not None else None
+        return stats_record(
+            station_id=self.cfg.station.id,
+            uptime_s=time.time() - self.stats.started,
+            grades=snap["grades"],
+            errors=snap["errors"],
+            fps=snap["fps"],
+            latency_ms=snap["latency_ms"],
+            dropped=self.queue.dropped,
+            queue_depth=len(self.queue),
+            outbox_depth=outbox["depth"] if outbox else 0,
+            outbox_alarm=bool(outbox and outbox["alarm"]),
+            providers=self.providers,
+            camera=self.camera_state,
+        )
+
+    def reload(self) -> None:
+        """Re-read the config: models, grading, postprocessing and trigger rates
+        apply to the next frame; an invalid config or model keeps the running one."""
+        if self.config_path is None:
+            log.warning("reload: no config file to re-read")
+            return
+        try:
+            cfg = load_config(self.config_path)
+            models = open_models(cfg)
+            inspector = Inspector(models, cfg, keep_mask=self._keep_mask(cfg))
+        except StationError as exc:
+            log.error("reload refused, keeping the running config and models: %s", exc)
+            return
+        restart = [k for k in ("camera", "mqtt", "outbox", "run", "station") if getattr(cfg, k) != getattr(self.cfg, k)]
+        if cfg.trigger.type != self.cfg.trigger.type:
+            restart.append("trigger.type")
+        if restart:
+            log.warning("reload: changes to %s take effect after a restart", ", ".join(restart))
+        self.inspector = inspector
+        self.providers = {role: m.providers for role, m in models.items()}
+        self.trigger.reconfigure(cfg)
+        log.info("reloaded %s: models %s", self.config_path, ", ".join(f"{r}={m.card.name}" for r, m in models.items()))
+
+    def run(self, install_signals: bool = True) -> int:
+        """Run until stopped (signal, end of a finite source, or ``stop_event``)."""
+        cfg = self.cfg
+        if cfg.mqtt is not None:
+            self.outbox = Outbox.from_config(cfg.outbox, self.state_dir)
+            self.publisher = MqttPublisher(cfg.mqtt, cfg.station.id, self.outbox)
+            self.publisher.on_ack = self.on_ack
+            self.publisher.set_status(camera=self.camera_state, providers=self.providers)
+            if self.trigger.mode == "mqtt":
+                self.publisher.subscribe(topics_for(cfg.mqtt, cfg.station.id).trigger, self.trigger.on_message)
+            self.publisher.start()
+        elif self.trigger.mode == "mqtt":
+            raise StationError("trigger.type: mqtt needs an mqtt section")
+        if cfg.metrics.enabled:
+            self._metrics_server = self.metrics.start_server(cfg.metrics.host, cfg.metrics.port)
+            log.info("metrics on %s", self._metrics_server.url)
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, self._on_signal)
+        prepared, inferred = FrameQueue(2, "block"), FrameQueue(2, "block")
+        self._stage_queues = (prepared, inferred)
+        prepared_done, inferred_done, self.finished = threading.Event(), threading.Event(), threading.Event()
+        threads = [
+            threading.Thread(target=self._capture_loop, name="capture", daemon=True),
+            threading.Thread(target=self._stage_loop, name="prepare", daemon=True,
+                             args=("prepare", self.queue, self.capture_done, self._prepare, prepared, prepared_done)),
+            threading.Thread(target=self._stage_loop, name="infer", daemon=True,
+                             args=("infer", prepared, prepared_done, self._infer, inferred, inferred_done)),
+            threading.Thread(target=self._stage_loop, name="finish", daemon=True,
+                             args=("finish", inferred, inferred_done, self._finish, None, self.finished)),
+        ]
+        for t in reversed(threads):
+            t.start()
+        sdnotify.notify("READY=1")
+        log.info("station %s running: camera %s, trigger %s, models %s", cfg.station.id, self.source.name,
+                 self.trigger.mode, ", ".join(f"{r} on {p[0]}" for r, p in self.providers.items()))
+        watchdog = sdnotify.watchdog_period()
+        next_stats = time.monotonic() + cfg.run.stats_interval_s
+        next_prune = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                if self.end_of_source.is_set() and self.finished.is_set():
+                    break
+                self.stop_event.wait(min(watchdog or 1.0, 1.0) / 2)
+                if watchdog and self._healthy():
+                    sdnotify.notify("WATCHDOG=1")
+                if self._reload.is_set():
+                    self._reload.clear()
+                    sdnotify.notify("RELOADING=1")
+                    self.reload()
+                    sdnotify.notify("READY=1")
+                self._update_gauges()
+                if self.archive is not None and time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + 60.0
+                    self.archive.prune()
+                if time.monotonic() >= next_stats:
+                    next_stats += cfg.run.stats_interval_s
+                    if self.publisher is not None:
+                        self.publisher.publish_stats(self.stats_payload())
+        finally:
+            self._shutdown(threads)
+        return 1 if self.failed else 0
+
+    def _update_gauges(self) -> None:
+        self.metrics.set_queue_depth(len(self.queue))
+        if self.outbox is not None:
+            self.metrics.set_outbox(self.outbox.depth(), self.outbox.alarm)
+        if self.publisher is not None:
+            self.metrics.set_mqtt_connected(self.publisher.connected)
+
+    def in_flight(self) -> int:
+        """Frames captured and not yet finished."""
+        return len(self.queue) + sum(len(q) for q in getattr(self, "_stage_queues", ()))
+
+    def _shutdown(self, threads: list[threading.Thread]) -> None:
+        deadline = time.monotonic() + self.cfg.run.stop_timeout_s
+        sdnotify.notify("STOPPING=1")
+        self.stop_event.set()
+        capture, *stages = threads
+        capture.join(max(0.0, deadline - time.monotonic()))
+        self.capture_done.set()
+        for t in stages:  # each finishes what it holds once its upstream is done
+            t.join(max(0.0, deadline - time.monotonic()))
+        if not self.finished.is_set():
+            log.error("stop: %d parts were still in the pipeline at the deadline", self.in_flight())
+            self._abort.set()
+        if self.publisher is not None:
+            flushed = self.publisher.stop(max(0.5, deadline - time.monotonic()))
+            if not flushed:
+                log.warning("stop: %d results stay in the outbox for the next start", self.outbox.depth())
+        if self.outbox is not None:
+            self.outbox.close()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+        snap = self.stats.snapshot()
+        log.info("stopped: %s, %d errors, %d dropped", snap["grades"], snap["errors"], self.queue.dropped)
+
+
+def _env_state_dir() -> Path | None:
+    value = os.environ.get("STATE_DIRECTORY")  # set by systemd's StateDirectory=
+    return Path(value.split(":")[0]) if value else None

@@ -1,0 +1,609 @@
+"""MQTT publisher with a durable outbox.
+
+Every result is written to the :class:`~station.outbox.Outbox` first and
+deleted only when the broker acknowledged it (PUBACK, QoS 1), so a broker
+outage or a daemon restart loses nothing. The publisher serialises; it never
+computes inspection data.
+
+Threads:
+
+* the caller (the daemon's inspect thread): :meth:`MqttPublisher.publish_result`
+  stores the record and wakes the sender; it never waits for the network.
+* the sender thread (``mqtt-sender``, ours): connects, publishes ``online``,
+  sends the outbox in seq order keeping at most ``max_inflight`` results
+  unacknowledged, reconnects with capped exponential backoff, and runs the
+  clean stop.
+* paho's network thread (``loop_start``, one per connection): socket I/O and
+  callbacks; a PUBACK deletes its entry from the outbox.
+
+Each connection uses a fresh paho client with ``reconnect_on_failure=False``.
+When a connection ends, that client and whatever paho still holds for it are
+dropped, and the next connection sends again from the outbox, marking what it
+sends ``late``. (paho's own reconnect would re-send its queued copies verbatim,
+without the mark, interleaved with the outbox drain.) Consumers drop duplicates
+by the result ``id``.
+
+Payloads sent on ``…/result`` are the stored record plus ``sent_at`` (when this
+copy was handed to the broker) and ``late`` (true for a re-send, or for a result
+stored before the current connection was established).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import random
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from .config import MqttAuthConfig, MqttConfig, MqttTlsConfig, StationConfig, warn_if_exposed
+from .errors import ConfigError, PublishError
+from .messages import dumps
+from .outbox import Outbox
+from .messages import Topics, status_record, stamp_sent, topics_for
+
+log = logging.getLogger(__name__)
+_paho_log = logging.getLogger(__name__ + ".paho")
+
+# CONNACK reason codes that mean "these credentials will not work": retry slowly.
+# (paho maps MQTT 3.1.1 return codes 4 and 5 onto 134 and 135.)
+# 134 bad user name or password, 135 not authorized, 138 banned, 140 bad authentication method.
+_AUTH_REFUSALS = frozenset({134, 135, 138, 140})
+
+# stats(): sent/acked/late results, broker_rejected (MQTT 5 PUBACK with an error),
+# connects (CONNACK success), connect_attempts, stats_sent/stats_dropped, errors.
+_COUNTERS = ("sent", "acked", "late", "broker_rejected", "connects", "connect_attempts", "stats_sent", "stats_dropped", "errors")
+
+
+class LinkState(str, enum.Enum):
+    IDLE = "idle"  # not started
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"  # lost or unreachable; retrying with backoff
+    AUTH_FAILED = "auth_failed"  # the broker refused the credentials; retrying every reconnect_max_s
+    STOPPED = "stopped"
+
+
+def read_password(auth: MqttAuthConfig | None) -> str | None:
+    """The MQTT password from ``auth.password_file`` (first line) or ``auth.password_env``.
+
+    Raises ConfigError naming the field, never the value.
+    """
+    if auth is None:
+        return None
+    if auth.password_file is not None:
+        warn_if_exposed(auth.password_file, "mqtt.auth.password_file", secret=True)
+        try:
+            text = auth.password_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise ConfigError(f"mqtt.auth.password_file: {auth.password_file}: cannot read ({reason})") from None
+        lines = text.splitlines()
+        if not lines or not lines[0]:
+            raise ConfigError(f"mqtt.auth.password_file: {auth.password_file}: empty first line")
+        return lines[0]
+    if auth.password_env is not None:
+        value = os.environ.get(auth.password_env)
+        if not value:
+            raise ConfigError(f"mqtt.auth.password_env: environment variable {auth.password_env} is not set or empty")
+        return value
+    return None
+
+
+def tls_context(tls: MqttTlsConfig | None) -> ssl.SSLContext | None:
+    """An SSL context for the broker: CA file (or the system store), optional client
+    certificate, TLS ≥ 1.2, host name checked unless ``insecure``."""
+    if tls is None:
+        return None
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None)
+        if tls.cert_file is not None:
+            warn_if_exposed(tls.key_file, "mqtt.tls.key_file", secret=True)
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"mqtt.tls: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.insecure:
+        ctx.check_hostname = False  # the certificate chain is still verified
+    return ctx
+
+
+class _Session:
+    """One connection: its paho client and the messages sent on it.
+
+    inflight: paho mid → outbox seq (None for status/stats) of messages sent and
+    not yet acknowledged. early: acknowledgements that arrived before publish()
+    returned the mid (paho's network thread can be that quick).
+    """
+
+    def __init__(self, window: int):
+        self.client: mqtt.Client | None = None
+        self.lock = threading.Lock()
+        self.inflight: dict[int, int | None] = {}
+        self.early: dict[int, ReasonCode] = {}
+        self.window = window
+        self.cursor = 0  # highest outbox seq handed to this client
+        self.connack = threading.Event()
+        self.refused: ReasonCode | None = None
+        self.connected_at: float | None = None  # UNIX seconds of the CONNACK
+        self.lost = threading.Event()
+        self.lost_reason: str = ""
+
+
+class MqttPublisher:
+    """Publishes results (QoS 1, via the outbox), status (retained) and stats (QoS 0).
+
+    cfg: the ``mqtt`` config section; station_id: ``station.id``.
+    outbox: an open Outbox; the publisher never closes it (its owner does).
+
+    Raises ConfigError at construction when the password or the TLS files cannot be read.
+    """
+
+    def __init__(self, cfg: MqttConfig, station_id: str, outbox: Outbox):
+        self.cfg = cfg
+        self.station_id = station_id
+        self.outbox = outbox
+        self.topics: Topics = topics_for(cfg, station_id)
+        self.client_id = cfg.client_id or f"station-{station_id}"
+        self._password = read_password(cfg.auth)
+        self._tls = tls_context(cfg.tls)
+        self._protocol = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
+        self._cond = threading.Condition()  # guards the fields below; notified on every change
+        self._state = LinkState.IDLE
+        self._last_error: str | None = None
+        self._counts: Counter = Counter()
+        self._retry_at: float | None = None
+        self._session: _Session | None = None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._stop_deadline = 0.0
+        self._thread: threading.Thread | None = None
+        self._subscriptions: dict[str, Callable[[str, bytes], None]] = {}
+        # Called with the outbox seq of each result the broker acknowledged, on
+        # paho's network thread (station bench measures end-to-end latency with it).
+        self.on_ack: Callable[[int], None] | None = None
+        self._status_details: dict = {}
+
+    @classmethod
+    def from_config(cls, cfg: StationConfig, outbox: Outbox) -> "MqttPublisher":
+        if cfg.mqtt is None:
+            raise ConfigError("mqtt: section missing: MQTT publishing is not configured")
+        return cls(cfg.mqtt, cfg.station.id, outbox)
+
+    # --- the caller's side --------------------------------------------------------
+
+    def publish_result(self, record: dict) -> int:
+        """Store one result (or error) record durably and queue it for sending; returns its outbox seq.
+
+        The outbox key is ``record["id"]`` (a record already waiting is not stored
+        twice); a record without an id (an error record) gets a fresh key. The
+        topic is stored with it. Never blocks on the network.
+        Raises OutboxFull (a PublishError) when the outbox refuses it.
+        """
+        key = str(record.get("id") or uuid.uuid4())
+        try:
+            payload = dumps(record).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise PublishError(f"result {key}: cannot serialise ({exc})") from exc
+        seq = self.outbox.put(key, self.topics.result, payload, time.time())
+        self._wake.set()
+        return seq
+
+    def publish_stats(self, stats: dict) -> bool:
+        """Send one stats message (QoS 0, not retained) if connected.
+
+        Stats are periodic and superseded by the next ones, so while disconnected
+        they are dropped, counted in ``stats_dropped``, and False is returned.
+        """
+        try:
+            payload = dumps(stats).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise PublishError(f"stats: cannot serialise ({exc})") from exc
+        s = self._session
+        if s is None or not self.connected or self._send(s, self.topics.stats, payload, 0, False, None) is None:
+            self._count("stats_dropped")
+            return False
+        self._count("stats_sent")
+        return True
+
+    def subscribe(self, topic: str, callback: Callable[[str, bytes], None]) -> None:
+        """Call ``callback(topic, payload)`` (on paho's network thread) for every
+        message on ``topic``; subscribed at QoS 1 on every (re)connect."""
+        with self._cond:
+            self._subscriptions[topic] = callback
+            s = self._session
+        if s is not None and s.client is not None and self.connected:
+            s.client.subscribe(topic, qos=1)
+
+    def set_status(self, **details) -> None:
+        """Extra fields of the retained "online" status (e.g. camera state),
+        republished now if connected and on every reconnect."""
+        with self._cond:
+            if details == {k: self._status_details.get(k) for k in details}:
+                return
+            self._status_details.update(details)
+            s = self._session
+        if s is not None and self.connected:
+            self._send(s, self.topics.status, self._status("online"), 1, True, None)
+
+    @property
+    def connected(self) -> bool:
+        return self._state is LinkState.CONNECTED
+
+    @property
+    def state(self) -> LinkState:
+        return self._state
+
+    @property
+    def last_error(self) -> str | None:
+        """The last connection problem, for people (no secrets)."""
+        return self._last_error
+
+    @property
+    def outbox_depth(self) -> int:
+        return self.outbox.depth()
+
+    def stats(self) -> dict:
+        """Link state and counters: sent, acked, late, broker_rejected, connects,
+        connect_attempts, stats_sent, stats_dropped, errors; plus the outbox's."""
+        with self._cond:
+            out = {
+                "state": self._state.value,
+                "connected": self._state is LinkState.CONNECTED,
+                "last_error": self._last_error,
+                "retry_in_s": None if self._retry_at is None else round(max(0.0, self._retry_at - time.monotonic()), 3),
+            }
+            for name in _COUNTERS:
+                out[name] = self._counts[name]
+        out["outbox"] = self.outbox.stats()
+        return out
+
+    def wait_until(self, predicate: Callable[["MqttPublisher"], bool], timeout: float) -> bool:
+        """Block until ``predicate(self)`` is true (re-checked on every state or
+        counter change) or ``timeout`` seconds passed; returns the last result."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.wait_until(lambda p: p.connected, timeout)
+
+    # --- lifetime -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the sender thread; it connects in the background and keeps retrying."""
+        if self._thread is not None:
+            raise RuntimeError("MqttPublisher.start() called twice")
+        self._thread = threading.Thread(target=self._run, name="mqtt-sender", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Flush and disconnect cleanly; returns True when the outbox is empty.
+
+        While connected: wait up to ``timeout`` s until every stored result is
+        acknowledged, publish the retained status "stopped" (waiting ≤ 1 s for its
+        acknowledgement) and disconnect, so the broker discards the Last Will.
+        While disconnected: stop at once; stored results stay in the outbox for
+        the next start. Returns within about timeout + 1 s (+ connect_timeout_s
+        if a TCP/TLS connect is in progress).
+        """
+        if self._thread is None:
+            return self.outbox.depth() == 0
+        self._stop_deadline = time.monotonic() + max(0.0, timeout)
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout + self.cfg.connect_timeout_s + 3.0)
+        if self._thread.is_alive():
+            log.error("MQTT sender thread did not stop in time")
+        return self.outbox.depth() == 0
+
+    # --- the sender thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self.cfg.reconnect_min_s
+        failures = 0
+        while not self._stopping.is_set():
+            s = _Session(self.cfg.max_inflight)
+            try:
+                outcome, error = self._serve(s)
+            except Exception:  # the top of the worker loop: log, count, retry after a pause
+                log.exception("MQTT sender failed; reconnecting")
+                self._count("errors")
+                outcome, error = "lost", "internal error (see the log)"
+            if outcome == "stopped" or self._stopping.is_set():
+                break
+            if s.connected_at is not None:  # a connection that got in resets the backoff
+                delay, failures = self.cfg.reconnect_min_s, 0
+            failures += 1
+            if outcome == "auth":
+                wait = self.cfg.reconnect_max_s
+            else:
+                wait = delay
+                delay = min(delay * 2, self.cfg.reconnect_max_s)
+            wait *= random.uniform(0.8, 1.0)  # stations behind one broker do not retry in lock-step
+            state = LinkState.AUTH_FAILED if outcome == "auth" else LinkState.DISCONNECTED
+            self._set_state(state, error, retry_at=time.monotonic() + wait)
+            if outcome == "auth":
+                level = logging.ERROR
+            else:  # the first failure in a row is a warning, the repeats of an outage are info
+                level = logging.WARNING if failures == 1 else logging.INFO
+            log.log(level, "MQTT %s: %s; %d results wait in the outbox; retrying in %.1f s",
+                    state.value, error, self.outbox.depth(), wait)
+            if self._stopping.wait(wait):
+                break
+        self._set_state(LinkState.STOPPED, None)
+        log.info("MQTT publisher stopped; %d results remain in the outbox", self.outbox.depth())
+
+    def _serve(self, s: _Session) -> tuple[str, str | None]:
+        """Run one connection until it ends: ("stopped", None), ("auth", why) when the
+        credentials were refused, or ("lost", why)."""
+        host, port = self.cfg.host, self.cfg.effective_port
+        client = s.client = self._new_client(s)
+        self._set_state(LinkState.CONNECTING, self._last_error)
+        self._count("connect_attempts")
+        try:
+            if self._protocol == mqtt.MQTTv5:
+                client.connect(host, port, keepalive=self.cfg.keepalive_s, clean_start=True)
+            else:
+                client.connect(host, port, keepalive=self.cfg.keepalive_s)
+        except (OSError, ssl.SSLError, ValueError) as exc:  # refused, unreachable, TLS handshake
+            return "lost", f"cannot connect to {host}:{port}: {exc}"
+        with self._cond:
+            self._session = s
+        client.loop_start()
+        try:
+            deadline = time.monotonic() + self.cfg.connect_timeout_s
+            while not s.connack.is_set() and not s.lost.is_set() and not self._stopping.is_set():
+                if not self._sleep(deadline - time.monotonic()):
+                    break
+            if s.refused is not None:
+                code = s.refused.value
+                if code in _AUTH_REFUSALS:
+                    user = self.cfg.auth.username if self.cfg.auth else None
+                    return "auth", f"broker {host}:{port} refused the credentials ({s.refused}; user {user!r}): check mqtt.auth"
+                return "lost", f"broker {host}:{port} refused the connection: {s.refused}"
+            if not s.connack.is_set():
+                if self._stopping.is_set():
+                    return "stopped", None
+                return "lost", f"broker {host}:{port}: {s.lost_reason or f'no CONNACK within {self.cfg.connect_timeout_s} s'}"
+            return self._connected(s)
+        finally:
+            with self._cond:
+                self._session = None
+            if not s.lost.is_set():
+                self._abort_socket(client)
+            client.loop_stop()
+
+    def _connected(self, s: _Session) -> tuple[str, str | None]:
+        host, port = self.cfg.host, self.cfg.effective_port
+        self._count("connects")
+        self._set_state(LinkState.CONNECTED, None)
+        log.info("MQTT connected to %s:%d as %s (MQTT %s%s); %d results wait in the outbox",
+                 host, port, self.client_id, self.cfg.protocol, ", TLS" if self._tls else "", self.outbox.depth())
+        self._send(s, self.topics.status, self._status("online"), 1, True, None)
+        with self._cond:
+            topics = list(self._subscriptions)
+        for topic in topics:
+            s.client.subscribe(topic, qos=1)
+        while True:
+            if s.lost.is_set():
+                return "lost", f"connection to {host}:{port} lost: {s.lost_reason}"
+            if self._stopping.is_set():
+                self._finish(s)
+                return "stopped", None
+            self._pump(s)
+            self._sleep(1.0)
+
+    def _finish(self, s: _Session) -> None:
+        """The clean stop: flush until the deadline, publish "stopped", disconnect."""
+        while self.outbox.depth() and not s.lost.is_set():
+            remaining = self._stop_deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("MQTT stop: %d results not acknowledged in time; they stay in the outbox", self.outbox.depth())
+                break
+            self._pump(s)
+            self._sleep(min(remaining, 0.5))
+        if s.lost.is_set():
+            return
+        info = self._send(s, self.topics.status, self._status("stopped"), 1, True, None)
+        if info is not None:
+            try:
+                info.wait_for_publish(1.0)
+            except (RuntimeError, ValueError):
+                pass  # the connection went; the broker publishes the Last Will instead
+        s.client.disconnect()
+        s.lost.wait(1.0)  # on_disconnect: the DISCONNECT was written
+
+    def _pump(self, s: _Session) -> None:
+        """Send outbox entries after ``s.cursor`` while the window has room."""
+        while s.connack.is_set() and not s.lost.is_set():
+            with s.lock:
+                room = s.window - len(s.inflight)
+            if room <= 0:
+                return
+            entries = self.outbox.pending(limit=room, after=s.cursor)
+            if not entries:
+                return
+            now = time.time()
+            # Counted before sending: should the daemon die before the PUBACK, the
+            # next run knows these were sent once. A count that cannot be written
+            # (disk full) does not hold the results back: a re-send after a restart
+            # is still marked late, as the entry is older than that connection.
+            try:
+                self.outbox.mark_attempted([e.seq for e in entries], now)
+            except PublishError as exc:
+                log.warning("%s; sending anyway", exc)
+            for e in entries:
+                late = e.attempts > 0 or e.created_at < s.connected_at
+                try:
+                    payload = stamp_sent(e.payload, time.time(), late)
+                except (ValueError, TypeError):
+                    log.error("outbox entry %d (%s) is not a JSON object; sent as stored", e.seq, e.result_id)
+                    payload = e.payload
+                if self._send(s, e.topic, payload, 1, False, e.seq) is None:
+                    return  # the connection is going; the next one sends from the outbox
+                s.cursor = e.seq
+                self._count("sent", late=int(late))
+
+    def _send(
+        self, s: _Session, topic: str, payload: bytes, qos: int, retain: bool, seq: int | None
+    ) -> mqtt.MQTTMessageInfo | None:
+        """client.publish() and remember mid → seq; None when paho did not take it."""
+        info = s.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return None
+        with s.lock:
+            early = s.early.pop(info.mid, None)
+            if early is None:
+                s.inflight[info.mid] = seq
+        if early is not None:
+            self._acked(s, seq, early)
+        return info
+
+    def _acked(self, s: _Session, seq: int | None, reason: ReasonCode) -> None:
+        if seq is None:
+            return
+        if reason.is_failure:
+            # MQTT 5 only: the broker refused this message (e.g. not authorised on the
+            # topic). It stays in the outbox and is tried again on the next connection.
+            self._count("broker_rejected")
+            log.error("broker rejected result seq %d on %s: %s; it stays in the outbox", seq, self.topics.result, reason)
+        else:
+            self.outbox.ack(seq)
+            self._count("acked")
+            if self.on_ack is not None:
+                self.on_ack(seq)
+        self._wake.set()
+
+    # --- paho callbacks (paho's network thread) --------------------------------------
+
+    def _on_connect(self, client, s: _Session, flags, reason_code: ReasonCode, properties) -> None:
+        if reason_code.is_failure:
+            s.refused = reason_code
+        else:
+            s.connected_at = time.time()
+            receive_max = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
+            if receive_max:  # MQTT 5: the broker disconnects a client that exceeds it
+                s.window = max(1, min(s.window, int(receive_max)))
+        s.connack.set()
+        self._wake.set()
+
+    def _on_disconnect(self, client, s: _Session, flags, reason_code: ReasonCode, properties) -> None:
+        s.lost_reason = str(reason_code)
+        s.lost.set()
+        self._wake.set()
+
+    def _on_publish(self, client, s: _Session, mid: int, reason_code: ReasonCode, properties) -> None:
+        try:
+            with s.lock:
+                if mid not in s.inflight:
+                    s.early[mid] = reason_code
+                    return
+                seq = s.inflight.pop(mid)
+            self._acked(s, seq, reason_code)
+        except PublishError as exc:  # e.g. disk full: the entry stays and is sent again on the next connection
+            log.error("acknowledgement of mid %d not recorded: %s", mid, exc)
+            self._count("errors")
+        except Exception:  # never let an outbox error kill paho's network thread
+            log.exception("handling the acknowledgement of mid %d failed", mid)
+            self._count("errors")
+
+    def _on_message(self, client, s: _Session, message: mqtt.MQTTMessage) -> None:
+        callback = self._subscriptions.get(message.topic)
+        if callback is None:
+            return
+        try:
+            callback(message.topic, bytes(message.payload))
+        except Exception:  # never let a subscriber's error kill paho's network thread
+            log.exception("handling a message on %s failed", message.topic)
+            self._count("errors")
+
+    @staticmethod
+    def _on_log(client, s: _Session, level: int, message: str) -> None:
+        # paho's own messages are detail (packets sent and received; "not connected"
+        # after every clean disconnect, "connection reset" on every outage, both of
+        # which this module reports itself): DEBUG, except a callback's exception.
+        if message.startswith("Caught exception"):
+            _paho_log.error("%s", message)
+        else:
+            _paho_log.debug("%s", message)
+
+    # --- helpers --------------------------------------------------------------------
+
+    def _new_client(self, s: _Session) -> mqtt.Client:
+        kwargs = {}
+        if self._protocol != mqtt.MQTTv5:
+            kwargs["clean_session"] = True  # no broker session: the outbox is the persistence
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=self._protocol,
+            userdata=s,
+            reconnect_on_failure=False,
+            **kwargs,
+        )
+        client.on_log = self._on_log
+        client.connect_timeout = self.cfg.connect_timeout_s
+        client.max_inflight_messages_set(self.cfg.max_inflight + 1)  # + the status message
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
+        if self.cfg.auth is not None:
+            client.username_pw_set(self.cfg.auth.username, self._password)
+        client.will_set(self.topics.status, self._status("offline"), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        return client
+
+    @staticmethod
+    def _abort_socket(client: mqtt.Client) -> None:
+        # Ends paho's network thread even when the broker is frozen and a polite
+        # DISCONNECT could not be written: the loop sees the shut socket and exits.
+        sock = client.socket()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _status(self, state: str) -> bytes:
+        record = status_record(state, self.station_id)
+        if state == "online":
+            record.update(self._status_details)
+        return dumps(record).encode("utf-8")
+
+    def _sleep(self, timeout: float) -> bool:
+        """Wait for a wake-up (new result, ack, connection event, stop) or ``timeout``; False if it timed out."""
+        if timeout <= 0:
+            return False
+        woke = self._wake.wait(timeout)
+        self._wake.clear()
+        return woke
+
+    def _set_state(self, state: LinkState, error: str | None, retry_at: float | None = None) -> None:
+        """State, error and (while disconnected) the monotonic time of the next attempt, at once."""
+        with self._cond:
+            self._state = state
+            self._last_error = error
+            self._retry_at = retry_at
+            self._cond.notify_all()
+
+    def _count(self, name: str, n: int = 1, **more: int) -> None:
+        with self._cond:
+            self._counts[name] += n
+            for k, v in more.items():
+                self._counts[k] += v
+            self._cond.notify_all()
+
+    def __repr__(self) -> str:
+        return f"MqttPublisher({self.cfg.host}:{self.cfg.effective_port}, {self.topics.prefix!r}, {self._state.value})"

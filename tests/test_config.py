@@ -1,0 +1,74 @@
+"""Strict config: every error names file, line and field."""
+
+from __future__ import annotations
+
+import pytest
+
+from station.config import DEFAULT_CONFIG, load_config, parse_config
+from station.errors import ConfigError
+
+
+def test_bundled_default_loads():
+    cfg = load_config(None)
+    assert cfg.grading.total_area_pct.discount == 0.5
+    assert cfg.grading.total_area_pct.reject == 2.0
+    assert load_config(DEFAULT_CONFIG) == cfg
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("station:\n  id: a\n  camera: 1\n", "x.yaml:3: station.camera: unknown key"),
+        ("cameras: {}\n", "x.yaml:1: cameras: unknown key"),
+        ("grading:\n  total_area_pct:\n    discount: 3\n    reject: 2\n", "x.yaml:2: grading.total_area_pct: Value error, discount (3.0) must not exceed reject (2.0)"),
+        ("grading:\n  classes:\n    crack:\n      count: {discount: -1}\n", "x.yaml:4: grading.classes.crack.count.discount: Input should be greater than or equal to 0"),
+        ("inference:\n  providers: [cuda, gpu]\n", "x.yaml:2: inference.providers.1: Input should be 'tensorrt', 'cuda' or 'cpu'"),
+        ("postprocess:\n  min_area_px: many\n", "x.yaml:2: postprocess.min_area_px: Input should be a valid integer"),
+        ("station: {id: a}\nstation: {id: b}\n", "x.yaml:2: station: duplicate key (first at line 1)"),
+        ("grading: [\n", "x.yaml:2: invalid YAML"),
+        ("- a\n- b\n", "x.yaml:1: (top level): expected a mapping"),
+    ],
+)
+def test_errors_name_file_line_field(text, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "x.yaml")
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_every_error_is_reported():
+    text = "station:\n  idd: a\npostprocess:\n  min_area_px: -1\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "x.yaml")
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("x.yaml:2: station.idd: unknown key")
+    assert lines[1].startswith("x.yaml:4: postprocess.min_area_px:")
+
+
+def test_model_paths_resolve_against_the_config_folder(tmp_path):
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "station.yaml"
+    path.write_text("models:\n  segmentation: ../models/seg.onnx\n  detection: /abs/det.onnx\n")
+    cfg = load_config(path)
+    assert cfg.models.segmentation == tmp_path / "conf" / ".." / "models" / "seg.onnx"
+    assert str(cfg.models.detection) == "/abs/det.onnx"
+
+
+def test_unreadable_config_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml: cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((DEFAULT_CONFIG.parents[2] / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_examples_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.station.id
+
+
+def test_check_config_names_file_line_field(tmp_path, capsys):
+    from station.cli import main
+
+    bad = tmp_path / "station.yaml"
+    bad.write_text("station: {id: cam1}\ncamera:\n  type: folder\n  path: /x\n  after: shred\n")
+    assert main(["check-config", "--no-models", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:5: camera.after: Input should be 'delete', 'move' or 'keep'" in err

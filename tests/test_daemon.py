@@ -1,0 +1,398 @@
+"""station run end to end: the daemon as a process, a real Mosquitto, real
+images and the bundled model. Synchronised on messages and files, not sleeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import jsonschema
+import pytest
+from mosquitto import Mosquitto, Subscriber, have_mosquitto
+
+from station.messages import load_schema
+
+pytestmark = pytest.mark.skipif(not have_mosquitto(), reason="mosquitto binary not installed")
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = sorted(p for p in (ROOT / "samples").iterdir() if p.suffix in (".png", ".jpg"))
+PREFIX = "acme/plant1/press/line3/cam1"
+VALIDATOR = jsonschema.Draft202012Validator(load_schema())
+
+
+class Station:
+    """A `station run` process and its log."""
+
+    def __init__(self, workdir: Path, config: str):
+        self.workdir = workdir
+        self.cfg = workdir / "station.yaml"
+        self.cfg.write_text(config)
+        self.log = workdir / "station.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Station":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "station", "run", "-c", str(self.cfg), "--state-dir", str(self.workdir / "state")],
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )
+        return self
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def stations():
+    started: list[Station] = []
+
+    def make(workdir: Path, config: str) -> Station:
+        s = Station(workdir, config)
+        started.append(s)
+        return s.start()
+
+    yield make
+    for s in started:
+        s.kill()
+
+
+def mqtt_section(broker: Mosquitto, **extra) -> str:
+    lines = [
+        "mqtt:",
+        f"  host: {broker.host}",
+        f"  port: {broker.port}",
+        "  enterprise: acme",
+        "  site: plant1",
+        "  area: press",
+        "  line: line3",
+        "  reconnect_min_s: 1.5",
+        "  reconnect_max_s: 1.5",
+    ]
+    lines += [f"  {k}: {v}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def payloads(sub: Subscriber, topic: str) -> list[dict]:
+    return [json.loads(m.payload) for m in sub.on_topic(topic)]
+
+
+def result_ids(sub: Subscriber) -> set[str]:
+    return {r["id"] for r in payloads(sub, f"{PREFIX}/result")}
+
+
+def states(sub: Subscriber) -> list[str]:
+    return [r["state"] for r in payloads(sub, f"{PREFIX}/status")]
+
+
+def drop_images(folder: Path, start: int, n: int) -> list[str]:
+    """Write n sample images into the watched folder (temp name, then rename,
+    as camera SDKs do)."""
+    names = []
+    for i in range(start, start + n):
+        src = SAMPLES[i % len(SAMPLES)]
+        name = f"part{i:04d}{src.suffix}"
+        tmp = folder / f".{name}.tmp"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, folder / name)
+        names.append(name)
+    return names
+
+
+def folder_empty(folder: Path) -> bool:
+    return not any(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def wait_until(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_folder_results_survive_a_broker_restart_and_status_follows_the_lifecycle(tmp_path, broker, stations):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = f"""
+station: {{id: cam1}}
+camera: {{type: folder, path: {inbox}, after: delete, settle_s: 0.05}}
+{mqtt_section(broker)}
+"""
+    sub = Subscriber(broker.port, f"{PREFIX}/#").connect()
+    station = stations(tmp_path, config)
+    try:
+        assert sub.wait_for(lambda m: "online" in states(sub), 30), station.text()
+        drop_images(inbox, 0, 10)
+        assert sub.wait_for(lambda m: len(result_ids(sub)) >= 10, 20), station.text()
+
+        broker.stop()  # a clean broker shutdown in the middle of the run
+        drop_images(inbox, 10, 10)
+        wait_until(lambda: folder_empty(inbox), 20, "the daemon to store the parts inspected while the broker is down")
+        broker.start()
+        sub.reconnect()
+        drop_images(inbox, 20, 10)
+        assert sub.wait_for(lambda m: len(result_ids(sub)) >= 30, 20), (len(result_ids(sub)), station.text())
+
+        station.signal(signal.SIGTERM)
+        assert station.wait(15) == 0
+        assert sub.wait_for(lambda m: states(sub)[-1:] == ["stopped"], 5), states(sub)
+    finally:
+        sub.close()
+
+    records = payloads(sub, f"{PREFIX}/result")
+    by_id: dict[str, list[dict]] = {}
+    for r in records:
+        VALIDATOR.validate(r)
+        by_id.setdefault(r["id"], []).append(r)
+    assert len(by_id) == 30  # every part, duplicates only under the same id
+    sources = sorted(Path(copies[0]["source"]).name for copies in by_id.values())
+    assert sources == sorted(f"part{i:04d}{SAMPLES[i % len(SAMPLES)].suffix}" for i in range(30))
+    late = {Path(c[-1]["source"]).name for c in by_id.values() if c[-1]["late"]}
+    assert {f"part{i:04d}" for i in range(10, 20)} <= {Path(n).stem for n in late}
+    assert all(r["station_id"] == "cam1" and r["grade"] in ("PASS", "DISCOUNT", "REJECT") for r in records)
+
+
+def test_sigkill_leaves_the_last_will(tmp_path, broker, stations):
+    config = f"""
+station: {{id: cam1}}
+camera: {{type: fake, fps: 20}}
+{mqtt_section(broker)}
+"""
+    sub = Subscriber(broker.port, f"{PREFIX}/status").connect()
+    station = stations(tmp_path, config)
+    try:
+        assert sub.wait_for(lambda m: "online" in states(sub), 30), station.text()
+        station.signal(signal.SIGKILL)
+        station.wait(5)
+        assert sub.wait_for(lambda m: states(sub)[-1:] == ["offline"], 10), states(sub)
+    finally:
+        sub.close()
+    # retained: a consumer connecting later sees it too
+    late_sub = Subscriber(broker.port, f"{PREFIX}/status").connect()
+    try:
+        assert late_sub.wait_for(lambda m: len(m) >= 1, 5)
+        assert late_sub.messages[0].retain and json.loads(late_sub.messages[0].payload)["state"] == "offline"
+    finally:
+        late_sub.close()
+
+
+def test_mqtt_trigger_tags_the_next_frame_and_times_out(tmp_path, broker, stations):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    config = f"""
+station: {{id: cam1}}
+camera: {{type: folder, path: {inbox}, settle_s: 0.05}}
+trigger: {{type: mqtt, timeout_s: 1.0}}
+{mqtt_section(broker)}
+"""
+    sub = Subscriber(broker.port, f"{PREFIX}/#").connect()
+    station = stations(tmp_path, config)
+    try:
+        assert sub.wait_for(lambda m: "online" in states(sub), 30), station.text()
+        # a part with no frame: an error result for it after the timeout
+        sub.client.publish(f"{PREFIX}/trigger", "P-100", qos=1)
+        assert sub.wait_for(lambda m: any(r.get("part_id") == "P-100" for r in payloads(sub, f"{PREFIX}/result")), 10)
+        # a part and then its frame
+        sub.client.publish(f"{PREFIX}/trigger", json.dumps({"part_id": "P-101"}), qos=1)
+        time.sleep(0.3)  # the trigger travels through the broker before the frame appears
+        drop_images(inbox, 0, 1)
+        assert sub.wait_for(lambda m: any(r.get("part_id") == "P-101" for r in payloads(sub, f"{PREFIX}/result")), 10)
+        # a frame with no trigger is not inspected
+        drop_images(inbox, 1, 1)
+        wait_until(lambda: folder_empty(inbox), 10, "the untriggered frame to be taken")
+        station.signal(signal.SIGTERM)
+        assert station.wait(15) == 0
+    finally:
+        sub.close()
+    results = {r["part_id"]: r for r in payloads(sub, f"{PREFIX}/result")}
+    assert set(results) == {"P-100", "P-101"}
+    assert "no frame within 1.0 s" in results["P-100"]["error"]
+    assert results["P-101"]["grade"] in ("PASS", "DISCOUNT", "REJECT")
+    for r in results.values():
+        VALIDATOR.validate(r)
+
+
+def test_fake_camera_lost_and_recovered(tmp_path, broker, stations):
+    config = f"""
+station: {{id: cam1}}
+camera: {{type: fake, fps: 30, fail_after_frames: 5, fail_for_s: 1.0}}
+run: {{reconnect_min_s: 0.2, reconnect_max_s: 0.4}}
+{mqtt_section(broker)}
+"""
+    sub = Subscriber(broker.port, f"{PREFIX}/#").connect()
+    station = stations(tmp_path, config)
+    try:
+        assert sub.wait_for(lambda m: len(result_ids(sub)) >= 12, 30), station.text()
+        station.signal(signal.SIGTERM)
+        assert station.wait(15) == 0
+    finally:
+        sub.close()
+    cameras = [r.get("camera") for r in payloads(sub, f"{PREFIX}/status") if r["state"] == "online"]
+    assert "connected" in cameras and ("lost" in cameras or "reconnecting" in cameras), cameras
+    assert cameras.index("connected") < len(cameras) - 1 - cameras[::-1].index("connected")  # connected again later
+    assert "camera lost after 5 frames" in station.text()
+
+
+def write_video(path: Path, frames: int) -> None:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (256, 256))
+    plate = cv2.imread(str(SAMPLES[0]), cv2.IMREAD_GRAYSCALE)
+    for i in range(frames):
+        writer.write(cv2.cvtColor(cv2.resize(plate, (256, 256)), cv2.COLOR_GRAY2BGR))
+    writer.release()
+
+
+def test_video_source_appearing_late_then_ending(tmp_path, stations):
+    video = tmp_path / "line.avi"
+    out = tmp_path / "results.jsonl"
+    config = f"""
+station: {{id: cam1}}
+camera: {{type: video, path: {video}}}
+run: {{reconnect_min_s: 0.2, reconnect_max_s: 0.2}}
+"""
+    station = Station(tmp_path, config)
+    station.proc = subprocess.Popen(
+        [sys.executable, "-m", "station", "run", "-c", str(station.cfg), "--jsonl", str(out)],
+        stdout=open(station.log, "ab"), stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(lambda: "video file not found" in station.text(), 30, "the daemon to report the missing video")
+        tmp = tmp_path / "tmp.avi"
+        write_video(tmp, 12)
+        os.replace(tmp, video)
+        assert station.wait(30) == 0, station.text()  # a finite video ends the run cleanly
+    finally:
+        station.kill()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["source"] for r in records] == [f"{video}#frame={i}" for i in range(12)]
+    assert "camera video:" in station.text() and "connected" in station.text()
+
+
+def test_sighup_reloads_grading_and_keeps_running_on_a_bad_config(tmp_path, stations):
+    out = tmp_path / "results.jsonl"
+    base = "station: {id: cam1}\ncamera: {type: fake, fps: 40}\n"
+    station = Station(tmp_path, base)
+    station.proc = subprocess.Popen(
+        [sys.executable, "-m", "station", "run", "-c", str(station.cfg), "--jsonl", str(out)],
+        stdout=open(station.log, "ab"), stderr=subprocess.STDOUT,
+    )
+
+    def records() -> list[dict]:
+        return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+
+    try:
+        wait_until(lambda: len(records()) >= 5, 30, "first results")
+        station.cfg.write_text(base + "grading:\n  total_area_pct: {discount: null, reject: 0.0}\n  defect_area_pct: null\n")
+        station.signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded" in station.text(), 10, "the reload")
+        n = len(records())
+        wait_until(lambda: len(records()) >= n + 10, 10, "results after the reload")
+        after = records()[n + 2 :]
+        assert all(r["grade"] == "REJECT" or r["defect_area_pct"] == 0 for r in after)
+        station.cfg.write_text(base + "grading: {total_area_pct: {discount: 3, reject: 1}}\n")
+        station.signal(signal.SIGHUP)
+        wait_until(lambda: "reload refused" in station.text(), 10, "the refused reload")
+        n = len(records())
+        wait_until(lambda: len(records()) >= n + 5, 10, "results after the refused reload")
+        station.signal(signal.SIGTERM)
+        assert station.wait(15) == 0
+    finally:
+        station.kill()
+    assert "discount (3.0) must not exceed reject (1.0)" in station.text()
+
+
+def test_archive_and_metrics(tmp_path, stations):
+    import urllib.request
+
+    from mosquitto import free_port
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    out = tmp_path / "results.jsonl"
+    config = f"""
+station: {{id: cam1}}
+camera: {{type: fake, fps: 25}}
+archive: {{enabled: true, grades: [PASS, DISCOUNT, REJECT], what: [image, mask, overlay]}}
+metrics: {{enabled: true, port: {port}}}
+"""
+    station = Station(tmp_path, config)
+    station.proc = subprocess.Popen(
+        [sys.executable, "-m", "station", "run", "-c", str(station.cfg), "--state-dir", str(tmp_path / "state"),
+         "--jsonl", str(out)], stdout=open(station.log, "ab"), stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 8, 30, "results")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        station.signal(signal.SIGTERM)
+        assert station.wait(15) == 0
+    finally:
+        station.kill()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    results = sum(v for (name, labels), v in samples.items() if name == "station_results_total")
+    assert results >= 8
+    assert samples[("station_frames_captured_total", ())] >= results
+    assert any(name == "station_stage_latency_seconds_bucket" for name, _ in samples)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    entries = sorted((tmp_path / "state" / "archive").rglob("*_record.json"))
+    assert len(entries) == len(records)
+    first = records[0]
+    stem = next(p for p in entries if first["id"] in p.name).name.replace("_record.json", "")
+    folder = entries[0].parent
+    for part in ("image", "mask", "overlay"):
+        assert (folder / f"{stem}_{part}.png").is_file()
+
+
+def test_sd_notify_ready_watchdog_stopping(tmp_path):
+    import socket
+
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(30)
+    station = Station(tmp_path, "station: {id: cam1}\ncamera: {type: fake, fps: 20}\n")
+    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}
+    station.proc = subprocess.Popen([sys.executable, "-m", "station", "run", "-c", str(station.cfg)],
+                                    stdout=open(station.log, "ab"), stderr=subprocess.STDOUT, env=env)
+    messages: list[str] = []
+    try:
+        while messages.count("WATCHDOG=1") < 3:
+            messages.append(sock.recv(4096).decode())
+        station.signal(signal.SIGTERM)
+        while "STOPPING=1" not in messages:
+            messages.append(sock.recv(4096).decode())
+        assert station.wait(15) == 0
+    finally:
+        station.kill()
+        sock.close()
+    assert messages[0] == "READY=1", messages  # after the models were loaded and warmed up
+
+
+def test_watchdog_health_follows_progress(tmp_path):
+    from station.config import parse_config
+    from station.daemon import Daemon
+
+    d = Daemon(parse_config("camera: {type: fake}\nrun: {stall_s: 2}\n"))
+    assert d._healthy()
+    d._busy["infer"] = time.monotonic() - 3  # one inspection stuck for 3 s
+    assert not d._healthy()
+    d._busy["infer"] = None
+    d._heartbeat = time.monotonic() - 3  # the capture loop stopped turning
+    assert not d._healthy()

@@ -1,0 +1,225 @@
+"""The detection side of export/: VOC data through the card's preprocessing, box
+mapping through letterbox/stretch geometry, targets, and the ONNX round trip
+(a tiny FCOS-style model, one eager epoch on a dozen synthetic images) into
+``station`` (OnnxModel, ``station replay --det-model``, ``station eval``).
+
+Tests marked ``slow`` import TensorFlow."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from export import ExportError
+from export.voc import boxes_to_input, find_voc_samples, load_box_arrays, near_duplicate_groups
+from station.modelcard import ModelCard
+from station.preprocess import Geometry, fit
+
+CLASSES = ("dent", "scratch")
+
+
+def _voc(stem: str, size: tuple[int, int], objects) -> str:
+    objs = "".join(
+        f"<object><name>{n}</name><difficult>0</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+        f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, b in objects
+    )
+    return (f"<annotation><filename>{stem}.jpg</filename><size><width>{size[0]}</width><height>{size[1]}</height>"
+            f"<depth>1</depth></size>{objs}</annotation>")
+
+
+def write_voc_dataset(root: Path, n: int, size: tuple[int, int] = (100, 80), seed: int = 0) -> Path:
+    """``n`` gray images (W × H = ``size``) with bright rectangles ('dent') and dark bars
+    ('scratch'), and their VOC files, in the NEU-DET layout."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    w, h = size
+    for i in range(n):
+        img = rng.normal(120, 8, (h, w)).clip(0, 255).astype(np.uint8)
+        objects = []
+        x1, y1 = int(rng.integers(2, w // 2)), int(rng.integers(2, h // 2))
+        x2, y2 = x1 + int(rng.integers(12, w // 2)), y1 + int(rng.integers(12, h // 2))
+        img[y1:y2, x1:x2] = 220
+        objects.append(("dent", (x1, y1, x2, y2)))
+        if i % 2:
+            sx = int(rng.integers(2, w - 10))
+            img[2 : h - 2, sx : sx + 4] = 20
+            objects.append(("scratch", (sx, 2, sx + 4, h - 2)))
+        stem = f"{CLASSES[i % 2]}_{i}"
+        cv2.imwrite(str(root / "images" / f"{stem}.jpg"), img)
+        (root / "annotations" / f"{stem}.xml").write_text(_voc(stem, size, objects))
+    return root
+
+
+def _card(size=(64, 64), mode="stretch") -> ModelCard:
+    from export.card import PreprocessOptions, preprocess_ops
+    from export.train_detector import DetTrainConfig, draft_detection_card
+    from station.modelcard import TrainingInfo
+
+    ops = preprocess_ops(PreprocessOptions(colour="gray", clahe=None, dilate=0, resize_mode=mode))
+    cfg = DetTrainConfig(data_dir=Path("."), out_dir=Path("."), preprocess=tuple(ops), size=size)
+    return draft_detection_card(cfg, CLASSES, TrainingInfo(data="test"))
+
+
+def test_find_and_load_voc(tmp_path: Path) -> None:
+    root = write_voc_dataset(tmp_path / "data", 4)
+    (root / "images" / "orphan.jpg").write_bytes((root / "images" / "dent_0.jpg").read_bytes())
+    samples = find_voc_samples(root)
+    assert [s.key for s in samples] == ["images/dent_0.jpg", "images/dent_2.jpg", "images/scratch_1.jpg",
+                                        "images/scratch_3.jpg"]
+    card = _card((64, 96), "letterbox")
+    arrays = load_box_arrays(samples, card)
+    assert arrays.x.shape == (4, 64, 96, 1) and arrays.x.dtype == np.float32
+    assert [len(b) for b in arrays.boxes] == [1, 1, 2, 2]
+    assert [list(lab) for lab in arrays.labels] == [[0], [0], [0, 1], [0, 1]]
+    assert arrays.sizes == [(100, 80)] * 4
+    g = arrays.geometries[0]
+    assert (g.content_h, g.content_w, g.top, g.left) == (64, 80, 0, 8)
+    # boxes land on the drawn rectangles: the bright area inside the first box
+    x1, y1, x2, y2 = np.round(arrays.boxes[0][0]).astype(int)
+    assert arrays.x[0, y1 + 2 : y2 - 2, x1 + 2 : x2 - 2].mean() > 0.5  # symmetric normalisation: 220 → 0.73
+
+    bad = tmp_path / "bad"
+    write_voc_dataset(bad, 1)
+    (bad / "annotations" / "dent_0.xml").write_text(_voc("dent_0", (100, 80), [("rust", (1, 1, 9, 9))]))
+    with pytest.raises(ExportError, match=r"dent_0.xml: class\(es\) \['rust'\]"):
+        load_box_arrays(find_voc_samples(bad), card)
+    with pytest.raises(ExportError, match="no images/ folder"):
+        find_voc_samples(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "src, size, mode",
+    [((200, 200), (224, 224), "stretch"), ((200, 200), (64, 96), "letterbox"), ((80, 100), (64, 64), "letterbox"),
+     ((80, 100), (96, 64), "stretch"), ((300, 120), (64, 64), "letterbox")],
+)
+def test_boxes_round_trip_through_geometry(src, size, mode) -> None:
+    geometry = fit(src[0], src[1], size[0], size[1], mode)
+    rng = np.random.default_rng(1)
+    xy1 = rng.uniform(0, 0.5, (20, 2)) * [src[1], src[0]]
+    xy2 = xy1 + rng.uniform(0.05, 0.5, (20, 2)) * [src[1], src[0]]
+    boxes = np.concatenate([xy1, xy2], axis=1)
+    inp = boxes_to_input(boxes, geometry)
+    xs, ys = inp[:, [0, 2]], inp[:, [1, 3]]
+    assert (xs >= geometry.left - 1e-4).all() and (xs <= geometry.left + geometry.content_w + 1e-4).all()
+    assert (ys >= geometry.top - 1e-4).all() and (ys <= geometry.top + geometry.content_h + 1e-4).all()
+    np.testing.assert_allclose(geometry.boxes_to_source(inp), boxes, atol=1e-3)
+
+
+def test_identity_geometry_keeps_boxes() -> None:
+    boxes = np.array([[2, 3, 50, 60]], np.float32)
+    np.testing.assert_array_equal(boxes_to_input(boxes, Geometry.identity(100, 100)), boxes)
+
+
+def test_near_duplicates_are_grouped(tmp_path: Path) -> None:
+    root = write_voc_dataset(tmp_path / "data", 6)
+    images, anns = root / "images", root / "annotations"
+    img = cv2.imread(str(images / "dent_0.jpg"), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(images / "dent_10.png"), cv2.add(img, 12))  # a brighter copy
+    cv2.imwrite(str(images / "dent_12.png"), np.roll(img, (3, 5), axis=(0, 1)))  # a shifted copy
+    for stem in ("dent_10", "dent_12"):
+        (anns / f"{stem}.xml").write_text((anns / "dent_0.xml").read_text())
+    samples = find_voc_samples(root)
+    groups = near_duplicate_groups(samples)
+    assert groups["images/dent_10.png"] == groups["images/dent_0.jpg"] != groups["images/dent_12.png"]
+    assert len(set(groups.values())) == 7
+    loose = near_duplicate_groups(samples, threshold=0.75)  # shifted, resampled and wrapped: NCC ~0.85
+    assert loose["images/dent_12.png"] == loose["images/dent_0.jpg"] and len(set(loose.values())) == 6
+
+
+@pytest.mark.parametrize("flip_h, flip_v, turns", [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 3), (0, 1, 2)])
+def test_augment_moves_boxes_with_the_image(flip_h, flip_v, turns) -> None:
+    from export.train_detector import augment
+
+    x = np.zeros((48, 48, 1), np.float32)
+    box = np.array([[5, 10, 20, 40]], np.float32)
+    x[10:40, 5:20] = 1
+    y, b = augment(x, box, bool(flip_h), bool(flip_v), turns)
+    ys, xs = np.nonzero(y[..., 0])
+    np.testing.assert_array_equal(b[0], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+
+
+@pytest.mark.slow
+def test_encode_targets() -> None:
+    from export.detector import encode_targets
+
+    boxes = np.array([[0, 0, 64, 64], [8, 8, 24, 24], [40, 40, 43, 43]], np.float32)
+    t = encode_targets(boxes, np.array([0, 1, 1]), 64, 64, 2)
+    assert t.shape == (8, 8, 2 + 6)
+    pos = t[..., -1] > 0
+    # the small box owns the cells whose centres it holds (12 and 20: cells 1, 2); the tiny one its nearest cell
+    assert t[1, 1, 1] == 1 and t[2, 2, 1] == 1 and t[5, 5, 1] == 1 and t[5, 5, 0] == 0
+    assert pos.sum() == 64 and t[0, 0, 0] == 1
+    np.testing.assert_array_equal(t[1, 1, 2:6], boxes[1])
+    assert 0 < t[..., 6][pos].min() and t[..., 6].max() <= 1
+    assert not encode_targets(np.zeros((0, 4)), np.zeros(0, int), 64, 64, 2).any()
+
+
+@pytest.fixture(scope="module")
+def tiny_det_run(tmp_path_factory):
+    from export.train_detector import DetTrainConfig, train
+
+    root = tmp_path_factory.mktemp("tinydet")
+    data = write_voc_dataset(root / "data", 12)
+    cfg = DetTrainConfig(data_dir=data, out_dir=root / "run", size=(64, 64), alpha=0.35, width=16, head_depth=1,
+                         epochs=1, batch=6, seed=3, val_fraction=0.25, score_threshold=0.001, name="tinydet",
+                         eager=True, parity_count=3)
+    return cfg, train(cfg)
+
+
+@pytest.mark.slow
+def test_detector_export_round_trip(tiny_det_run, tmp_path: Path) -> None:
+    import onnx
+
+    from export.onnx_export import io_mismatches, read_card
+    from station.cli import main
+    from station.imageio import read_image
+    from station.infer import OnnxModel
+    from station.preprocess import preprocess, to_tensor
+
+    cfg, result = tiny_det_run
+    card = read_card(result.onnx_path)
+    assert card == result.card and card.task == "detection" and card.classes == list(CLASSES)
+    assert card.output.boxes == "boxes" and card.output.score_threshold == 0.001
+    model = onnx.load(str(result.onnx_path))
+    assert io_mismatches(model, card) == [] and card.export.opset <= 18 and model.ir_version <= 10
+    assert {"NonMaxSuppression"} <= {n.op_type for n in model.graph.node}
+    parity = card.export.parity
+    assert parity["n"] == 3 and parity["count_agreement"] == 1.0 and parity["detection_match"] > 0.99
+    t = card.training
+    assert t.epochs == 1 and t.seed == 3 and {"val_ap50", "val_map"} <= set(t.figures)
+    assert t.command.startswith("python -m export.train_detector ") and "by group" in t.split
+
+    onnx_model = OnnxModel(result.onnx_path, providers=("cpu",))
+    assert onnx_model.card.task == "detection"
+    image = read_image(next((cfg.data_dir / "images").glob("*.jpg")))
+    x, _ = preprocess(image, onnx_model.card)
+    outs = onnx_model.run(to_tensor(x, onnx_model.card.input))
+    assert outs["boxes"].shape == (1, 100, 4) and outs["count"].shape == (1,)
+
+    out = tmp_path / "replay.jsonl"
+    assert main(["replay", str(cfg.data_dir / "images"), "--det-model", str(result.onnx_path), "--out", str(out),
+                 "-q"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 12
+    defects = [d for r in records for d in r["defects"]]
+    assert defects and {d["kind"] for d in defects} == {"detection"} and {d["class"] for d in defects} <= set(CLASSES)
+    assert all(0 <= d["bbox"][0] <= d["bbox"][2] <= 100 and 0 <= d["bbox"][1] <= d["bbox"][3] <= 80 for d in defects)
+
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(cfg.out_dir / "val" / "images"), "--det-model", str(result.onnx_path), "--json",
+                 str(report), "-q"]) == 0
+    det = json.loads(report.read_text())["detection"]
+    assert det["images"] == 3 and det["detections"] > 0 and 0.0 <= det["ap50"] <= 1.0
+
+    with (cfg.out_dir / "history.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "loss", "val_ap50", "val_map", "lr", "seconds"] and len(rows) == 1
+    assert (cfg.out_dir / "curves.png").stat().st_size > 0 and (cfg.out_dir / "best.weights.h5").is_file()
+    split = json.loads((cfg.out_dir / "split.json").read_text())
+    assert len(split["val"]) == 3 and not set(split["val"]) & set(split["train"])

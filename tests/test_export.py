@@ -1,0 +1,340 @@
+"""export/: synthetic data, training data = serving inputs, train → ONNX round trip.
+
+Tests marked ``slow`` import TensorFlow (a tiny U-Net, one epoch on 16 images).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from export import ExportError, synth
+from export.card import PreprocessOptions, draft_card, preprocess_ops
+from export.data import find_samples, load_arrays, load_groups, split_samples
+from station.imageio import read_image, read_mask
+from station.modelcard import METADATA_KEY, ModelCard, TrainingInfo
+from station.preprocess import prepare_mask, preprocess
+
+# Keras converts eager tensors with np.array(x), which numpy 2 flags; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _grade(area_pct: float) -> str:
+    return "PASS" if area_pct <= 0.5 else "DISCOUNT" if area_pct <= 2.0 else "REJECT"
+
+
+def _card(opts: PreprocessOptions = PreprocessOptions(), size: tuple[int, int] = (64, 64)) -> ModelCard:
+    return draft_card(name="t", version="1", size=size, preprocess=preprocess_ops(opts),
+                      training=TrainingInfo(data="test"))
+
+
+# --- synth -------------------------------------------------------------------
+
+
+def test_plate_same_seed_same_bytes() -> None:
+    a = synth.make_plate(np.random.default_rng(42), 256, 256)
+    b = synth.make_plate(np.random.default_rng(42), 256, 256)
+    c = synth.make_plate(np.random.default_rng(43), 256, 256)
+    assert a.image.tobytes() == b.image.tobytes() and a.mask.tobytes() == b.mask.tobytes()
+    assert a.classes == b.classes
+    assert a.image.tobytes() != c.image.tobytes()
+
+
+def test_dataset_same_seed_same_files(tmp_path: Path) -> None:
+    synth.write_dataset(tmp_path / "a", 7, seed=5, size=(96, 128))
+    synth.write_dataset(tmp_path / "b", 7, seed=5, size=(96, 128))
+    synth.write_dataset(tmp_path / "c", 7, seed=6, size=(96, 128))
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_dataset_layout(tmp_path: Path) -> None:
+    groups = synth.write_dataset(tmp_path, 9, seed=1, size=(80, 112))
+    images = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.jpg"))
+    assert sorted(groups) == images and len(images) == 9
+    assert json.loads((tmp_path / synth.GROUPS_FILE).read_text()) == groups
+    for key in images:
+        folder, _ = key.split("/")
+        assert folder in set(synth.FOLDERS.values()) | {synth.FREE_FOLDER}
+        assert groups[key].startswith(folder + "/")
+        image = read_image(tmp_path / key)
+        mask = cv2.imread(str(tmp_path / key.replace(".jpg", ".png")), cv2.IMREAD_UNCHANGED)
+        assert image.shape == mask.shape == (80, 112) and image.dtype == mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 255}
+        assert (folder == synth.FREE_FOLDER) == (not mask.any())
+
+
+def test_dataset_refuses_non_empty_dir(tmp_path: Path) -> None:
+    (tmp_path / "x.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not empty"):
+        synth.write_dataset(tmp_path, 2, seed=0)
+
+
+@pytest.mark.parametrize("height,width", [(256, 256), (120, 200), (300, 90), (16, 16)])
+def test_plate_shapes(height: int, width: int) -> None:
+    plate = synth.make_plate(np.random.default_rng(0), height, width, "large")
+    assert plate.image.shape == plate.mask.shape == (height, width)
+    assert plate.mask.any() and plate.classes and set(plate.classes) <= set(synth.CLASSES)
+
+
+@pytest.mark.parametrize("severity,grade", [("free", "PASS"), ("small", "PASS"), ("medium", "DISCOUNT"),
+                                            ("large", "REJECT")])
+def test_severity_gives_grade(severity: str, grade: str) -> None:
+    for i in range(6):
+        plate = synth.make_plate(np.random.default_rng([9, i]), 200, 300, severity)
+        assert _grade(plate.area_pct) == grade, (i, plate.area_pct)
+
+
+def test_all_grades_occur_in_a_sample() -> None:
+    grades = [_grade(synth.make_plate(np.random.default_rng([3, i]), 128, 128).area_pct) for i in range(40)]
+    assert {"PASS", "DISCOUNT", "REJECT"} <= set(grades)
+    kinds = {c for i in range(40) for c in synth.make_plate(np.random.default_rng([3, i]), 128, 128).classes}
+    assert kinds == set(synth.CLASSES)
+
+
+# --- data --------------------------------------------------------------------
+
+
+def test_find_samples_skips_images_without_mask(tmp_path: Path) -> None:
+    synth.write_dataset(tmp_path, 4, seed=2, size=(64, 64))
+    lone = tmp_path / "Free" / "extra.jpg"
+    lone.parent.mkdir(exist_ok=True)
+    cv2.imwrite(str(lone), np.full((64, 64), 90, np.uint8))
+    listing = find_samples(tmp_path)
+    assert len(listing.samples) == 4 and listing.skipped_no_mask == 1
+    assert all(s.mask is not None and s.mask.suffix == ".png" for s in listing.samples)
+    listing = find_samples(tmp_path, missing_mask_is_free=True)
+    assert len(listing.samples) == 5
+    free = next(s for s in listing.samples if s.key == "Free/extra.jpg")
+    x = load_arrays([free], _card())
+    assert not x.y.any()
+
+
+def test_find_samples_errors(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="does not exist"):
+        find_samples(tmp_path / "nope")
+    with pytest.raises(ExportError, match="no image"):
+        find_samples(tmp_path)
+
+
+def test_split_keeps_groups_together(tmp_path: Path) -> None:
+    groups = synth.write_dataset(tmp_path, 30, seed=4, size=(48, 48))
+    samples = find_samples(tmp_path).samples
+    split = split_samples(samples, 0.3, seed=1, groups=groups)
+    train_groups = {groups[s.key] for s in split.train}
+    val_groups = {groups[s.key] for s in split.val}
+    assert train_groups.isdisjoint(val_groups) and split.val and split.train
+    assert len(split.train) + len(split.val) == 30
+    assert len(split.val) >= 0.3 * 30
+    assert split_samples(samples, 0.3, seed=1, groups=groups) == split
+    assert split_samples(samples, 0.3, seed=2, groups=groups).val != split.val
+    by_image = split_samples(samples, 0.3, seed=1)
+    assert by_image.description.startswith("by image")
+
+
+def test_load_groups_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "g.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ExportError, match="--groups"):
+        load_groups(bad)
+
+
+@pytest.mark.parametrize("opts,size", [
+    (PreprocessOptions(), (64, 64)),
+    (PreprocessOptions(colour="rgb", clahe=None, equalize=True, dilate=5, dilate_shape="ellipse",
+                       resize_mode="letterbox", pad_value=17, normalize="unit"), (64, 96)),
+    (PreprocessOptions(clahe=(3.0, 4), dilate=0, interpolation="linear"), (96, 64)),
+])
+def test_training_inputs_equal_serving_inputs(tmp_path: Path, opts: PreprocessOptions, size: tuple[int, int]) -> None:
+    """export/data.py builds exactly what station.preprocess gives the line, bit for bit."""
+    synth.write_dataset(tmp_path, 3, seed=8, size=(150, 210))
+    colour = tmp_path / "Colour" / "c.png"
+    colour.parent.mkdir()
+    plate = synth.make_plate(np.random.default_rng(1), 110, 170, "medium")
+    cv2.imwrite(str(colour), synth.to_bgr(plate.image))
+    cv2.imwrite(str(colour.with_name("c_mask.png")), plate.mask)  # not a sibling mask: c.png is an image
+    colour_img = tmp_path / "Colour" / "d.jpg"
+    cv2.imwrite(str(colour_img), synth.to_bgr(plate.image))
+    cv2.imwrite(str(colour_img.with_suffix(".png")), plate.mask)
+
+    card = _card(opts, size)
+    samples = find_samples(tmp_path).samples
+    assert len(samples) == 4
+    arrays = load_arrays(samples, card)
+    assert arrays.x.shape == (4, size[0], size[1], card.input.channels) and arrays.x.dtype == np.float32
+    for i, s in enumerate(samples):
+        served, geometry = preprocess(read_image(s.image), card)
+        assert served.dtype == arrays.x.dtype
+        assert np.array_equal(arrays.x[i], served)
+        assert np.array_equal(arrays.y[i, :, :, 0], prepare_mask(read_mask(s.mask), card, geometry))
+
+
+def test_preprocess_flags_are_checked() -> None:
+    with pytest.raises(ExportError, match="--clahe"):
+        preprocess_ops(PreprocessOptions(clahe=(0.0, 8)))
+    with pytest.raises(ExportError, match="--dilate 40"):
+        preprocess_ops(PreprocessOptions(dilate=40))
+    with pytest.raises(ExportError, match="exclusive"):
+        preprocess_ops(PreprocessOptions(clahe=(2.0, 8), equalize=True))
+    ops = [op.op for op in preprocess_ops(PreprocessOptions())]
+    assert ops == ["colour", "clahe", "dilate", "resize", "normalize"]
+
+
+# --- TensorFlow: U-Net, training, ONNX ----------------------------------------
+
+
+@pytest.mark.slow
+def test_augmented_oversamples_defects_deterministically() -> None:
+    from export.train import make_augmented
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 32, 32, 1)).astype(np.float32)
+    y = np.zeros((6, 32, 32, 1), np.float32)
+    y[[1, 4], 10:12, 10:12] = 1.0  # two defective images
+    a = make_augmented(x, y, batch=4, seed=3, defect_repeat=3, jitter=0.1)
+    b = make_augmented(x, y, batch=4, seed=3, defect_repeat=3, jitter=0.1)
+    assert len(a) == 3  # 6 rows + 2 × 2 repeats = 10 → 3 batches of 4
+    batches = [a[i] for i in range(len(a))]
+    for (xa, ya), (xb, yb) in zip(batches, (b[i] for i in range(len(b)))):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    labels = np.concatenate([yb for _, yb in batches])
+    assert len(labels) == 10 and int((labels.reshape(10, -1).max(axis=1) > 0).sum()) == 6
+    assert int(labels.sum()) == 6 * 4  # flips and rotations keep every defect pixel
+    plain = make_augmented(x, y, batch=4, seed=3)
+    assert len(plain) == 2
+
+
+def test_training_options_are_checked(tmp_path: Path) -> None:
+    from export.train import TrainConfig, train
+
+    for bad, match in ((dict(defect_repeat=0), "--defect-repeat"), (dict(jitter=1.5), "--jitter"),
+                       (dict(loss="hinge"), "--loss")):
+        with pytest.raises(ExportError, match=match):
+            train(TrainConfig(data_dir=tmp_path, out_dir=tmp_path / "run", **bad))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    from export.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny")
+    synth.write_dataset(root / "data", 16, seed=11, size=(96, 128))
+    cfg = TrainConfig(data_dir=root / "data", out_dir=root / "run", groups=root / "data" / synth.GROUPS_FILE,
+                      size=(64, 64), alpha=0.35, epochs=1, batch=8, seed=3, val_fraction=0.25, name="tiny",
+                      eager=True)
+    return cfg, train(cfg)
+
+
+@pytest.mark.slow
+def test_train_export_round_trip(tiny_run) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from export.onnx_export import io_mismatches, read_card
+
+    cfg, result = tiny_run
+    model = onnx.load(str(result.onnx_path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    card = ModelCard.from_json(meta[METADATA_KEY])
+    assert card == result.card == read_card(result.onnx_path)
+    assert io_mismatches(model, card) == []
+
+    session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    (out,) = session.get_outputs()
+    assert inp.name == card.input.name == "image" and out.name == card.output.name == "mask"
+    assert tuple(inp.shape) == card.input.shape(1) == (1, 64, 64, 1)
+    assert tuple(out.shape) == (1, 64, 64, len(card.classes))
+
+    assert card.export.opset <= 18 and card.export.tensorflow and card.export.tf2onnx and card.export.onnx
+    assert card.export.parity["max_abs_diff"] < 1e-4
+    assert card.export.parity["mask_agreement"] > 0.999
+    assert model.ir_version <= 10
+
+    t = card.training
+    assert t.epochs == 1 and t.seed == 3 and t.seconds is not None and t.seconds > 0
+    assert {"val_iou", "train_iou"} <= set(t.figures) and 0.0 <= t.figures["val_iou"] <= 1.0
+    assert "by group" in t.split and t.command.startswith("python -m export.train ")
+
+    sample = next(iter(sorted((cfg.data_dir / "Scratch").glob("*.jpg"))), None) or next(cfg.data_dir.rglob("*.jpg"))
+    x, _ = preprocess(read_image(sample), card)
+    (prob,) = session.run(["mask"], {"image": x[None]})
+    assert prob.shape == (1, 64, 64, 1) and 0.0 <= prob.min() and prob.max() <= 1.0
+
+    with (cfg.out_dir / "history.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "loss", "iou", "val_loss", "val_iou", "seconds"] and len(rows) == 1
+    assert (cfg.out_dir / "curves.png").stat().st_size > 0
+    assert (cfg.out_dir / "best.weights.h5").is_file()
+
+
+@pytest.mark.slow
+def test_embed_card_checks_the_graph(tiny_run, tmp_path: Path) -> None:
+    from export.onnx_export import embed_card_file, main, read_card
+
+    _, result = tiny_run
+    card2 = result.card.model_copy(update={"version": "2"})
+    out = embed_card_file(result.onnx_path, card2, tmp_path / "v2.onnx")
+    assert read_card(out).version == "2"
+    wrong = ModelCard.model_validate({**result.card.model_dump(), "input": {**result.card.input.model_dump(),
+                                                                           "height": 96}})
+    with pytest.raises(ExportError, match=r"input 'image' has shape \[1, 64, 64, 1\], the card says"):
+        embed_card_file(result.onnx_path, wrong, tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()
+    card_json = tmp_path / "card.json"
+    card_json.write_text(card2.model_copy(update={"version": "3"}).to_json())
+    assert main(["embed", str(out), str(card_json)]) == 0
+    assert read_card(out).version == "3"
+
+
+@pytest.mark.slow
+def test_training_is_deterministic(tiny_run, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from export.train import train
+
+    cfg, result = tiny_run
+    again = train(replace(cfg, out_dir=tmp_path / "again"))
+    assert again.history[0]["loss"] == result.history[0]["loss"]
+    assert again.card.training.figures == result.card.training.figures
+
+
+@pytest.mark.slow
+def test_unet_shapes_momentum_and_local_weights(tmp_path: Path) -> None:
+    import keras
+
+    from export.unet import SKIP_LAYERS, build_unet
+
+    model = build_unet((64, 96, 1), alpha=0.35)
+    assert model.input.shape[1:] == (64, 96, 1) and model.output.shape[1:] == (64, 96, 1)
+    assert model.get_layer("mask").activation.__name__ == "sigmoid"
+    encoder = model.get_layer("encoder")
+    assert [t.name for t in encoder.outputs] and len(encoder.outputs) == len(SKIP_LAYERS)
+    bns = [l for l in encoder.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert bns and all(l.momentum == 0.9 for l in bns)
+
+    with pytest.raises(ExportError, match="multiples of 32"):
+        build_unet((100, 64, 1))
+    with pytest.raises(ExportError, match="--weights .*no such file"):
+        build_unet((64, 64, 1), weights=tmp_path / "missing.h5")
+
+    # A local 3-channel weights file with a gray input: the plane is repeated, weights load unchanged.
+    base = keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=0.35, include_top=False, weights=None)
+    path = tmp_path / "mnv2.weights.h5"
+    base.save_weights(path)
+    gray = build_unet((64, 64, 1), weights=path)
+    assert gray.input.shape[1:] == (64, 64, 1)
+    loaded = gray.get_layer("encoder").get_layer("Conv1").get_weights()[0]
+    assert loaded.shape[2] == 3 and np.array_equal(loaded, base.get_layer("Conv1").get_weights()[0])

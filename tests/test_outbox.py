@@ -1,0 +1,291 @@
+"""The durable outbox: order, idempotence, bounds and their policies, threads,
+and a writer killed with SIGKILL (everything it stored is there and drains)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from mosquitto import Mosquitto, Subscriber, have_mosquitto
+from station.config import MqttConfig, OutboxConfig
+from station.errors import ConfigError, PublishError
+from station.outbox import Outbox, OutboxFull, outbox_path
+from station.publish import MqttPublisher
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def box(tmp_path):
+    with Outbox(tmp_path / "state" / "outbox.sqlite3") as ob:
+        yield ob
+
+
+def test_put_pending_ack_in_order(box):
+    seqs = [box.put(f"r{i}", "p/result", b'{"i":%d}' % i, created_at=100.0 + i) for i in range(5)]
+    assert seqs == sorted(seqs)
+    assert box.depth() == 5 and box.bytes() == sum(len(b'{"i":%d}' % i) for i in range(5))
+    entries = box.pending(10)
+    assert [e.result_id for e in entries] == [f"r{i}" for i in range(5)]
+    assert entries[2].topic == "p/result" and entries[2].payload == b'{"i":2}' and entries[2].created_at == 102.0
+    assert entries[0].attempts == 0
+    assert [e.seq for e in box.pending(2, after=seqs[1])] == seqs[2:4]
+    assert box.ack(seqs[0]) and not box.ack(seqs[0])
+    assert box.ack_many(seqs[1:3] + [999]) == 2
+    assert [e.result_id for e in box.pending(10)] == ["r3", "r4"]
+    assert box.depth() == 2 and box.bytes() == 2 * len(b'{"i":3}')
+
+
+def test_put_is_idempotent_on_result_id(box):
+    a = box.put("same", "t", b"first")
+    assert box.put("same", "t", b"second") == a
+    assert box.depth() == 1 and box.pending()[0].payload == b"first"
+    box.ack(a)
+    assert box.put("same", "t", b"again") > a  # once acknowledged, the id is new again
+
+
+def test_attempts_are_counted(box):
+    s1, s2 = box.put("a", "t", b"1"), box.put("b", "t", b"2")
+    box.mark_attempted([s1, s2])
+    box.mark_attempted(s1)
+    assert [(e.result_id, e.attempts) for e in box.pending()] == [("a", 2), ("b", 1)]
+
+
+def test_seq_is_never_reused(box):
+    last = box.put("a", "t", b"1")
+    box.ack(last)
+    assert box.depth() == 0
+    assert box.put("b", "t", b"2") > last
+
+
+def test_reopen_keeps_entries_and_counts(tmp_path):
+    path = tmp_path / "o.sqlite3"
+    with Outbox(path) as ob:
+        for i in range(3):
+            ob.put(f"r{i}", "t", b"xx")
+        ob.mark_attempted(ob.pending(1)[0].seq)
+    with Outbox(path) as ob:
+        assert ob.depth() == 3 and ob.bytes() == 6
+        assert [e.attempts for e in ob.pending()] == [1, 0, 0]
+        assert ob._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_second_process_cannot_open_it(tmp_path, box):
+    with pytest.raises(PublishError, match="in use by another process"):
+        Outbox(box.path)
+
+
+def test_closed_outbox_raises(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite3")
+    ob.close()
+    ob.close()  # twice is fine
+    with pytest.raises(PublishError, match="closed"):
+        ob.put("a", "t", b"1")
+
+
+def test_not_a_database_is_refused_with_the_path(tmp_path):
+    path = tmp_path / "o.sqlite3"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(PublishError, match="o.sqlite3: cannot open the outbox"):
+        Outbox(path)
+
+
+# --- bounds and policies --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "policy, max_rows, max_bytes, sizes, refused, dropped, kept",
+    [
+        # rows bound
+        ("refuse_new", 3, 10_000, [10, 10, 10, 10], 1, 0, ["r0", "r1", "r2"]),
+        ("drop_oldest", 3, 10_000, [10, 10, 10, 10], 0, 1, ["r1", "r2", "r3"]),
+        # bytes bound
+        ("refuse_new", 100, 35, [10, 10, 10, 10], 1, 0, ["r0", "r1", "r2"]),
+        ("drop_oldest", 100, 35, [10, 10, 10, 30], 0, 3, ["r3"]),
+        # one payload larger than the whole bound is refused under either policy
+        ("refuse_new", 100, 35, [10, 40], 1, 0, ["r0"]),
+        ("drop_oldest", 100, 35, [10, 40], 1, 0, ["r0"]),
+    ],
+)
+def test_bounds_and_policies(tmp_path, policy, max_rows, max_bytes, sizes, refused, dropped, kept):
+    with Outbox(tmp_path / "o.sqlite3", max_rows=max_rows, max_bytes=max_bytes, policy=policy) as ob:
+        assert not ob.alarm
+        n_refused = 0
+        for i, size in enumerate(sizes):
+            try:
+                ob.put(f"r{i}", "t", b"x" * size)
+            except OutboxFull as exc:
+                n_refused += 1
+                assert "is full" in str(exc) and f"r{i}" in str(exc)
+        assert n_refused == refused == ob.refused
+        assert ob.dropped == dropped
+        assert [e.result_id for e in ob.pending(100)] == kept
+        assert ob.depth() == len(kept) and ob.bytes() == sum(len(e.payload) for e in ob.pending(100))
+        assert ob.alarm  # every case above overflowed once
+        assert ob.stats()["alarm"] and ob.stats()["policy"] == policy
+
+
+def test_default_policy_refuses_and_alarm_clears_after_draining(tmp_path):
+    assert OutboxConfig().policy == "refuse_new"
+    with Outbox(tmp_path / "o.sqlite3", max_rows=10) as ob:
+        seqs = [ob.put(f"r{i}", "t", b"x") for i in range(10)]
+        with pytest.raises(OutboxFull):
+            ob.put("r10", "t", b"x")
+        assert ob.alarm and ob.depth() == 10
+        ob.ack(seqs[0])  # 9 of 10: still above 90 %
+        assert ob.alarm
+        ob.ack(seqs[1])  # 8 of 10: below
+        assert not ob.alarm
+        ob.put("r10", "t", b"x")
+
+
+def test_put_and_ack_from_two_threads(box):
+    n = 2000
+    stored: list[int] = []
+    cond = threading.Condition()
+    errors: list[BaseException] = []
+
+    def producer():
+        try:
+            for i in range(n):
+                seq = box.put(f"r{i}", "t", b"payload-%d" % i)
+                with cond:
+                    stored.append(seq)
+                    cond.notify()
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    def acker():
+        done = 0
+        try:
+            while done < n:
+                with cond:
+                    cond.wait_for(lambda: len(stored) > done, timeout=10)
+                    batch = stored[done:]
+                for seq in batch:
+                    assert box.ack(seq)
+                done += len(batch)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=producer), threading.Thread(target=acker)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert box.depth() == 0 and box.bytes() == 0 and box.pending() == []
+
+
+# --- the state directory ----------------------------------------------------------------
+
+
+def test_outbox_path_is_under_the_state_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    assert outbox_path(OutboxConfig(path=Path("/abs/o.db"))) == Path("/abs/o.db")
+    assert outbox_path(OutboxConfig(), tmp_path) == tmp_path / "outbox.sqlite3"
+    with pytest.raises(ConfigError, match="outbox.path: outbox.sqlite3 is relative"):
+        outbox_path(OutboxConfig())
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}/a:{tmp_path}/b")
+    assert outbox_path(OutboxConfig()) == tmp_path / "a" / "outbox.sqlite3"
+    ob = Outbox.from_config(OutboxConfig(max_rows=5, policy="drop_oldest"))
+    assert ob.path == tmp_path / "a" / "outbox.sqlite3" and ob.max_rows == 5 and ob.policy == "drop_oldest"
+    ob.close()
+
+
+# --- SIGKILL ----------------------------------------------------------------------------
+
+WRITER = r"""
+import sys
+from station.outbox import Outbox
+
+ob = Outbox(sys.argv[1])
+i = 0
+while True:
+    seq = ob.put(f"r{i}", "test/kill/result", b'{"id":"r%d","seq":%d}' % (i, i))
+    if i % 3 == 0:  # some acks too, so the kill may land in either kind of write
+        ob.ack(seq)
+    print(i, seq, flush=True)  # printed only after the commit returned
+    i += 1
+"""
+
+
+def _kill_writer_midway(path: Path, at_least: int) -> dict[str, int]:
+    """Run WRITER, SIGKILL it once it reported ``at_least`` puts; the puts it reported."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    reported: dict[str, int] = {}
+
+    def take(line: str) -> None:
+        if line.endswith("\n"):  # the kill may cut the last line short: not reported
+            i, seq = map(int, line.split())
+            reported[f"r{i}"] = seq
+
+    try:
+        for line in proc.stdout:
+            take(line)
+            if len(reported) >= at_least:
+                proc.send_signal(signal.SIGKILL)
+                break
+        for line in proc.stdout.read().splitlines(keepends=True):  # written before the kill landed
+            take(line)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL
+    return reported
+
+
+def test_everything_put_survives_sigkill(tmp_path):
+    path = tmp_path / "o.sqlite3"
+    reported = _kill_writer_midway(path, at_least=1500)
+    with Outbox(path) as ob:  # the kernel released the dead writer's lock
+        assert ob._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = {e.result_id: e.seq for e in ob.pending(100_000)}
+    expected = {rid: seq for rid, seq in reported.items() if int(rid[1:]) % 3 != 0}
+    missing = set(expected) - set(stored)
+    assert not missing, f"{len(missing)} committed puts lost, e.g. {sorted(missing)[:5]}"
+    assert all(stored[rid] == seq for rid, seq in expected.items())
+    assert not any(int(rid[1:]) % 3 == 0 for rid in stored if rid in reported)  # acked ones stay acked
+
+
+@pytest.mark.skipif(not have_mosquitto(), reason="mosquitto is not installed")
+def test_outbox_of_a_killed_writer_drains_after_reopening(tmp_path):
+    path = tmp_path / "o.sqlite3"
+    reported = _kill_writer_midway(path, at_least=300)
+    waiting = {rid for rid in reported if int(rid[1:]) % 3 != 0}
+    with Mosquitto(tmp_path / "broker") as broker, Subscriber(broker.port, "test/kill/result") as sub, Outbox(path) as ob:
+        depth = ob.depth()
+        assert depth >= len(waiting)
+        cfg = MqttConfig(host=broker.host, port=broker.port, reconnect_min_s=0.1, reconnect_max_s=0.5)
+        pub = MqttPublisher(cfg, "st-kill", ob)
+        pub.start()
+        try:
+            assert pub.wait_until(lambda p: p.outbox_depth == 0, 10), pub.stats()
+            assert sub.wait_for(lambda msgs: len(msgs) >= depth, 5)
+        finally:
+            pub.stop(2)
+        got = {}
+        for m in sub.messages:
+            record = json.loads(m.payload)
+            got[record["id"]] = record
+        assert waiting <= set(got)
+        assert all(r["late"] for r in got.values())  # stored before this connection: late
+        assert pub.stats()["late"] == depth
+
+
+def test_wal_file_is_used(tmp_path):
+    path = tmp_path / "o.sqlite3"
+    with Outbox(path) as ob:
+        ob.put("a", "t", b"1")
+        assert os.path.exists(str(path) + "-wal")
+        other = sqlite3.connect(path)  # a reader sees the committed row while the writer is open
+        assert other.execute("SELECT result_id FROM outbox").fetchall() == [("a",)]
+        other.close()
