@@ -83,6 +83,15 @@ def schema_at(data: dict, path: tuple) -> dict | None:
     return schema
 
 
+def closed(data: dict, path: tuple) -> bool:
+    """Whether the mapping at ``path`` has a fixed set of keys (a section, not a
+    name-keyed table such as ``grading.classes``, where a new key is a new entry)."""
+    schema = schema_at(data, path) if path else SCHEMA
+    objects = [b for b in _branches(schema)] if schema is not None else []
+    objects = [b for b in objects if b.get("type") == "object" or "properties" in b]
+    return bool(objects) and not any(isinstance(b.get("additionalProperties"), dict) for b in objects)
+
+
 def out_of_range(schema: dict) -> list[Any]:
     """Values just outside the numeric bounds of a number/integer schema."""
     values = []
@@ -131,7 +140,7 @@ def mutated(draw) -> tuple[dict, tuple, str]:
     data = copy.deepcopy(draw(st.sampled_from(BASES)))
     kind = draw(st.sampled_from(["wrong_type", "unknown_key", "out_of_range"]))
     if kind == "unknown_key":
-        mappings = [()] + [p for p, v in paths(data) if isinstance(v, dict)]
+        mappings = [()] + [p for p, v in paths(data) if isinstance(v, dict) and closed(data, p)]
         where = draw(st.sampled_from(mappings))
         key = draw(st.from_regex(r"\Azz_[a-z]{1,8}\Z"))
         node = data
