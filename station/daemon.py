@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
@@ -522,6 +523,8 @@ class Daemon:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, self._on_signal)
+            # `kill -USR1 PID`: every thread's stack to stderr (the journal), for a station that seems stuck.
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
         prepared, inferred = FrameQueue(2, "block"), FrameQueue(2, "block")
         self._stage_queues = (prepared, inferred)
         prepared_done, inferred_done, self.finished = threading.Event(), threading.Event(), threading.Event()

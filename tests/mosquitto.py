@@ -214,6 +214,7 @@ class Subscriber:
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
         self.client: mqtt.Client | None = None
+        self.disconnects: list[str] = []  # reasons, for a test's failure message
 
     def connect(self, timeout: float = 5.0) -> "Subscriber":
         self._subscribed.clear()
@@ -225,6 +226,7 @@ class Subscriber:
         client.on_connect = self._on_connect
         client.on_subscribe = lambda *a: self._subscribed.set()
         client.on_message = self._on_message
+        client.on_disconnect = lambda c, u, f, rc, p: self.disconnects.append(str(rc))
         client.connect(self.host, self.port, keepalive=30)
         client.loop_start()
         self.client = client

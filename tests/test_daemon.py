@@ -54,6 +54,13 @@ class Station:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def stacks(self, tail: int = 12000) -> str:
+        """The end of the log after asking a running daemon for its thread stacks (SIGUSR1)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+        return self.text()[-tail:]
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
