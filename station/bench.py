@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -98,26 +99,50 @@ class Broker:
 
 
 def bare(inspector: Inspector, frames: list[Frame], runs: int) -> dict:
-    """Every model run back to back on prepared tensors: per-frame ms and frames/s."""
+    """The models alone on prepared tensors, run as the daemon runs them (one after
+    the other, or at the same time with ``inference.parallel_models``): per-frame ms
+    and frames/s."""
     tensors = [inspector.prepare(f).tensors for f in frames]
     models = inspector.models
-    for t in tensors[:4]:  # warm-up beyond the load-time one
-        for role, m in models.items():
-            m.run(t[role])
-    per_frame: list[float] = []
+    parallel = inspector.cfg.inference.parallel_models and len(models) > 1
     per_model: dict[str, list[float]] = {role: [] for role in models}
-    t_start = time.perf_counter()
-    for i in range(runs):
-        t = tensors[i % len(tensors)]
-        t0 = time.perf_counter()
-        for role, m in models.items():
+
+    def run_models(t: dict, roles) -> None:
+        for role in roles:
             t1 = time.perf_counter()
-            m.run(t[role])
+            models[role].run(t[role])
             per_model[role].append((time.perf_counter() - t1) * 1e3)
-        per_frame.append((time.perf_counter() - t0) * 1e3)
-    elapsed = time.perf_counter() - t_start
+
+    roles = list(models)
+    pool = ThreadPoolExecutor(len(roles) - 1, thread_name_prefix="bare") if parallel else None
+
+    def one_frame(t: dict) -> None:
+        if pool is None:
+            run_models(t, roles)
+            return
+        others = [pool.submit(run_models, t, (role,)) for role in roles[1:]]
+        run_models(t, roles[:1])
+        for f in others:
+            f.result()
+
+    try:
+        for t in tensors[:4]:  # warm-up beyond the load-time one
+            one_frame(t)
+        for v in per_model.values():
+            v.clear()
+        per_frame: list[float] = []
+        t_start = time.perf_counter()
+        for i in range(runs):
+            t0 = time.perf_counter()
+            one_frame(tensors[i % len(tensors)])
+            per_frame.append((time.perf_counter() - t0) * 1e3)
+        elapsed = time.perf_counter() - t_start
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return {
         "runs": runs,
+        "parallel_models": parallel,
         "fps": runs / elapsed,
         "median_ms": _pct(per_frame, 50),
         "p99_ms": _pct(per_frame, 99),
@@ -328,7 +353,8 @@ def format_report(r: dict) -> str:
         lines.append(f"  {role}: {m['name']} {m['input'][1]}x{m['input'][0]} on {', '.join(m['providers'])}: "
                      f"bare median {b['models'][role]['median_ms']:.2f} ms")
     lines += [
-        f"bare (all models)       {b['fps']:8.1f} frames/s   median {b['median_ms']:.2f} ms   p99 {b['p99_ms']:.2f} ms",
+        f"bare ({'in parallel' if b['parallel_models'] else 'in turn'}){'' if b['parallel_models'] else '    '}    "
+        f"{b['fps']:8.1f} frames/s   median {b['median_ms']:.2f} ms   p99 {b['p99_ms']:.2f} ms",
         f"pipeline (to PUBACK)    {p['fps']:8.1f} frames/s   ratio {r['ratios']['pipeline_over_bare']:.3f}   "
         f"CPU {p['cpu_pct']:.0f} %   dropped {p['dropped']}",
         f"end-to-end at {lat['load']:.0%} load  p50 {lat['p50_ms']:.2f} ms   p99 {lat['p99_ms']:.2f} ms   "

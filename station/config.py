@@ -85,6 +85,11 @@ class InferenceConfig(_Strict):
         description="let ONNX Runtime's idle threads spin: lowers latency a little, but takes CPU from the "
         "preprocessing and postprocessing threads that run beside inference",
     )
+    parallel_models: bool = Field(
+        False,
+        description="run a frame's segmentation and detection models at the same time, each on a thread of its "
+        "own; with intra_op_threads 0 each model gets (cores ÷ models) threads instead of all of them",
+    )
     device_id: int = Field(0, ge=0, description="GPU used by the CUDA and TensorRT providers")
     io_binding: bool = Field(
         True, description="on a GPU: bind fixed-shape input buffers on the device instead of copying per call"

@@ -37,7 +37,7 @@ from .errors import CameraError, PublishError, StationError
 from .messages import error_record, result_record, stats_record, topics_for
 from .metrics import Metrics
 from .outbox import Outbox, OutboxFull
-from .pipeline import Inspector, Work, open_models
+from .pipeline import Inspector, ParallelInfer, Work, open_models
 from .publish import MqttPublisher
 from .types import Frame, FrameError, InspectionResult
 
@@ -376,12 +376,11 @@ class Daemon:
             log.exception("%s: preprocessing failed", item.source)
             return _Failed(item, f"inspection failed: {exc}")
 
-    @staticmethod
-    def _infer(item: "Work | FrameError | _Failed") -> "Work | FrameError | _Failed":
+    def _infer(self, item: "Work | FrameError | _Failed") -> "Work | FrameError | _Failed":
         if not isinstance(item, Work):
             return item
         try:
-            return item.inspector.infer(item)
+            return self._parallel_infer(item)
         except Exception as exc:
             log.exception("%s: inference failed", item.frame.source)
             return _Failed(item.frame, f"inspection failed: {exc}")
@@ -525,6 +524,7 @@ class Daemon:
                 signal.signal(sig, self._on_signal)
             # `kill -USR1 PID`: every thread's stack to stderr (the journal), for a station that seems stuck.
             faulthandler.register(signal.SIGUSR1, all_threads=True)
+        self._parallel_infer = ParallelInfer("infer")
         prepared, inferred = FrameQueue(2, "block"), FrameQueue(2, "block")
         self._stage_queues = (prepared, inferred)
         prepared_done, inferred_done, self.finished = threading.Event(), threading.Event(), threading.Event()
@@ -596,6 +596,7 @@ class Daemon:
             flushed = self.publisher.stop(max(0.5, deadline - time.monotonic()))
             if not flushed:
                 log.warning("stop: %d results stay in the outbox for the next start", self.outbox.depth())
+        self._parallel_infer.close()
         if self.outbox is not None:
             self.outbox.close()
         if self._metrics_server is not None:

@@ -3,13 +3,18 @@
 No threads, no network, no files: ``station run`` and ``station replay`` both
 call :meth:`Inspector.inspect`, so live and offline results agree bit for bit.
 Models are opened by :func:`open_models` (file I/O) and handed in.
+:class:`ParallelInfer` is the daemon's infer stage when a frame's models run at
+the same time (``inference.parallel_models``): the threads are its own.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,17 +47,27 @@ def open_models(cfg: StationConfig, seg: Path | None = None, det: Path | None = 
     if paths["segmentation"] is None and paths["detection"] is None:
         log.info("no model configured: using the bundled demo model %s", DEMO_MODEL)
         paths["segmentation"] = DEMO_MODEL
+    threads = model_threads(cfg, sum(p is not None for p in paths.values()))
     models = {}
     for role, path in paths.items():
         if path is None:
             continue
-        model = OnnxModel(path, cfg.inference.providers, cfg.inference.intra_op_threads, sha256=pins[role],
-                          settings=cfg.inference)
+        model = OnnxModel(path, cfg.inference.providers, threads, sha256=pins[role], settings=cfg.inference)
         if model.task != role:
             raise ConfigError(f"{path}: is a {model.task} model but was given as the {role} model")
         log.info("%s model %s (%s v%s) on %s", role, path, model.card.name, model.card.version, ", ".join(model.providers))
         models[role] = model
     return models
+
+
+def model_threads(cfg: StationConfig, n_models: int) -> int:
+    """ONNX Runtime intra-op threads per model: ``inference.intra_op_threads``, or
+    with 0 and ``parallel_models``, this process's cores shared out among the models
+    (0 otherwise: ONNX Runtime's default, one per core)."""
+    threads = cfg.inference.intra_op_threads
+    if threads == 0 and cfg.inference.parallel_models and n_models > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // n_models)
+    return threads
 
 
 class Inspector:
@@ -89,9 +104,11 @@ class Inspector:
             work.latency[f"preprocess.{role}"] = (time.perf_counter() - t) * 1e3
         return work
 
-    def infer(self, work: "Work") -> "Work":
-        """Run every model (ONNX Runtime; releases the GIL)."""
-        for role, model in self.models.items():
+    def infer(self, work: "Work", roles: Sequence[str] | None = None) -> "Work":
+        """Run every model, or those of ``roles`` (ONNX Runtime; releases the GIL).
+        Calls for different roles of one Work may run on different threads."""
+        for role in self.models if roles is None else roles:
+            model = self.models[role]
             t = time.perf_counter()
             work.outputs[role] = model.run(work.tensors.pop(role))
             work.latency[f"infer.{role}"] = (time.perf_counter() - t) * 1e3
@@ -130,7 +147,9 @@ class Inspector:
         area_pct = 100.0 * area_px / frame_px
         decision = grade(defects, area_pct, frame_px, self.cfg.grading)
         latency["grade"] = (time.perf_counter() - t) * 1e3
-        latency["total"] = sum(latency.values())  # the stages' own time, without waits between them
+        # The stages' own time, without waits between them; models run at the same
+        # time (ParallelInfer) count with the wall time of the infer stage ("infer").
+        latency["total"] = sum(v for k, v in latency.items() if not ("infer" in latency and k.startswith("infer.")))
         return InspectionResult(
             id=str(uuid.uuid4()),
             station_id=self.cfg.station.id,
@@ -148,6 +167,42 @@ class Inspector:
             latency_ms=latency,
             mask=mask if self.keep_mask else None,
         )
+
+
+class ParallelInfer:
+    """The infer stage with ``inference.parallel_models``: a frame's first model runs
+    on the calling thread and each other model on a helper thread of its own, at
+    the same time (ONNX Runtime releases the GIL). Without the setting, or with one
+    model, it is ``Inspector.infer``. The Inspector itself starts no threads."""
+
+    def __init__(self, name: str = "infer"):
+        self._name = name
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __call__(self, work: "Work") -> "Work":
+        inspector = work.inspector
+        roles = list(inspector.models)
+        if len(roles) < 2 or not inspector.cfg.inference.parallel_models:
+            return inspector.infer(work)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(len(ROLES) - 1, thread_name_prefix=self._name)
+        t = time.perf_counter()
+        others = [self._pool.submit(inspector.infer, work, (role,)) for role in roles[1:]]
+        try:
+            inspector.infer(work, roles[:1])
+        except BaseException:
+            wait(others)  # no helper may still write into this Work
+            raise
+        for f in others:
+            f.result()  # raises a helper's error
+        work.latency["infer"] = (time.perf_counter() - t) * 1e3  # all models, together
+        return work
+
+    def close(self) -> None:
+        """Let the helper threads end (without waiting for a model run still going)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 @dataclass

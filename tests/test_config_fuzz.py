@@ -119,16 +119,23 @@ def set_at(data: dict, path: tuple, value: Any) -> None:
 
 def line_of(text: str, path: tuple) -> int:
     """1-based line of the key at ``path`` in YAML ``text``."""
+    return lines_of(text, path)[0]
+
+
+def lines_of(text: str, path: tuple) -> range:
+    """1-based lines from the key at ``path`` to the end of its value (an error in
+    an element of a list or mapping value is reported at the element's line)."""
     node = yaml.compose(text, Loader=yaml.SafeLoader)
-    line = 1
+    first = last = 1
     for key in path:
         for k, v in node.value:
             if k.value == key:
-                line, node = k.start_mark.line + 1, v
+                first, node = k.start_mark.line + 1, v
+                last = max(first, v.end_mark.line + (1 if v.end_mark.column else 0))
                 break
         else:
             raise KeyError(path)
-    return line
+    return range(first, last + 1)
 
 
 # --- mutations -----------------------------------------------------------------------------
@@ -194,7 +201,7 @@ def test_every_invalid_change_is_reported_with_file_line_and_field(case):
     # the changed field (or, for a tagged union's tag, the union) at its line
     ok = [m for m in errors
           if (m["field"] == dotted or m["field"].startswith(dotted + ".") or (path[-1] == "type" and m["field"] == ".".join(map(str, path[:-1]))))
-          and int(m["line"]) in (want_line, line_of(text, path[:-1]) if len(path) > 1 else 1)]
+          and (int(m["line"]) in lines_of(text, path) or int(m["line"]) == (line_of(text, path[:-1]) if len(path) > 1 else 1))]
     assert ok, (kind, dotted, want_line, err)
     if kind == "unknown_key" and not (len(path) == 3 and path[:2] == ("grading", "classes")):
         assert any(m["msg"] == "unknown key" and int(m["line"]) == want_line for m in ok), err

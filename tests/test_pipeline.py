@@ -1,0 +1,117 @@
+"""The daemon's infer stage with ``inference.parallel_models``: both shipped
+models (U-Net and detector) on each frame at the same time give exactly the
+results of running them one after the other, with the same sessions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from station.config import StationConfig
+from station.imageio import read_image
+from station.pipeline import Inspector, ParallelInfer, model_threads, open_models
+from station.types import Frame
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"segmentation": ROOT / "models" / "magnetic_tile_unet.onnx", "detection": ROOT / "models" / "neu_det_detector.onnx"}
+
+
+def config(**inference) -> StationConfig:
+    return StationConfig.model_validate({
+        "models": {role: str(path) for role, path in MODELS.items()},
+        "inference": {"providers": ["cpu"], **inference},
+        "postprocess": {"min_score": 0.05},
+    })
+
+
+def frames() -> list[Frame]:
+    out = []
+    for i, path in enumerate(sorted((ROOT / "samples").glob("plate*"))):
+        image = read_image(path)
+        out.append(Frame(image=image, source=str(path), seq=i, captured_at=1.0e9 + i))
+    return out
+
+
+def comparable(result) -> tuple:
+    d = result.defects
+    return (result.decision.grade, result.decision.rule, result.defect_area_px, tuple(d.class_name), tuple(d.kind),
+            d.xyxy.tobytes(), d.confidence.tobytes(), d.area_px.tobytes())
+
+
+def test_models_in_parallel_give_the_results_of_models_in_turn():
+    cfg = config(parallel_models=True)
+    inspector = Inspector(open_models(cfg), cfg)
+    parallel = ParallelInfer("test-infer")
+    try:
+        for frame in frames():
+            work = parallel(inspector.prepare(frame))
+            together = inspector.finish(work)
+            in_turn = inspector.inspect(frame)
+            assert comparable(together) == comparable(in_turn), frame.source
+            assert np.array_equal(together.mask, in_turn.mask)
+            lat = together.latency_ms
+            assert {"infer", "infer.segmentation", "infer.detection"} <= set(lat)
+            assert lat["infer"] < lat["infer.segmentation"] + lat["infer.detection"] + 5.0
+            stages = sum(v for k, v in lat.items() if k != "total" and not k.startswith("infer."))
+            assert lat["total"] == pytest.approx(stages)  # per-model times are inside "infer"
+            assert "infer" not in in_turn.latency_ms
+    finally:
+        parallel.close()
+
+
+def test_without_the_setting_it_is_the_inspectors_infer():
+    cfg = config()
+    inspector = Inspector(open_models(cfg), cfg)
+    work = ParallelInfer()(inspector.prepare(frames()[0]))
+    assert "infer" not in work.latency and set(work.outputs) == set(MODELS)
+
+
+def test_threads_are_shared_out_among_parallel_models(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert model_threads(config(parallel_models=True), 2) == 2
+    assert model_threads(config(parallel_models=True), 1) == 0  # one model: ONNX Runtime's default
+    assert model_threads(config(parallel_models=True, intra_op_threads=3), 2) == 3  # set explicitly: kept
+    assert model_threads(config(), 2) == 0
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert model_threads(config(parallel_models=True), 2) == 1
+
+
+def test_a_failing_model_fails_the_frame_after_both_have_finished():
+    cfg = config(parallel_models=True)
+    inspector = Inspector(open_models(cfg), cfg)
+    work = inspector.prepare(frames()[0])
+    work.tensors["detection"] = np.zeros((1, 7, 7, 3), np.float32)  # not the detector's input shape
+    parallel = ParallelInfer()
+    try:
+        with pytest.raises(Exception):
+            parallel(work)
+        assert "segmentation" in work.outputs  # the other model ran to its end
+    finally:
+        parallel.close()
+
+
+def test_the_daemon_runs_both_models_in_parallel(tmp_path):
+    """`station run` with a fake camera of 30 frames and parallel_models: every frame
+    gets a record from both models, timed as models running together."""
+    from faultkit import jsonl, start_station
+
+    out = tmp_path / "records.jsonl"
+    config = f"""
+station: {{id: cam1}}
+models: {{segmentation: {MODELS['segmentation']}, detection: {MODELS['detection']}}}
+inference: {{providers: [cpu], parallel_models: true}}
+camera: {{type: fake, height: 240, width: 320, frames: 30}}
+"""
+    station = start_station(tmp_path, config, "--jsonl", str(out), state=False)
+    try:
+        assert station.wait(120) == 0, station.text()[-3000:]
+    finally:
+        station.kill()
+    records = jsonl(out)
+    assert len(records) == 30 and all("grade" in r for r in records), station.text()[-3000:]
+    for r in records:
+        assert set(r["models"]) == set(MODELS)
+        assert {"infer", "infer.segmentation", "infer.detection"} <= set(r["latency_ms"])
+    assert "Traceback" not in station.text()
