@@ -353,8 +353,8 @@ def format_report(r: dict) -> str:
         lines.append(f"  {role}: {m['name']} {m['input'][1]}x{m['input'][0]} on {', '.join(m['providers'])}: "
                      f"bare median {b['models'][role]['median_ms']:.2f} ms")
     lines += [
-        f"bare ({'in parallel' if b['parallel_models'] else 'in turn'}){'' if b['parallel_models'] else '    '}    "
-        f"{b['fps']:8.1f} frames/s   median {b['median_ms']:.2f} ms   p99 {b['p99_ms']:.2f} ms",
+        f"{'bare (in parallel)' if b['parallel_models'] else 'bare (in turn)':24s}{b['fps']:8.1f} frames/s   "
+        f"median {b['median_ms']:.2f} ms   p99 {b['p99_ms']:.2f} ms",
         f"pipeline (to PUBACK)    {p['fps']:8.1f} frames/s   ratio {r['ratios']['pipeline_over_bare']:.3f}   "
         f"CPU {p['cpu_pct']:.0f} %   dropped {p['dropped']}",
         f"end-to-end at {lat['load']:.0%} load  p50 {lat['p50_ms']:.2f} ms   p99 {lat['p99_ms']:.2f} ms   "
