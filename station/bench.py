@@ -32,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from .config import FakeCamera, MqttConfig, StationConfig, load_config
 from .errors import StationError
 from .messages import result_record
 from .outbox import Outbox
-from .pipeline import Inspector, open_models
+from .pipeline import Inspector, ParallelInfer, Work, open_models
 from .types import Frame
 
 log = logging.getLogger(__name__)
@@ -99,47 +98,32 @@ class Broker:
 
 
 def bare(inspector: Inspector, frames: list[Frame], runs: int) -> dict:
-    """The models alone on prepared tensors, run as the daemon runs them (one after
-    the other, or at the same time with ``inference.parallel_models``): per-frame ms
-    and frames/s."""
-    tensors = [inspector.prepare(f).tensors for f in frames]
-    models = inspector.models
-    parallel = inspector.cfg.inference.parallel_models and len(models) > 1
-    per_model: dict[str, list[float]] = {role: [] for role in models}
+    """The models alone on prepared tensors, run as the daemon's infer stage runs
+    them (one after the other, or at the same time with ``inference.parallel_models``):
+    per-frame ms and frames/s."""
+    prepared = [inspector.prepare(f) for f in frames]
+    infer = ParallelInfer("bare")
 
-    def run_models(t: dict, roles) -> None:
-        for role in roles:
-            t1 = time.perf_counter()
-            models[role].run(t[role])
-            per_model[role].append((time.perf_counter() - t1) * 1e3)
+    def one_frame(i: int) -> Work:
+        w = prepared[i % len(prepared)]
+        return infer(Work(w.frame, inspector, tensors=dict(w.tensors)))
 
-    roles = list(models)
-    pool = ThreadPoolExecutor(len(roles) - 1, thread_name_prefix="bare") if parallel else None
-
-    def one_frame(t: dict) -> None:
-        if pool is None:
-            run_models(t, roles)
-            return
-        others = [pool.submit(run_models, t, (role,)) for role in roles[1:]]
-        run_models(t, roles[:1])
-        for f in others:
-            f.result()
-
+    per_model: dict[str, list[float]] = {role: [] for role in inspector.models}
+    per_frame: list[float] = []
     try:
-        for t in tensors[:4]:  # warm-up beyond the load-time one
-            one_frame(t)
-        for v in per_model.values():
-            v.clear()
-        per_frame: list[float] = []
+        for i in range(4):  # warm-up beyond the load-time one
+            one_frame(i)
         t_start = time.perf_counter()
         for i in range(runs):
             t0 = time.perf_counter()
-            one_frame(tensors[i % len(tensors)])
+            work = one_frame(i)
             per_frame.append((time.perf_counter() - t0) * 1e3)
+            for role in per_model:
+                per_model[role].append(work.latency[f"infer.{role}"])
         elapsed = time.perf_counter() - t_start
     finally:
-        if pool is not None:
-            pool.shutdown()
+        infer.close()
+    parallel = "infer" in work.latency
     return {
         "runs": runs,
         "parallel_models": parallel,
