@@ -53,7 +53,7 @@ def test_models_in_parallel_give_the_results_of_models_in_turn():
             assert np.array_equal(together.mask, in_turn.mask)
             lat = together.latency_ms
             assert {"infer", "infer.segmentation", "infer.detection"} <= set(lat)
-            assert lat["infer"] < lat["infer.segmentation"] + lat["infer.detection"] + 5.0
+            assert lat["infer"] >= max(lat["infer.segmentation"], lat["infer.detection"])  # encloses both
             stages = sum(v for k, v in lat.items() if k != "total" and not k.startswith("infer."))
             assert lat["total"] == pytest.approx(stages)  # per-model times are inside "infer"
             assert "infer" not in in_turn.latency_ms
