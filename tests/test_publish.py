@@ -289,7 +289,7 @@ def test_stop_while_the_broker_is_down_keeps_the_results(tmp_path, outbox):
     pub.publish_result(make_record(0))
     t0 = time.monotonic()
     assert pub.stop(5) is False
-    assert time.monotonic() - t0 < 1.0  # no flush attempt without a broker
+    assert time.monotonic() - t0 < 3.0  # no flush attempt without a broker (that would wait out stop(5))
     assert outbox.depth() == 1 and pub.state is LinkState.STOPPED
 
 
