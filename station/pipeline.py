@@ -149,7 +149,8 @@ class Inspector:
         latency["grade"] = (time.perf_counter() - t) * 1e3
         # The stages' own time, without waits between them; models run at the same
         # time (ParallelInfer) count with the wall time of the infer stage ("infer").
-        latency["total"] = sum(v for k, v in latency.items() if not ("infer" in latency and k.startswith("infer.")))
+        together = "infer" in latency
+        latency["total"] = sum(v for k, v in latency.items() if not (together and k.startswith("infer.")))
         return InspectionResult(
             id=str(uuid.uuid4()),
             station_id=self.cfg.station.id,
