@@ -17,7 +17,8 @@ Training: Adam with cosine learning-rate decay, loss = binary cross-entropy
 (or binary focal cross-entropy, ``--loss focal``) + soft Dice (over the batch),
 augmentation by flips (and 90° rotations when the input is square) and an
 optional gain/offset jitter drawn from the seed, optional oversampling of the
-images with a defect (``--defect-repeat``), ``keras.utils.set_random_seed`` and
+images with a defect (``--defect-repeat``) or training on windows of the
+images, a share of them over a defect (``--crop``, ``--crop-defect``), ``keras.utils.set_random_seed`` and
 deterministic TensorFlow ops. The figure tracked is the IoU of the defect class
 on masks thresholded at 0.5, accumulated over the epoch (intersection and
 union summed over all pixels of all batches, so batches without any defect
@@ -97,6 +98,9 @@ class TrainConfig:
     threshold: float = 0.5
     opset: int = DEFAULT_OPSET
     parity_count: int = 8
+    crop: int | None = None  # train on crop×crop windows of the input-size images (None: whole images)
+    crop_defect: float = 0.5  # share of crops placed over a defect pixel (crop training)
+    steps: int | None = None  # batches per epoch (default: one pass over the images; crop training: the same)
     stop_after: int | None = None  # stop after this many epochs; the learning-rate schedule still spans `epochs`
     eager: bool = False  # run_eagerly: skips the ~20 s graph tracing of tiny runs (tests); slower per step
     command: str = ""  # recorded on the card; default: python -m export.train with these options
@@ -234,6 +238,70 @@ def make_augmented(x: np.ndarray, y: np.ndarray, batch: int, seed: int, defect_r
     return Augmented()
 
 
+def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, steps: int,
+               defect_share: float = 0.5, jitter: float = 0.0):
+    """A ``keras.utils.PyDataset`` of ``steps`` batches of (batch, crop, crop, C) windows per epoch.
+
+    The model is fully convolutional: it learns on windows of the input-size
+    images (several times more updates per second than on whole images) and
+    runs on whole images. A share ``defect_share`` of the windows is placed so
+    that a defect pixel drawn at random lies inside it (at least crop/8 from
+    the border), which balances the rare small defects against the defect-free
+    bulk; the others are drawn uniformly from all images. Each window then gets
+    one of the 8 symmetries of the square and the gain/offset ``jitter`` (see
+    :func:`make_augmented`). Everything is a function of (seed, epoch, index).
+    """
+    keras = _keras()
+    n, h, w = x.shape[:3]
+    if not 32 <= crop <= min(h, w) or crop % 32:
+        raise ExportError(f"--crop {crop}: must be a multiple of 32 between 32 and the input size {h}x{w}")
+    if not 0 <= defect_share <= 1:
+        raise ExportError(f"--crop-defect {defect_share}: must be in [0, 1]")
+    defect_pixels = [np.argwhere(y[i, ..., 0] >= 0.5) for i in range(n)]
+    defective = np.array([i for i in range(n) if len(defect_pixels[i])], dtype=np.int64)
+    margin = crop // 8
+
+    class Crops(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.epoch = 0
+
+        def __len__(self) -> int:
+            return steps
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+
+        def __getitem__(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
+            rng = np.random.default_rng([seed, self.epoch, idx])
+            xb = np.empty((batch, crop, crop, x.shape[3]), x.dtype)
+            yb = np.empty((batch, crop, crop, y.shape[3]), y.dtype)
+            for k in range(batch):
+                if len(defective) and rng.random() < defect_share:
+                    i = int(defective[rng.integers(len(defective))])
+                    cy, cx = defect_pixels[i][rng.integers(len(defect_pixels[i]))]
+                    y0 = int(np.clip(cy - rng.integers(margin, crop - margin), 0, h - crop))
+                    x0 = int(np.clip(cx - rng.integers(margin, crop - margin), 0, w - crop))
+                else:
+                    i = int(rng.integers(n))
+                    y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+                xi, yi = x[i, y0 : y0 + crop, x0 : x0 + crop], y[i, y0 : y0 + crop, x0 : x0 + crop]
+                sym = int(rng.integers(8))
+                if sym & 1:
+                    xi, yi = xi[:, ::-1], yi[:, ::-1]
+                if sym & 2:
+                    xi, yi = xi[::-1], yi[::-1]
+                if sym & 4:
+                    xi, yi = xi.transpose(1, 0, 2), yi.transpose(1, 0, 2)
+                if jitter > 0:
+                    gain, offset = rng.uniform(-jitter, jitter, size=2)
+                    xi = xi * np.float32(1.0 + gain) + np.float32(offset)
+                xb[k], yb[k] = xi, yi
+            return xb, yb
+
+    return Crops()
+
+
 # --- run outputs ---------------------------------------------------------------
 
 
@@ -330,6 +398,23 @@ def _keep_best(monitor: str = "val_iou", path: Path | None = None):
     return KeepBest()
 
 
+def _validate_whole(full_model, x: np.ndarray, y: np.ndarray, batch: int):
+    keras = _keras()
+
+    class ValidateWhole(keras.callbacks.Callback):
+        """Crop training: at each epoch's end the weights go into ``full_model`` (the same
+        network at the input size) and ``val_loss``/``val_iou`` are measured on whole
+        validation images, as Keras' own validation would."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            full_model.set_weights(self.model.get_weights())
+            result = full_model.evaluate(x, y, batch_size=batch, verbose=0, return_dict=True)
+            if logs is not None:
+                logs["val_loss"], logs["val_iou"] = float(result["loss"]), float(result["iou"])
+
+    return ValidateWhole()
+
+
 # --- the run -----------------------------------------------------------------
 
 
@@ -355,6 +440,13 @@ def _check(cfg: TrainConfig) -> None:
         raise ExportError(f"--loss {cfg.loss!r}: expected bce or focal")
     if cfg.stop_after is not None and cfg.stop_after < 1:
         raise ExportError(f"--stop-after {cfg.stop_after}: need at least 1")
+    if cfg.crop is not None and (cfg.crop < 32 or cfg.crop % 32 or cfg.crop > min(cfg.size)):
+        raise ExportError(f"--crop {cfg.crop}: must be a multiple of 32 between 32 and the input size "
+                          f"{cfg.size[0]}x{cfg.size[1]}")
+    if not 0 <= cfg.crop_defect <= 1:
+        raise ExportError(f"--crop-defect {cfg.crop_defect}: must be in [0, 1]")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise ExportError(f"--steps {cfg.steps}: need at least 1")
     if cfg.defect_repeat < 1:
         raise ExportError(f"--defect-repeat {cfg.defect_repeat}: need at least 1")
     if not 0 <= cfg.jitter < 1:
@@ -405,28 +497,45 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
-    model = build_unet((cfg.size[0], cfg.size[1], draft.input.channels), num_classes=len(draft.classes),
-                       alpha=cfg.alpha, weights=cfg.weights, decoder_filters=cfg.decoder_filters,
-                       dropout=cfg.dropout, name=cfg.name.replace("-", "_"))
-    train_data = make_augmented(train_arrays.x, train_arrays.y, cfg.batch, cfg.seed, cfg.defect_repeat, cfg.jitter)
-    steps = len(train_data)
+    def build(height: int, width: int):
+        return build_unet((height, width, draft.input.channels), num_classes=len(draft.classes), alpha=cfg.alpha,
+                          weights=cfg.weights, decoder_filters=cfg.decoder_filters, dropout=cfg.dropout,
+                          name=cfg.name.replace("-", "_"))
+
+    loss = make_loss(cfg.dice_weight, kind=cfg.loss, gamma=cfg.focal_gamma)
+    model = build(cfg.size[0], cfg.size[1])  # the exported network, at the input size
+    if cfg.crop:
+        # Crop training: the same layers at crop size learn; `model` validates and is exported.
+        learner = build(cfg.crop, cfg.crop)
+        learner.set_weights(model.get_weights())
+        steps = cfg.steps or math.ceil(len(train_arrays.x) / cfg.batch)
+        train_data = make_crops(train_arrays.x, train_arrays.y, cfg.batch, cfg.seed, cfg.crop, steps,
+                                cfg.crop_defect, cfg.jitter)
+        model.compile(loss=loss, metrics=[make_iou_metric(cfg.threshold)])
+    else:
+        learner = model
+        train_data = make_augmented(train_arrays.x, train_arrays.y, cfg.batch, cfg.seed, cfg.defect_repeat,
+                                    cfg.jitter)
+        steps = len(train_data)
     schedule = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=steps * cfg.epochs, alpha=0.05)
-    model.compile(optimizer=keras.optimizers.Adam(schedule),
-                  loss=make_loss(cfg.dice_weight, kind=cfg.loss, gamma=cfg.focal_gamma),
-                  metrics=[make_iou_metric(cfg.threshold)], run_eagerly=cfg.eager)
-    log.info("model %s: %d parameters, input %s; %d epochs of %d steps", model.name, model.count_params(),
-             tuple(model.input.shape[1:]), cfg.epochs, steps)
+    learner.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss,
+                    metrics=[make_iou_metric(cfg.threshold)], run_eagerly=cfg.eager)
+    log.info("model %s: %d parameters, input %s; %d epochs of %d steps%s", model.name, model.count_params(),
+             tuple(model.input.shape[1:]), cfg.epochs, steps,
+             f" of {cfg.batch} {cfg.crop}x{cfg.crop} crops ({cfg.crop_defect:g} over a defect)" if cfg.crop else "")
 
     best_path = cfg.out_dir / "best.weights.h5"
     rows: list[dict[str, float]] = []
     keep_best = _keep_best("val_iou", best_path)
     callbacks = [_history_callback(cfg.out_dir / "history.csv", rows), keep_best]
+    if cfg.crop:
+        callbacks.insert(0, _validate_whole(model, val_arrays.x, val_arrays.y, cfg.batch))
     if cfg.stop_after is not None and cfg.stop_after < cfg.epochs:
         callbacks.append(_stop_after(cfg.stop_after))
     t0 = time.perf_counter()
-    model.fit(train_data,
-              validation_data=(val_arrays.x, val_arrays.y), validation_batch_size=cfg.batch,
-              epochs=cfg.epochs, shuffle=False, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
+    learner.fit(train_data,
+                validation_data=None if cfg.crop else (val_arrays.x, val_arrays.y), validation_batch_size=cfg.batch,
+                epochs=cfg.epochs, shuffle=False, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
     seconds = time.perf_counter() - t0
     plot_curves(rows, cfg.out_dir / "curves.png", f"{cfg.name}: {len(train_arrays.x)} train / "
                 f"{len(val_arrays.x)} val images, {cfg.size[0]}x{cfg.size[1]}, alpha {cfg.alpha:g}")
@@ -491,6 +600,10 @@ def command_of(cfg: TrainConfig) -> str:
         argv += ["--loss", cfg.loss, "--focal-gamma", f"{cfg.focal_gamma:g}"]
     if cfg.defect_repeat != 1:
         argv += ["--defect-repeat", str(cfg.defect_repeat)]
+    if cfg.crop:
+        argv += ["--crop", str(cfg.crop), "--crop-defect", f"{cfg.crop_defect:g}"]
+    if cfg.steps:
+        argv += ["--steps", str(cfg.steps)]
     if cfg.jitter:
         argv += ["--jitter", f"{cfg.jitter:g}"]
     if cfg.missing_mask_is_free:
@@ -552,6 +665,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--focal-gamma", type=float, default=2.0, help="focusing parameter of --loss focal")
     p.add_argument("--defect-repeat", type=int, default=1, metavar="K",
                    help="training images with any defect appear K times per epoch (oversampling)")
+    p.add_argument("--crop", type=int, metavar="C",
+                   help="train on CxC windows of the input-size images (multiple of 32); validate and export whole")
+    p.add_argument("--crop-defect", type=float, default=0.5, metavar="P",
+                   help="with --crop: share of windows placed over a defect pixel")
+    p.add_argument("--steps", type=int, metavar="N",
+                   help="batches per epoch (default: as many as one pass over the training images takes)")
     p.add_argument("--jitter", type=float, default=0.0,
                    help="augmentation: per-image gain 1±J and offset ±J on the normalised input (0: off)")
     p.add_argument("--seed", type=int, default=0, help="split, augmentation and initialisation seed")
@@ -600,6 +719,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> TrainConfig:
         decoder_filters=tuple(args.decoder_filters) if args.decoder_filters else None, dropout=args.dropout,
         weights=args.weights, epochs=args.epochs, batch=args.batch, lr=args.lr, dice_weight=args.dice_weight,
         loss=args.loss, focal_gamma=args.focal_gamma, defect_repeat=args.defect_repeat, jitter=args.jitter,
+        crop=args.crop, crop_defect=args.crop_defect, steps=args.steps,
         seed=args.seed, val_fraction=args.val_fraction, missing_mask_is_free=args.missing_mask_is_free,
         name=args.name, version=args.version, description=args.description,
         data_description=args.data_description, threshold=args.threshold, opset=args.opset, command=command,

@@ -216,11 +216,63 @@ def test_augmented_oversamples_defects_deterministically() -> None:
     assert len(plain) == 2
 
 
+@pytest.mark.slow
+def test_crops_cover_defects_deterministically() -> None:
+    from export.train import make_crops
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 64, 64, 1)).astype(np.float32)
+    y = np.zeros((6, 64, 64, 1), np.float32)
+    y[1, 50:52, 3:5] = 1.0  # one small defect near a corner
+    y[4, 10:30, 20:60] = 1.0  # one large defect
+    a = make_crops(x, y, batch=8, seed=3, crop=32, steps=5, defect_share=0.5, jitter=0.1)
+    b = make_crops(x, y, batch=8, seed=3, crop=32, steps=5, defect_share=0.5, jitter=0.1)
+    assert len(a) == 5
+    batches = [a[i] for i in range(len(a))]
+    for (xa, ya), (xb, yb) in zip(batches, (b[i] for i in range(len(b)))):
+        assert xa.shape == (8, 32, 32, 1) and ya.shape == (8, 32, 32, 1)
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    labels = np.concatenate([yb for _, yb in batches]).reshape(40, -1)
+    with_defect = int((labels.max(axis=1) > 0).sum())
+    assert 12 <= with_defect <= 32  # about half the windows are placed over a defect
+    # every window is a symmetry of a window of some image: its label values are 0/1 only
+    assert set(np.unique(labels)) <= {0.0, 1.0}
+    only_free = make_crops(x, y, batch=8, seed=3, crop=32, steps=3, defect_share=0.0)
+    never = make_crops(x, np.zeros_like(y), batch=8, seed=3, crop=32, steps=3, defect_share=1.0)
+    assert sum(int(yb.sum()) for _, yb in (never[i] for i in range(3))) == 0  # no defect anywhere: uniform windows
+    assert len(only_free) == 3
+    with pytest.raises(ExportError, match="--crop 48"):
+        make_crops(x, y, batch=8, seed=3, crop=48, steps=1)
+    with pytest.raises(ExportError, match="--crop 96"):
+        make_crops(x, y, batch=8, seed=3, crop=96, steps=1)
+
+
+@pytest.mark.slow
+def test_crop_training_validates_and_exports_at_the_input_size(tiny_run, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from export.train import train
+
+    cfg, _ = tiny_run
+    crop_cfg = replace(cfg, out_dir=tmp_path / "crop", crop=32, crop_defect=0.5, steps=2, epochs=2)
+    result = train(crop_cfg)
+    assert result.card.input.height == result.card.input.width == 64
+    assert len(result.history) == 2 and all(0.0 <= row["val_iou"] <= 1.0 for row in result.history)
+    assert "--crop 32 --crop-defect 0.5 --steps 2" in result.card.training.command
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
+    assert tuple(session.get_inputs()[0].shape) == (1, 64, 64, 1)
+
+
 def test_training_options_are_checked(tmp_path: Path) -> None:
     from export.train import TrainConfig, train
 
     for bad, match in ((dict(defect_repeat=0), "--defect-repeat"), (dict(jitter=1.5), "--jitter"),
-                       (dict(loss="hinge"), "--loss")):
+                       (dict(loss="hinge"), "--loss"), (dict(crop=48), "--crop 48"),
+                       (dict(crop=256), "--crop 256"), (dict(crop_defect=1.5), "--crop-defect"),
+                       (dict(steps=0), "--steps")):
         with pytest.raises(ExportError, match=match):
             train(TrainConfig(data_dir=tmp_path, out_dir=tmp_path / "run", **bad))
 
