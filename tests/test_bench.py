@@ -13,7 +13,8 @@ from station.cli import main
 @pytest.mark.skipif(not have_mosquitto(), reason="mosquitto binary not installed")
 def test_bench_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--frames", "40", "--latency-frames", "10", "--size", "240", "320", "--json", str(out)]) == 0
+    assert main(["bench", "--frames", "40", "--latency-frames", "10", "--latency-load", "0.8", "0.5",
+                 "--size", "240", "320", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     for key in ("bare", "pipeline", "latency", "outbox", "ratios", "targets"):
         assert key in report
@@ -22,4 +23,12 @@ def test_bench_writes_every_figure(tmp_path, capsys):
     assert report["latency"]["p99_ms"] >= report["latency"]["p50_ms"] > 0
     assert report["outbox"]["store_ack_per_s"] > 0 and report["outbox"]["through_broker_per_s"] > 0
     assert set(report["pipeline"]["stage_ms"]) >= {"preprocess.segmentation", "infer.segmentation", "postprocess.segmentation"}
-    assert "pipeline (to PUBACK)" in capsys.readouterr().out
+    assert [run["load"] for run in report["latency_by_load"]] == [0.8, 0.5]
+    assert report["latency"] == report["latency_by_load"][0]  # the targets are judged at the first load
+    printed = capsys.readouterr().out
+    assert "pipeline (to PUBACK)" in printed and "end-to-end at  80% load" in printed and "at  50% load" in printed
+
+
+def test_bench_refuses_a_load_outside_0_1(capsys):
+    assert main(["bench", "--latency-load", "0.8", "1.5"]) == 2
+    assert "--latency-load 1.5: must be in (0, 1]" in capsys.readouterr().err
