@@ -62,14 +62,21 @@ CITATION = ('Magnetic-tile defect data set: Huang, Qiu, Yuan, "Surface defect sa
 # 222-403) and a square input allows all 8 flips/rotations; 256 px keeps the
 # small blowholes and cracks (median 0.13 % / 0.29 % of the image) a few pixels
 # wide. No grey dilation: the defects are dark, a max filter would erase thin cracks.
+# CLAHE stays although it halves the contrast of "uneven" regions to the rest of
+# the part (|mean difference| / std 0.67 → 0.36 on the validation images): without
+# it the encoder, trained from scratch, hardly learns (validation IoU 0.025 after
+# 20 epochs of whole images, 0.075 after 21 epochs of windows).
 PREPROCESS = PreprocessOptions(colour="gray", clahe=(2.0, 8), dilate=0, resize_mode="letterbox",
                                interpolation="area", pad_value=0, normalize="symmetric")
 # The mask threshold the line uses (the card's output.threshold), chosen with
 # `tune` on the training split: above it the grade agreement only rises by
 # predicting nothing (0.95: IoU 0). Training figures use 0.5.
 SERVE_THRESHOLD = 0.85
-RECIPE = dict(size=(256, 256), alpha=0.35, epochs=30, batch=16, lr=2e-3, dice_weight=1.0, loss="bce",
-              defect_repeat=2, jitter=0.1, seed=SEED, val_fraction=0.2, threshold=0.5)
+# Training on 128 px windows of the 256 px inputs (half of them over a defect) makes
+# ~4x more updates per minute than whole images and balances the rare small defects
+# against the defect-free bulk; the network is fully convolutional and runs whole.
+RECIPE = dict(size=(256, 256), alpha=0.35, epochs=180, batch=16, lr=2e-3, dice_weight=1.0, loss="bce",
+              crop=128, crop_defect=0.5, steps=100, jitter=0.1, seed=SEED, val_fraction=0.2, threshold=0.5)
 
 
 def recipe(data: Path, run: Path, epochs: int | None = None, stop_after: int | None = None) -> TrainConfig:
@@ -125,7 +132,7 @@ def cmd_export_checkpoint(args: argparse.Namespace) -> int:
     from .card import draft_card
     from .data import find_samples, load_arrays, load_groups, split_samples
     from .onnx_export import export_model
-    from .train import make_iou_metric, make_loss, plot_curves
+    from .train import curves_title, make_iou_metric, make_loss, plot_curves
     from .unet import build_unet
 
     cfg = recipe(args.data, args.run, args.epochs)
@@ -153,9 +160,8 @@ def cmd_export_checkpoint(args: argparse.Namespace) -> int:
                   metrics=[make_iou_metric(cfg.threshold)])
     figures = {**final_figures(model, train_arrays, val_arrays, cfg.batch, best["epoch"]), "epochs_run": float(len(rows))}
     seconds = sum(r["seconds"] for r in rows)
-    plot_curves(rows, cfg.out_dir / "curves.png", f"{cfg.name}: {len(train_arrays.x)} train / "
-                f"{len(val_arrays.x)} val images, {cfg.size[0]}x{cfg.size[1]}, alpha {cfg.alpha:g} "
-                f"({len(rows)} of {cfg.epochs} epochs)")
+    plot_curves(rows, cfg.out_dir / "curves.png", curves_title(cfg, len(train_arrays.x), len(val_arrays.x))
+                + f" ({len(rows)} of {cfg.epochs} epochs)")
     stopped = len(rows) < cfg.epochs
     training = TrainingInfo(
         data=cfg.data_description, split=split.description, command=cfg.command, epochs=len(rows), seed=cfg.seed,

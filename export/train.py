@@ -333,6 +333,16 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path, title: str = ""
     plt.close(fig)
 
 
+def curves_title(cfg: TrainConfig, n_train: int, n_val: int) -> str:
+    """The title of ``curves.png``: data, input, encoder and, for crop training, what
+    the training curve is measured on."""
+    title = f"{cfg.name}: {n_train} train / {n_val} val images, {cfg.size[0]}x{cfg.size[1]}, alpha {cfg.alpha:g}"
+    if cfg.crop:
+        title += (f"\ntrain: {cfg.crop}x{cfg.crop} windows ({cfg.crop_defect:g} over a defect), augmented; "
+                  f"validation: whole images")
+    return title
+
+
 def _history_callback(path: Path, rows: list[dict[str, float]]):
     keras = _keras()
 
@@ -537,8 +547,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 validation_data=None if cfg.crop else (val_arrays.x, val_arrays.y), validation_batch_size=cfg.batch,
                 epochs=cfg.epochs, shuffle=False, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
     seconds = time.perf_counter() - t0
-    plot_curves(rows, cfg.out_dir / "curves.png", f"{cfg.name}: {len(train_arrays.x)} train / "
-                f"{len(val_arrays.x)} val images, {cfg.size[0]}x{cfg.size[1]}, alpha {cfg.alpha:g}")
+    plot_curves(rows, cfg.out_dir / "curves.png", curves_title(cfg, len(train_arrays.x), len(val_arrays.x)))
 
     if keep_best.weights is None:
         raise ExportError("training produced no validation IoU (empty validation set?)")
