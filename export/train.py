@@ -100,7 +100,7 @@ class TrainConfig:
     parity_count: int = 8
     crop: int | None = None  # train on crop×crop windows of the input-size images (None: whole images)
     crop_defect: float = 0.5  # share of crops placed over a defect pixel (crop training)
-    steps: int | None = None  # batches per epoch (default: one pass over the images; crop training: the same)
+    steps: int | None = None  # crop training: batches per epoch (default: as many as one pass over the images)
     stop_after: int | None = None  # stop after this many epochs; the learning-rate schedule still spans `epochs`
     eager: bool = False  # run_eagerly: skips the ~20 s graph tracing of tiny runs (tests); slower per step
     command: str = ""  # recorded on the card; default: python -m export.train with these options
@@ -457,6 +457,11 @@ def _check(cfg: TrainConfig) -> None:
         raise ExportError(f"--crop-defect {cfg.crop_defect}: must be in [0, 1]")
     if cfg.steps is not None and cfg.steps < 1:
         raise ExportError(f"--steps {cfg.steps}: need at least 1")
+    if cfg.steps is not None and not cfg.crop:
+        raise ExportError(f"--steps {cfg.steps}: only with --crop (an epoch of whole images is one pass over them)")
+    if cfg.crop and cfg.defect_repeat != 1:
+        raise ExportError(f"--defect-repeat {cfg.defect_repeat}: not with --crop (--crop-defect sets the share of "
+                          "windows over a defect)")
     if cfg.defect_repeat < 1:
         raise ExportError(f"--defect-repeat {cfg.defect_repeat}: need at least 1")
     if not 0 <= cfg.jitter < 1:
@@ -679,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-defect", type=float, default=0.5, metavar="P",
                    help="with --crop: share of windows placed over a defect pixel")
     p.add_argument("--steps", type=int, metavar="N",
-                   help="batches per epoch (default: as many as one pass over the training images takes)")
+                   help="with --crop: batches per epoch (default: as many as one pass over the training images)")
     p.add_argument("--jitter", type=float, default=0.0,
                    help="augmentation: per-image gain 1±J and offset ±J on the normalised input (0: off)")
     p.add_argument("--seed", type=int, default=0, help="split, augmentation and initialisation seed")

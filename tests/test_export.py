@@ -272,7 +272,8 @@ def test_training_options_are_checked(tmp_path: Path) -> None:
     for bad, match in ((dict(defect_repeat=0), "--defect-repeat"), (dict(jitter=1.5), "--jitter"),
                        (dict(loss="hinge"), "--loss"), (dict(crop=48), "--crop 48"),
                        (dict(crop=256), "--crop 256"), (dict(crop_defect=1.5), "--crop-defect"),
-                       (dict(steps=0), "--steps")):
+                       (dict(steps=0), "--steps"), (dict(steps=10), "--steps 10: only with --crop"),
+                       (dict(crop=32, defect_repeat=2), "--defect-repeat 2: not with --crop")):
         with pytest.raises(ExportError, match=match):
             train(TrainConfig(data_dir=tmp_path, out_dir=tmp_path / "run", **bad))
 
