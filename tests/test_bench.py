@@ -25,6 +25,8 @@ def test_bench_writes_every_figure(tmp_path, capsys):
     assert set(report["pipeline"]["stage_ms"]) >= {"preprocess.segmentation", "infer.segmentation", "postprocess.segmentation"}
     assert [run["load"] for run in report["latency_by_load"]] == [0.8, 0.5]
     assert report["latency"] == report["latency_by_load"][0]  # the targets are judged at the first load
+    assert report["ratios"]["p99_over_bare_median"] == report["latency"]["p99_over_bare_median"] == pytest.approx(
+        report["latency"]["p99_ms"] / report["bare"]["median_ms"])
     printed = capsys.readouterr().out
     assert "pipeline (to PUBACK)" in printed and "end-to-end at  80% load" in printed and "at  50% load" in printed
 
