@@ -48,9 +48,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from .config import MqttAuthConfig, MqttConfig, MqttTlsConfig, StationConfig, warn_if_exposed
 from .errors import ConfigError, PublishError
-from .messages import dumps
+from .messages import Topics, dumps, stamp_sent, status_record, topics_for
 from .outbox import Outbox
-from .messages import Topics, status_record, stamp_sent, topics_for
 
 log = logging.getLogger(__name__)
 _paho_log = logging.getLogger(__name__ + ".paho")
@@ -563,7 +562,18 @@ class MqttPublisher:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_socket_open = self._on_socket_open
         return client
+
+    @staticmethod
+    def _on_socket_open(client, s: _Session, sock) -> None:
+        # Each MQTT packet is one write: Nagle's algorithm would hold a PUBLISH back
+        # until the broker's TCP acknowledged the previous segment (a delayed ACK
+        # away, milliseconds), for nothing.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (AttributeError, OSError):  # not a TCP socket (e.g. a websocket wrapper)
+            pass
 
     @staticmethod
     def _abort_socket(client: mqtt.Client) -> None:

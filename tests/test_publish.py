@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,6 +103,12 @@ def publishers():
         pub.stop(1.0)
 
 
+def nodelay(pub: MqttPublisher) -> bool:
+    """TCP_NODELAY on the publisher's current connection."""
+    sock = pub._session.client.socket()
+    return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
 # --- (a) results: QoS 1, schema-valid --------------------------------------------------
 
 
@@ -114,6 +121,7 @@ def test_results_arrive_at_qos1_and_validate(broker, outbox, publishers, protoco
     with Subscriber(broker.port, topics.result, topics.status) as sub:
         pub = publishers(cfg, outbox)
         assert pub.wait_connected(5), pub.stats()
+        assert nodelay(pub)  # each packet leaves at once (no Nagle delay)
         records = [make_record(i) for i in range(n)]
         for r in records:
             pub.publish_result(r)
@@ -381,6 +389,7 @@ def test_mutual_tls(pki, tmp_path, outbox, publishers):
         assert cfg.tls.ca_file == tmp_path / "pki" / "ca.crt"
         pub = publishers(cfg, outbox)
         assert pub.wait_connected(5), pub.stats()
+        assert nodelay(pub)  # set on the TCP socket under TLS as well
         pub.publish_result(make_record(0))
         assert pub.wait_until(lambda p: p.outbox_depth == 0, 5)
 
