@@ -4,7 +4,9 @@
     (source, trigger,  (bounded,    (pre-     (ONNX     (postprocess, grade,   (PUBACK deletes)
      reopen w/ backoff) drop policy) process)  Runtime)  archive, metrics)
 
-The main thread handles signals, the systemd notifications (READY after the
+Every thread but infer (and ONNX Runtime's own) runs ``run.nice_non_inference``
+steps below the process's priority, so the models keep the cores and the rest
+of a frame's work fills the time they leave (station/priority.py). The main thread handles signals, the systemd notifications (READY after the
 models are warm, WATCHDOG only while frames make progress), periodic stats,
 archive pruning and reloads. SIGTERM/SIGINT stop capture, finish the parts
 already queued, flush MQTT, publish the "stopped" status and exit within
@@ -38,6 +40,7 @@ from .messages import error_record, result_record, stats_record, topics_for
 from .metrics import Metrics
 from .outbox import Outbox, OutboxFull
 from .pipeline import Inspector, ParallelInfer, Work, open_models
+from .priority import adopt_opencv_pool, lower_this_thread
 from .publish import MqttPublisher
 from .types import Frame, FrameError, InspectionResult
 
@@ -285,6 +288,7 @@ class Daemon:
         opened = False
         # Triggered parts and files waiting in a folder are never dropped.
         must_keep = self.trigger.mode == "mqtt" or self.source.lossless
+        lower_this_thread(run.nice_non_inference)
         try:
             while not self.stop_event.is_set():
                 self._heartbeat = time.monotonic()
@@ -346,6 +350,10 @@ class Daemon:
 
     def _stage_loop(self, name: str, inq: FrameQueue, upstream: threading.Event, step: Callable,
                     outq: FrameQueue | None, done: threading.Event) -> None:
+        if name != "infer":  # the models keep the cores (station/priority.py)
+            lowered = lower_this_thread(self.cfg.run.nice_non_inference)
+            if lowered is not None and name == "prepare":
+                adopt_opencv_pool()  # preprocessing's OpenCV workers at this thread's priority
         try:
             while True:
                 item = inq.get(0.2)
@@ -508,7 +516,7 @@ class Daemon:
         cfg = self.cfg
         if cfg.mqtt is not None:
             self.outbox = Outbox.from_config(cfg.outbox, self.state_dir)
-            self.publisher = MqttPublisher(cfg.mqtt, cfg.station.id, self.outbox)
+            self.publisher = MqttPublisher(cfg.mqtt, cfg.station.id, self.outbox, nice=cfg.run.nice_non_inference)
             self.publisher.on_ack = self.on_ack
             self.publisher.set_status(camera=self.camera_state, providers=self.providers)
             if self.trigger.mode == "mqtt":

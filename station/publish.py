@@ -50,6 +50,7 @@ from .config import MqttAuthConfig, MqttConfig, MqttTlsConfig, StationConfig, wa
 from .errors import ConfigError, PublishError
 from .messages import Topics, dumps, stamp_sent, status_record, topics_for
 from .outbox import Outbox
+from .priority import lower_this_thread
 
 log = logging.getLogger(__name__)
 _paho_log = logging.getLogger(__name__ + ".paho")
@@ -148,8 +149,9 @@ class MqttPublisher:
     Raises ConfigError at construction when the password or the TLS files cannot be read.
     """
 
-    def __init__(self, cfg: MqttConfig, station_id: str, outbox: Outbox):
+    def __init__(self, cfg: MqttConfig, station_id: str, outbox: Outbox, nice: int = 0):
         self.cfg = cfg
+        self.nice = nice  # raise the sender's (and paho's) nice value by this (station/priority.py)
         self.station_id = station_id
         self.outbox = outbox
         self.topics: Topics = topics_for(cfg, station_id)
@@ -308,6 +310,7 @@ class MqttPublisher:
     # --- the sender thread ----------------------------------------------------------
 
     def _run(self) -> None:
+        lower_this_thread(self.nice)  # paho's network thread, started from here, inherits it
         delay = self.cfg.reconnect_min_s
         failures = 0
         while not self._stopping.is_set():

@@ -403,3 +403,35 @@ def test_watchdog_health_follows_progress(tmp_path):
     d._busy["infer"] = None
     d._heartbeat = time.monotonic() - 3  # the capture loop stopped turning
     assert not d._healthy()
+
+
+def _nice(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+@pytest.mark.parametrize("increment", [7, 0])
+def test_threads_but_inference_run_at_the_lower_priority(tmp_path, broker, increment):
+    """run.nice_non_inference: capture, prepare, finish and the MQTT threads give the
+    cores to ONNX Runtime; the infer thread keeps the process's priority."""
+    import threading
+
+    from station.config import parse_config
+    from station.daemon import Daemon
+
+    base = _nice(threading.get_native_id())
+    seen: dict[str, int] = {}
+
+    def sink(record: dict) -> None:  # on the finish thread, with every other thread alive
+        for t in threading.enumerate():
+            if t.native_id is not None and t.is_alive():
+                seen.setdefault(t.name.split("-station")[0], _nice(t.native_id))
+
+    text = (f"camera: {{type: fake, frames: 6, height: 96, width: 128}}\n"
+            f"run: {{nice_non_inference: {increment}, state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
+    daemon = Daemon(parse_config(text), sink=sink)
+    assert daemon.run(install_signals=False) == 0
+    lowered = min(19, base + increment)
+    for name in ("capture", "prepare", "finish", "mqtt-sender", "paho-mqtt-client"):
+        assert seen[name] == lowered, (name, seen)
+    assert seen["infer"] == base, seen
+    assert _nice(threading.get_native_id()) == base  # the caller's thread is left alone

@@ -1,0 +1,75 @@
+"""station.priority: per-thread nice values."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import cv2
+import numpy as np
+import pytest
+
+from station.priority import MAX_NICE, adopt_opencv_pool, lower_this_thread, thread_nice
+
+
+def _in_thread(fn):
+    out = {}
+
+    def run():
+        out["value"] = fn()
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out["value"]
+
+
+def test_lowering_applies_to_the_calling_thread_and_its_children_only():
+    base = thread_nice()
+
+    def body():
+        lowered = lower_this_thread(3)
+        child = _in_thread(thread_nice)  # a thread started from here inherits the value
+        return lowered, thread_nice(), child
+
+    lowered, own, child = _in_thread(body)
+    assert lowered == own == child == min(MAX_NICE, base + 3)
+    assert thread_nice() == base  # the process and the other threads keep theirs
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base
+
+
+def test_zero_changes_nothing_and_the_value_is_capped():
+    base = thread_nice()
+    assert _in_thread(lambda: (lower_this_thread(0), thread_nice())) == (None, base)
+    assert _in_thread(lambda: (lower_this_thread(100), thread_nice())) == (MAX_NICE, MAX_NICE)
+
+
+def _os_threads() -> dict[int, int]:
+    """tid → nice of every OS thread of this process."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            out[int(tid)] = os.getpriority(os.PRIO_PROCESS, int(tid))
+        except OSError:  # ended meanwhile
+            pass
+    return out
+
+
+@pytest.mark.skipif(cv2.getNumThreads() < 2, reason="OpenCV runs without worker threads here")
+def test_opencv_workers_are_re_created_at_the_lowered_priority():
+    base = thread_nice()
+    image = np.random.default_rng(0).integers(0, 255, (1024, 1024), np.uint8)
+    clahe = cv2.createCLAHE(2.0, (8, 8))
+    clahe.apply(image)  # the pool exists, started from this thread
+    before = _os_threads()
+
+    def body():
+        lower_this_thread(4)
+        adopt_opencv_pool()
+        clahe.apply(image)
+        return threading.get_native_id(), _os_threads()
+
+    me, after = _in_thread(body)
+    new = {tid: nice for tid, nice in after.items() if tid not in before and tid != me}
+    assert new and set(new.values()) == {min(MAX_NICE, base + 4)}
+    assert cv2.getNumThreads() >= 2  # the pool keeps its size
