@@ -6,7 +6,9 @@
 
 Every thread but infer (and ONNX Runtime's own) runs ``run.nice_non_inference``
 steps below the process's priority, so the models keep the cores and the rest
-of a frame's work fills the time they leave (station/priority.py). The main thread handles signals, the systemd notifications (READY after the
+of a frame's work fills the time they leave (station/priority.py).
+
+The main thread handles signals, the systemd notifications (READY after the
 models are warm, WATCHDOG only while frames make progress), periodic stats,
 archive pruning and reloads. SIGTERM/SIGINT stop capture, finish the parts
 already queued, flush MQTT, publish the "stopped" status and exit within

@@ -47,11 +47,6 @@ def lower_this_thread(increment: int) -> int | None:
     return nice
 
 
-def thread_nice() -> int:
-    """The calling thread's nice value."""
-    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-
 def adopt_opencv_pool() -> None:
     """Re-create OpenCV's worker threads from the calling thread, so that they
     run at its priority (they inherit it when they start)."""

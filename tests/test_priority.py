@@ -9,7 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from station.priority import MAX_NICE, adopt_opencv_pool, lower_this_thread, thread_nice
+from station.priority import MAX_NICE, adopt_opencv_pool, lower_this_thread
+
+
+def thread_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
 
 def _in_thread(fn):
