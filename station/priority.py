@@ -33,7 +33,7 @@ def lower_this_thread(increment: int) -> int | None:
     """Raise the calling thread's nice value by ``increment`` (capped at 19).
 
     Returns the new nice value, or None when nothing was changed (``increment``
-    0, or a platform without per-thread priorities; logged once per thread).
+    0, or a platform or sandbox that refuses per-thread priorities: logged).
     """
     if increment <= 0:
         return None
