@@ -17,22 +17,24 @@ holds ``--val-fraction`` of the images (:func:`export.data.split_samples`).
 
 Training: Adam with a linear warm-up and cosine decay, the loss of
 :func:`export.detector.make_loss`, augmentation by the 8 symmetries of the
-square (4 flips when not square) drawn from (seed, epoch, batch), fixed seeds
+square (4 flips when not square), optional zoom crops (``--crop-min``) and
+gain/offset jitter (``--jitter``), all drawn from (seed, epoch, batch); fixed seeds
 and deterministic TensorFlow ops. After every epoch the validation images go
 through the inference graph (in-graph NMS), the outputs are decoded by
 :func:`station.postprocess.detection_defects` (the daemon's code: card score
 threshold, boxes back to source pixels) and scored with
 :func:`station.evaluate.coco_detection_metrics` (pycocotools, as
 ``station eval``): AP50 and COCO mAP. The weights of the best validation mAP
-are kept. ``--max-minutes`` stops training after the epoch that passes it (the
+are kept (``--keep last``: those of the last epoch, which the validation split
+did not choose). ``--max-minutes`` stops training after the epoch that passes it (the
 learning-rate schedule is not shortened).
 
 RUN_DIR receives ``history.csv`` (epoch, loss, val_ap50, val_map, lr,
 seconds), ``curves.png``, ``best.weights.h5`` (rewritten whenever validation
-mAP improves), ``split.json``, ``groups.json``, ``val/images`` +
+mAP improves), ``last.weights.h5`` (after every epoch), ``split.json``, ``groups.json``, ``val/images`` +
 ``val/annotations`` (symbolic links: ``station eval RUN_DIR/val/images
 --det-model RUN_DIR/model.onnx`` re-measures the figures), ``card.json`` and
-``model.onnx`` (best weights, card embedded, TF vs ONNX Runtime parity on the
+``model.onnx`` (best or, with ``--keep last``, last weights, card embedded, TF vs ONNX Runtime parity on the
 NMS outputs recorded in the card).
 """
 
@@ -89,11 +91,14 @@ class DetTrainConfig:
     lr: float = 2e-3
     warmup_epochs: float = 1.0
     weight_decay: float = 1e-4
+    crop_min: float = 1.0  # zoom crops: each side at least this fraction of the input's (1: off)
+    jitter: float = 0.0  # gain 1 ± jitter, offset ± jitter on the normalised input (0: off)
     seed: int = 0
     val_fraction: float = 0.2
     duplicate_ncc: float = 0.85
     limit: int | None = None  # use only the first N images (spread over the classes): tests, quick runs
     max_minutes: float | None = None
+    keep: str = "best"  # "best": the best validation mAP epoch's weights; "last": the final epoch's
     score_threshold: float = 0.05
     nms_iou: float = 0.5
     max_detections: int = 100
@@ -113,7 +118,7 @@ class DetTrainConfig:
 class DetTrainResult:
     card: ModelCard
     onnx_path: Path
-    best_epoch: int
+    kept_epoch: int  # the epoch whose weights were exported
     seconds: float
     history: list[dict[str, float]]
 
@@ -165,9 +170,47 @@ def augment(x: np.ndarray, boxes: np.ndarray, flip_h: bool, flip_v: bool, turns:
     return np.ascontiguousarray(x), b
 
 
-def make_batches(arrays: BoxArrays, num_classes: int, batch: int, seed: int):
+def zoom_crop(x: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator, min_side: float,
+              keep: float = 0.4, tries: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random crop of ``x`` (each side a fraction in [min_side, 1] of the input's,
+    aspect free) resized back to the input size, with its boxes clipped and rescaled.
+
+    A crop is accepted only when every box keeps at least ``keep`` of its area or
+    leaves the crop entirely (a defect cut to a sliver would be an unlabelled
+    defect); after ``tries`` refused draws the input is returned unchanged. Boxes
+    that leave the crop are dropped with their labels."""
+    import cv2
+
+    if min_side >= 1.0 or len(boxes) == 0:
+        return x, boxes, labels
+    h, w = x.shape[:2]
+    area = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-6)
+    for _ in range(tries):
+        ch = int(round(h * rng.uniform(min_side, 1.0)))
+        cw = int(round(w * rng.uniform(min_side, 1.0)))
+        y0 = int(rng.integers(0, h - ch + 1))
+        x0 = int(rng.integers(0, w - cw + 1))
+        b = boxes - np.array([x0, y0, x0, y0], np.float32)
+        b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, cw)
+        b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, ch)
+        kept = np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0) / area
+        inside = kept >= keep
+        if not inside.any() or np.any((kept > 0) & ~inside):
+            continue
+        out = cv2.resize(x[y0 : y0 + ch, x0 : x0 + cw], (w, h), interpolation=cv2.INTER_LINEAR)
+        b = b[inside] * np.array([w / cw, h / ch, w / cw, h / ch], np.float32)
+        return out.reshape(x.shape), b.astype(np.float32), labels[inside]
+    return x, boxes, labels
+
+
+def make_batches(arrays: BoxArrays, num_classes: int, batch: int, seed: int, crop_min: float = 1.0,
+                 jitter: float = 0.0):
     """A ``keras.utils.PyDataset`` of shuffled, augmented (x, targets) batches; order and
-    transforms are functions of (seed, epoch, batch index) only."""
+    transforms are functions of (seed, epoch, batch index) only.
+
+    Each image: one of the 8 symmetries of the square (4 flips when not square);
+    then, when ``crop_min`` < 1, with probability ½ a :func:`zoom_crop`; then, when
+    ``jitter`` > 0, gain 1 ± jitter and offset ± jitter on the normalised input."""
     import keras
 
     from .detector import encode_targets
@@ -196,8 +239,15 @@ def make_batches(arrays: BoxArrays, num_classes: int, batch: int, seed: int):
             for i, r in enumerate(rows):
                 fh, fv = (bool(v) for v in rng.integers(0, 2, size=2))
                 turns = int(rng.integers(0, 4)) if square else 0
-                xb[i], b = augment(arrays.x[r], arrays.boxes[r], fh, fv, turns)
-                yb.append(encode_targets(b, arrays.labels[r], in_h, in_w, num_classes))
+                xi, b = augment(arrays.x[r], arrays.boxes[r], fh, fv, turns)
+                labels = arrays.labels[r]
+                if crop_min < 1.0 and rng.random() < 0.5:
+                    xi, b, labels = zoom_crop(xi, b, labels, rng, crop_min)
+                if jitter > 0:
+                    gain, offset = rng.uniform(1 - jitter, 1 + jitter), rng.uniform(-jitter, jitter)
+                    xi = xi * np.float32(gain) + np.float32(offset)
+                xb[i] = xi
+                yb.append(encode_targets(b, labels, in_h, in_w, num_classes))
             return xb, np.stack(yb)
 
     return Batches()
@@ -295,9 +345,10 @@ def _epoch_callback(cfg: DetTrainConfig, infer_model, val: BoxArrays, card: Mode
 
     history_path = cfg.out_dir / "history.csv"
     best_path = cfg.out_dir / "best.weights.h5"
+    last_path = cfg.out_dir / "last.weights.h5"
 
     class EpochEval(keras.callbacks.Callback):
-        """Validation AP after each epoch; history.csv row; best weights to disk."""
+        """Validation AP after each epoch; history.csv row; best and last weights to disk."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -325,6 +376,7 @@ def _epoch_callback(cfg: DetTrainConfig, infer_model, val: BoxArrays, card: Mode
             if improved:
                 self.best, self.best_epoch = row["val_map"], epoch + 1
                 self.model.save_weights(best_path)
+            self.model.save_weights(last_path)
             elapsed = (time.perf_counter() - t_start) / 60
             log.info("epoch %d/%d: loss %.4f | val AP50 %.4f mAP %.4f%s | %.1f s (%.1f min in all)", epoch + 1,
                      cfg.epochs, row["loss"], row["val_ap50"], row["val_map"], " *best*" if improved else "",
@@ -340,12 +392,18 @@ def _epoch_callback(cfg: DetTrainConfig, infer_model, val: BoxArrays, card: Mode
 
 
 def _check(cfg: DetTrainConfig) -> None:
+    if cfg.keep not in ("best", "last"):
+        raise ExportError(f"--keep {cfg.keep!r}: must be 'best' or 'last'")
     if cfg.epochs < 1:
         raise ExportError(f"--epochs {cfg.epochs}: need at least 1")
     if cfg.batch < 1:
         raise ExportError(f"--batch {cfg.batch}: need at least 1")
     if not cfg.lr > 0:
         raise ExportError(f"--lr {cfg.lr}: must be positive")
+    if not 0.2 <= cfg.crop_min <= 1.0:
+        raise ExportError(f"--crop-min {cfg.crop_min}: must be between 0.2 and 1 (1 turns zoom crops off)")
+    if not 0.0 <= cfg.jitter < 1.0:
+        raise ExportError(f"--jitter {cfg.jitter}: must be in [0, 1)")
     if any(v < 32 or v % 32 for v in cfg.size):
         raise ExportError(f"--size {cfg.size[0]} {cfg.size[1]}: height and width must be multiples of 32")
     if not 0 < cfg.alpha <= 1.4:
@@ -419,32 +477,36 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
 
     rows: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    best_epoch = 0
+    kept_epoch = 0
     if cfg.export_from is None:
         callback = _epoch_callback(cfg, infer_model, val_a, draft, rows, t0)
-        model.fit(make_batches(train_a, len(classes), cfg.batch, cfg.seed), epochs=cfg.epochs, shuffle=False,
-                  callbacks=[callback], verbose=1 if sys.stdout.isatty() else 2)
-        best_epoch = callback.best_epoch
+        model.fit(make_batches(train_a, len(classes), cfg.batch, cfg.seed, cfg.crop_min, cfg.jitter),
+                  epochs=cfg.epochs, shuffle=False, callbacks=[callback], verbose=1 if sys.stdout.isatty() else 2)
+        kept_epoch = callback.best_epoch
         plot_curves(rows, cfg.out_dir / "curves.png", f"{cfg.name}: {len(train_a)} train / {len(val_a)} val "
                     f"images, {h}x{w}, MobileNetV2 alpha {cfg.alpha:g} from scratch")
-        model.load_weights(cfg.out_dir / "best.weights.h5")
+        if cfg.keep == "best":
+            model.load_weights(cfg.out_dir / "best.weights.h5")
+        else:
+            kept_epoch = len(rows)  # the final weights are in the model
     else:
         model.load_weights(cfg.export_from)
         if (cfg.out_dir / "history.csv").is_file():
             with (cfg.out_dir / "history.csv").open() as f:
                 rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
             if rows:
-                best_epoch = int(max(rows, key=lambda r: r["val_map"])["epoch"])
+                kept_epoch = int(max(rows, key=lambda r: r["val_map"])["epoch"] if cfg.keep == "best"
+                                 else rows[-1]["epoch"])
     seconds = time.perf_counter() - t0 if cfg.export_from is None else sum(r["seconds"] for r in rows)
 
     metrics = score_detections(detect(infer_model, val_a, draft), val_a, classes)
     figures = {"val_ap50": round(float(metrics["ap50"] or 0.0), 4), "val_map": round(float(metrics["map"] or 0.0), 4),
-               "val_ap75": round(float(metrics["ap75"] or 0.0), 4), "best_epoch": float(best_epoch),
+               "val_ap75": round(float(metrics["ap75"] or 0.0), 4), "kept_epoch": float(kept_epoch),
                "epochs_run": float(len(rows))}
     for name, per in metrics["per_class"].items():
         if per["ap50"] is not None:
             figures[f"val_ap50.{name}"] = round(float(per["ap50"]), 4)
-    log.info("best epoch %d: validation AP50 %.4f, mAP %.4f (%d images)", best_epoch, figures["val_ap50"],
+    log.info("%s epoch %d: validation AP50 %.4f, mAP %.4f (%d images)", cfg.keep, kept_epoch, figures["val_ap50"],
              figures["val_map"], len(val_a))
 
     onnx_path = cfg.out_dir / "model.onnx"
@@ -456,13 +518,15 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
         seed=cfg.seed,
         seconds=round(seconds, 1),
         figures=figures,
-        evaluated_by=f"station eval {val_images} --det-model {onnx_path} (validation split; best-mAP epoch "
-                     f"chosen on the same split; score threshold {cfg.score_threshold:g})",
+        evaluated_by=f"station eval {val_images} --det-model {onnx_path} (validation split; "
+                     + ("best-mAP epoch chosen on the same split" if cfg.keep == "best" else
+                        "weights of the last epoch, chosen before training")
+                     + f"; score threshold {cfg.score_threshold:g})",
     )
     card = draft.model_copy(update={"training": training})
     card = export_model(infer_model, card, onnx_path, val_a.x[: max(1, cfg.parity_count)], opset=cfg.opset)
     (cfg.out_dir / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
-    return DetTrainResult(card, onnx_path, best_epoch, seconds, rows)
+    return DetTrainResult(card, onnx_path, kept_epoch, seconds, rows)
 
 
 def adopt_eval_figures(onnx_path: str | Path, eval_json: str | Path, out_path: str | Path | None = None) -> ModelCard:
@@ -489,7 +553,8 @@ def command_of(cfg: DetTrainConfig) -> str:
     """A command line reproducing ``cfg`` (preprocess flags as far as they go)."""
     argv = [str(cfg.data_dir), "--out", str(cfg.out_dir), "--size", str(cfg.size[0]), str(cfg.size[1]),
             "--alpha", f"{cfg.alpha:g}", "--width", str(cfg.width), "--head-depth", str(cfg.head_depth),
-            "--epochs", str(cfg.epochs), "--batch", str(cfg.batch), "--lr", f"{cfg.lr:g}", "--seed", str(cfg.seed),
+            "--epochs", str(cfg.epochs), "--batch", str(cfg.batch), "--lr", f"{cfg.lr:g}",
+            "--crop-min", f"{cfg.crop_min:g}", "--jitter", f"{cfg.jitter:g}", "--seed", str(cfg.seed),
             "--val-fraction", f"{cfg.val_fraction:g}", "--score-threshold", f"{cfg.score_threshold:g}",
             "--nms-iou", f"{cfg.nms_iou:g}", "--name", cfg.name, "--version", cfg.version,
             "--opset", str(cfg.opset)]
@@ -497,6 +562,8 @@ def command_of(cfg: DetTrainConfig) -> str:
         argv += ["--limit", str(cfg.limit)]
     if cfg.max_minutes is not None:
         argv += ["--max-minutes", f"{cfg.max_minutes:g}"]
+    if cfg.keep != "best":
+        argv += ["--keep", cfg.keep]
     if cfg.init_weights is not None:
         argv += ["--init-weights", str(cfg.init_weights)]
     if cfg.eager:
@@ -518,11 +585,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (1 warm-up epoch, cosine decay)")
+    p.add_argument("--crop-min", type=float, default=1.0,
+                   help="augmentation: half the images are zoom crops, each side at least this fraction (1: off)")
+    p.add_argument("--jitter", type=float, default=0.0,
+                   help="augmentation: per-image gain 1±J and offset ±J on the normalised input (0: off)")
     p.add_argument("--seed", type=int, default=0, help="split, augmentation and initialisation seed")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--duplicate-ncc", type=float, default=0.85, help="near-duplicate link threshold")
     p.add_argument("--limit", type=int, help="use N images spread over the data set (quick runs)")
     p.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this wall-clock time")
+    p.add_argument("--keep", choices=("best", "last"), default="best",
+                   help="export the weights of the best validation-mAP epoch (chosen on the split the figures are "
+                        "measured on) or of the last epoch (chosen before training)")
     p.add_argument("--export-from", type=Path, help="skip training: export these weights (RUN_DIR/best.weights.h5)")
     p.add_argument("--init-weights", type=Path, help="start from these weights (e.g. a second stage at a lower "
                    "--lr, same split and seed)")
@@ -557,8 +631,8 @@ def config_from_args(args: argparse.Namespace, command: str) -> DetTrainConfig:
     return DetTrainConfig(
         data_dir=args.data_dir, out_dir=args.out, preprocess=tuple(preprocess_ops(opts)), size=size,
         alpha=args.alpha, width=args.width, head_depth=args.head_depth, weights=args.weights, epochs=args.epochs,
-        batch=args.batch, lr=args.lr, seed=args.seed, val_fraction=args.val_fraction,
-        duplicate_ncc=args.duplicate_ncc, limit=args.limit, max_minutes=args.max_minutes,
+        batch=args.batch, lr=args.lr, crop_min=args.crop_min, jitter=args.jitter, seed=args.seed, val_fraction=args.val_fraction,
+        duplicate_ncc=args.duplicate_ncc, limit=args.limit, max_minutes=args.max_minutes, keep=args.keep,
         score_threshold=args.score_threshold, nms_iou=args.nms_iou, max_detections=args.max_detections,
         name=args.name, version=args.version, description=args.description,
         data_description=args.data_description, opset=args.opset, eager=args.eager, export_from=args.export_from,

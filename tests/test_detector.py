@@ -144,6 +144,34 @@ def test_augment_moves_boxes_with_the_image(flip_h, flip_v, turns) -> None:
     np.testing.assert_array_equal(b[0], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
 
 
+def test_zoom_crop_moves_boxes_with_the_image_and_never_cuts_a_defect_to_a_sliver() -> None:
+    from export.train_detector import zoom_crop
+
+    x = np.zeros((64, 64, 1), np.float32)
+    boxes = np.array([[8, 8, 24, 24], [40, 36, 60, 62]], np.float32)
+    for b in boxes.astype(int):
+        x[b[1] : b[3], b[0] : b[2]] = 1
+    labels = np.array([2, 5])
+    seen = set()
+    for seed in range(40):
+        y, b, lab = zoom_crop(x, boxes, labels, np.random.default_rng(seed), min_side=0.5)
+        assert y.shape == x.shape and y.dtype == x.dtype and len(b) == len(lab) >= 1
+        seen.add(len(b))
+        for box, k in zip(b, lab):
+            assert k in (2, 5)
+            # the box covers the bright block it was drawn on (resampling blurs the edges by a pixel)
+            x1, y1, x2, y2 = np.round(box).astype(int)
+            assert y[y1 + 1 : y2 - 1, x1 + 1 : x2 - 1].min() > 0.4
+        # what the boxes leave out is dark: no defect lost its label
+        outside = np.ones(y.shape[:2], bool)
+        for x1, y1, x2, y2 in np.round(b).astype(int):
+            outside[max(y1 - 2, 0) : y2 + 2, max(x1 - 2, 0) : x2 + 2] = False
+        assert y[..., 0][outside].max() < 0.5
+    assert seen == {1, 2}  # some crops drop a box entirely, others keep both
+    same = zoom_crop(x, boxes, labels, np.random.default_rng(0), min_side=1.0)
+    assert same[0] is x
+
+
 @pytest.mark.slow
 def test_encode_targets() -> None:
     from export.detector import encode_targets
@@ -167,8 +195,8 @@ def tiny_det_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tinydet")
     data = write_voc_dataset(root / "data", 12)
     cfg = DetTrainConfig(data_dir=data, out_dir=root / "run", size=(64, 64), alpha=0.35, width=16, head_depth=1,
-                         epochs=1, batch=6, seed=3, val_fraction=0.25, score_threshold=0.001, name="tinydet",
-                         eager=True, parity_count=3)
+                         epochs=2, batch=6, seed=3, val_fraction=0.25, score_threshold=0.001, name="tinydet",
+                         eager=True, parity_count=3, crop_min=0.6, jitter=0.1, keep="last")
     return cfg, train(cfg)
 
 
@@ -192,8 +220,10 @@ def test_detector_export_round_trip(tiny_det_run, tmp_path: Path) -> None:
     parity = card.export.parity
     assert parity["n"] == 3 and parity["count_agreement"] == 1.0 and parity["detection_match"] > 0.99
     t = card.training
-    assert t.epochs == 1 and t.seed == 3 and {"val_ap50", "val_map"} <= set(t.figures)
+    assert t.epochs == 2 and t.seed == 3 and {"val_ap50", "val_map"} <= set(t.figures)
+    assert t.figures["kept_epoch"] == 2 and "last epoch" in t.evaluated_by  # --keep last
     assert t.command.startswith("python -m export.train_detector ") and "by group" in t.split
+    assert "--crop-min 0.6 --jitter 0.1" in t.command and "--keep last" in t.command
 
     onnx_model = OnnxModel(result.onnx_path, providers=("cpu",))
     assert onnx_model.card.task == "detection"
@@ -219,7 +249,8 @@ def test_detector_export_round_trip(tiny_det_run, tmp_path: Path) -> None:
 
     with (cfg.out_dir / "history.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["epoch", "loss", "val_ap50", "val_map", "lr", "seconds"] and len(rows) == 1
-    assert (cfg.out_dir / "curves.png").stat().st_size > 0 and (cfg.out_dir / "best.weights.h5").is_file()
+    assert list(rows[0]) == ["epoch", "loss", "val_ap50", "val_map", "lr", "seconds"] and len(rows) == 2
+    assert (cfg.out_dir / "curves.png").stat().st_size > 0
+    assert (cfg.out_dir / "best.weights.h5").is_file() and (cfg.out_dir / "last.weights.h5").is_file()
     split = json.loads((cfg.out_dir / "split.json").read_text())
     assert len(split["val"]) == 3 and not set(split["val"]) & set(split["train"])
