@@ -631,7 +631,8 @@ def config_from_args(args: argparse.Namespace, command: str) -> DetTrainConfig:
     return DetTrainConfig(
         data_dir=args.data_dir, out_dir=args.out, preprocess=tuple(preprocess_ops(opts)), size=size,
         alpha=args.alpha, width=args.width, head_depth=args.head_depth, weights=args.weights, epochs=args.epochs,
-        batch=args.batch, lr=args.lr, crop_min=args.crop_min, jitter=args.jitter, seed=args.seed, val_fraction=args.val_fraction,
+        batch=args.batch, lr=args.lr, crop_min=args.crop_min, jitter=args.jitter, seed=args.seed,
+        val_fraction=args.val_fraction,
         duplicate_ncc=args.duplicate_ncc, limit=args.limit, max_minutes=args.max_minutes, keep=args.keep,
         score_threshold=args.score_threshold, nms_iou=args.nms_iou, max_detections=args.max_detections,
         name=args.name, version=args.version, description=args.description,
