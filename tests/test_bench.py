@@ -27,8 +27,26 @@ def test_bench_writes_every_figure(tmp_path, capsys):
     assert report["latency"] == report["latency_by_load"][0]  # the targets are judged at the first load
     assert report["ratios"]["p99_over_bare_median"] == report["latency"]["p99_over_bare_median"] == pytest.approx(
         report["latency"]["p99_ms"] / report["bare"]["median_ms"])
+    for run in report["latency_by_load"]:  # the models alone at the same pace: 0 < p50 <= p99
+        alone = run["models_alone"]
+        assert 0 < alone["p50_ms"] <= alone["p99_ms"]
+        assert alone["p99_over_bare_median"] == pytest.approx(alone["p99_ms"] / report["bare"]["median_ms"])
     printed = capsys.readouterr().out
     assert "pipeline (to PUBACK)" in printed and "end-to-end at  80% load" in printed and "at  50% load" in printed
+    assert printed.count("models alone at that pace") == 2
+
+
+def test_queue_floor_is_lindleys_recursion():
+    from station.bench import queue_floor
+
+    assert queue_floor([8.0] * 5, 10.0) == [8.0] * 5  # never waits when each run fits its period
+    # one 40 ms run: the next frames wait 30, 28, 26 … ms, the backlog draining by 10 - 8 ms a frame
+    lat = queue_floor([8.0, 40.0] + [8.0] * 20, 10.0)
+    assert lat[:5] == [8.0, 40.0, 38.0, 36.0, 34.0]
+    assert lat[-1] == 8.0 and all(a >= b for a, b in zip(lat[1:], lat[2:]))
+    assert queue_floor([12.0] * 4, 10.0) == [12.0, 14.0, 16.0, 18.0]  # over capacity: grows without end
+    with pytest.raises(ValueError, match="period_ms 0"):
+        queue_floor([1.0], 0)
 
 
 def test_bench_refuses_a_load_outside_0_1(capsys):
