@@ -529,23 +529,6 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
     return DetTrainResult(card, onnx_path, kept_epoch, seconds, rows)
 
 
-def adopt_eval_figures(onnx_path: str | Path, eval_json: str | Path, out_path: str | Path | None = None) -> ModelCard:
-    """Re-embed the card of ``onnx_path`` with the figures of a ``station eval --json``
-    report (its ``card_figures``, prefixed ``eval_``, next to the training figures)
-    and its command line as ``evaluated_by``; returns the new card."""
-    from .onnx_export import embed_card_file, read_card
-
-    report = json.loads(Path(eval_json).read_text())
-    card = read_card(onnx_path)
-    figures = dict(card.training.figures)
-    figures.update({f"eval_{k}": round(float(v), 4) for k, v in report["card_figures"].items()})
-    figures["eval_images"] = float(report["counts"]["evaluated"])
-    training = card.training.model_copy(update={"figures": figures, "evaluated_by": report["command_line"]})
-    card = ModelCard.from_json(card.model_copy(update={"training": training}).to_json())
-    embed_card_file(onnx_path, card, out_path)
-    return card
-
-
 # --- CLI ---------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ Tests marked ``slow`` import TensorFlow."""
 from __future__ import annotations
 
 import csv
+import shlex
 import json
 from pathlib import Path
 
@@ -254,3 +255,39 @@ def test_detector_export_round_trip(tiny_det_run, tmp_path: Path) -> None:
     assert (cfg.out_dir / "best.weights.h5").is_file() and (cfg.out_dir / "last.weights.h5").is_file()
     split = json.loads((cfg.out_dir / "split.json").read_text())
     assert len(split["val"]) == 3 and not set(split["val"]) & set(split["train"])
+
+
+def test_neu_det_recipe_is_the_command_on_its_card() -> None:
+    from export.neu_det import recipe
+    from export.train_detector import build_parser, config_from_args
+
+    cfg = recipe(Path("/data/neu_det"), Path("runs/x"))
+    assert cfg.keep == "last" and cfg.crop_min < 1 and cfg.jitter > 0 and cfg.seed == 0
+    head, equivalent = cfg.command.split("   # = ")
+    assert head == "python -m export.neu_det train --data /data/neu_det --run runs/x"
+    # the train_detector command on the card rebuilds the very same configuration
+    argv = shlex.split(equivalent)[3:]
+    again = config_from_args(build_parser().parse_args(argv), cfg.command)
+    assert again == cfg
+
+
+@pytest.mark.slow
+def test_neu_det_eval_writes_reports_and_card_figures(tiny_det_run, tmp_path: Path) -> None:
+    import shutil
+
+    from export.neu_det import main
+    from export.onnx_export import read_card
+
+    cfg, result = tiny_det_run
+    model = tmp_path / "det.onnx"
+    shutil.copyfile(result.onnx_path, model)
+    report, png = tmp_path / "eval.json", tmp_path / "eval.png"
+    assert main(["eval", "--run", str(cfg.out_dir), "--model", str(model), "--json", str(report),
+                 "--report", str(png)]) == 0
+    det = json.loads(report.read_text())["detection"]
+    assert png.stat().st_size > 0 and det["images"] == 3
+    t = read_card(model).training
+    assert t.figures["eval_ap50"] == round(det["ap50"], 4) and t.figures["eval_images"] == 3
+    assert t.figures["val_ap50"] == result.card.training.figures["val_ap50"]  # training figures kept
+    assert "python -m export.neu_det eval" in t.evaluated_by
+    assert main(["eval", "--run", str(tmp_path / "none"), "--model", str(model)]) == 2  # no run: clear error
