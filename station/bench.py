@@ -61,6 +61,27 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _host_ticks() -> tuple[int, int] | None:
+    """(steal, all) CPU ticks of the machine since boot (/proc/stat), None where unknown.
+    Steal is time the hypervisor gave this VM's CPUs to others: a benchmark run
+    under heavy steal measures the host, not the station."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return ticks[7], sum(ticks)
+
+
+def _steal_pct(a: tuple[int, int] | None, b: tuple[int, int] | None) -> float | None:
+    if a is None or b is None or b[1] <= a[1]:
+        return None
+    return 100.0 * (b[0] - a[0]) / (b[1] - a[1])
+
+
 def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -168,6 +189,7 @@ class _Run:
         self.records = 0
         self.warm = warm
         self.marks: dict[str, tuple[float, float, float]] = {}  # name → (wall, cpu, rss)
+        self.host: dict[str, tuple[int, int] | None] = {}  # name → host (steal, all) ticks
         self._lock = threading.Lock()
         self.daemon = Daemon(cfg, state_dir=state_dir)
         self.daemon.on_ack = self._on_ack
@@ -177,6 +199,7 @@ class _Run:
 
     def _mark(self, name: str) -> None:
         self.marks[name] = (time.perf_counter(), _cpu_s(), _rss_mb())
+        self.host[name] = _host_ticks()
 
     def _on_published(self, record: dict, seq: int | None) -> None:
         if seq is None or "error" in record:
@@ -296,7 +319,9 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
                        "providers": m.providers, "sha256": m.sha256} for r, m in models.items()},
     }
     log.info("bare ONNX Runtime runs")
+    h0 = _host_ticks()
     report["bare"], bare_ms = bare(inspector, sample, max(50, min(frames // 4, 1000)))
+    report["bare"]["host_steal_pct"] = _steal_pct(h0, _host_ticks())
 
     log.info("pipeline: %d frames, unpaced", frames)
     warm = min(50, max(1, frames // 10))
@@ -312,6 +337,7 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
         "rss_mb_end": r1,
         "rss_growth_mb": r1 - r0,
         "dropped": run.daemon.queue.dropped,
+        "host_steal_pct": _steal_pct(run.host["warm"], run.host["end"]),
         "stage_ms": {k: {"p50": _pct(v, 50), "p99": _pct(v, 99)} for k, v in run.stages.items()},
     }
 
@@ -332,6 +358,7 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
             "p99_ms": _pct(lat, 99),
             "p99_over_bare_median": _pct(lat, 99) / report["bare"]["median_ms"],
             "dropped": lrun.daemon.queue.dropped,
+            "host_steal_pct": _steal_pct(lrun.host["start"], lrun.host["end"]),
             # the bare runs queued at the same pace: what the models alone reach here
             "models_alone": {"p50_ms": _pct(floor, 50), "p99_ms": _pct(floor, 99),
                              "p99_over_bare_median": _pct(floor, 99) / report["bare"]["median_ms"]},
@@ -358,6 +385,10 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
     return report
 
 
+def _steal_text(pct: float | None) -> str:
+    return "" if pct is None else f"   host steal {pct:.0f} %"
+
+
 def format_report(r: dict) -> str:
     b, p, o = r["bare"], r["pipeline"], r["outbox"]
     lines = [
@@ -369,11 +400,12 @@ def format_report(r: dict) -> str:
                      f"bare median {b['models'][role]['median_ms']:.2f} ms")
     lines += [
         f"{'bare (in parallel)' if b['parallel_models'] else 'bare (in turn)':24s}{b['fps']:8.1f} frames/s   "
-        f"median {b['median_ms']:.2f} ms   p99 {b['p99_ms']:.2f} ms",
+        f"median {b['median_ms']:.2f} ms   p99 {b['p99_ms']:.2f} ms{_steal_text(b.get('host_steal_pct'))}",
         f"pipeline (to PUBACK)    {p['fps']:8.1f} frames/s   ratio {r['ratios']['pipeline_over_bare']:.3f}   "
-        f"CPU {p['cpu_pct']:.0f} %   dropped {p['dropped']}",
+        f"CPU {p['cpu_pct']:.0f} %   dropped {p['dropped']}{_steal_text(p.get('host_steal_pct'))}",
         *(f"end-to-end at {run['load']:4.0%} load p50 {run['p50_ms']:.2f} ms   p99 {run['p99_ms']:.2f} ms   "
-          f"= {run['p99_over_bare_median']:.2f} x bare median   dropped {run['dropped']}\n"
+          f"= {run['p99_over_bare_median']:.2f} x bare median   dropped {run['dropped']}"
+          f"{_steal_text(run.get('host_steal_pct'))}\n"
           f"  models alone at that pace    p50 {run['models_alone']['p50_ms']:.2f} ms   "
           f"p99 {run['models_alone']['p99_ms']:.2f} ms   = {run['models_alone']['p99_over_bare_median']:.2f} x"
           for run in r["latency_by_load"]),

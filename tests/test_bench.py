@@ -27,13 +27,17 @@ def test_bench_writes_every_figure(tmp_path, capsys):
     assert report["latency"] == report["latency_by_load"][0]  # the targets are judged at the first load
     assert report["ratios"]["p99_over_bare_median"] == report["latency"]["p99_over_bare_median"] == pytest.approx(
         report["latency"]["p99_ms"] / report["bare"]["median_ms"])
+    # the hypervisor's share of the CPUs during each phase (Linux: /proc/stat)
+    for steal in (report["bare"]["host_steal_pct"], report["pipeline"]["host_steal_pct"],
+                  *(run["host_steal_pct"] for run in report["latency_by_load"])):
+        assert 0.0 <= steal <= 100.0
     for run in report["latency_by_load"]:  # the models alone at the same pace: 0 < p50 <= p99
         alone = run["models_alone"]
         assert 0 < alone["p50_ms"] <= alone["p99_ms"]
         assert alone["p99_over_bare_median"] == pytest.approx(alone["p99_ms"] / report["bare"]["median_ms"])
     printed = capsys.readouterr().out
     assert "pipeline (to PUBACK)" in printed and "end-to-end at  80% load" in printed and "at  50% load" in printed
-    assert printed.count("models alone at that pace") == 2
+    assert printed.count("models alone at that pace") == 2 and printed.count("host steal") == 4
 
 
 def test_queue_floor_is_lindleys_recursion():
