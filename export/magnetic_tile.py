@@ -41,7 +41,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from . import ExportError
+from . import ExportError, run_commands, run_station_eval
 from .card import PreprocessOptions, preprocess_ops
 from .onnx_export import embed_card_file, read_card
 from .train import TrainConfig, final_figures, train
@@ -206,16 +206,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             embed_card_file(args.model, card.model_copy(update={"output": card.output.model_copy(
                 update={"threshold": args.threshold})}))
     json_out, png_out = args.json, args.report
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    png_out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "station", "eval", "-c", str(args.config), "--seg-model", str(args.model),
-           "--json", str(json_out), "--report", str(png_out), "-q", *map(str, images)]
     log.info("station eval on %d validation images of %s", len(images), args.run / "split.json")
-    rc = subprocess.call(cmd)
-    if rc != 0:
-        log.error("station eval exited with %d", rc)
-        return rc
-    report = json.loads(json_out.read_text())
+    report = run_station_eval(["-c", args.config, "--seg-model", args.model, *images], json_out, png_out)
     seg = report["segmentation"]
     figures = {f"eval_{k}": round(float(v), 4) for k, v in report["card_figures"].items()}
     for cls, s in sorted(seg["per_class"].items()):
@@ -326,16 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
-    try:
-        commands = {"train": cmd_train, "eval": cmd_eval, "export-checkpoint": cmd_export_checkpoint,
-                    "tune": cmd_tune}
-        return commands[args.cmd](args)
-    except ExportError as exc:
-        log.error("%s", exc)
-        return 2
+    return run_commands(build_parser(), {"train": cmd_train, "eval": cmd_eval,
+                                         "export-checkpoint": cmd_export_checkpoint, "tune": cmd_tune}, argv)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,12 @@ import json
 import logging
 import shlex
 import shutil
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from . import ExportError
+from . import ExportError, run_commands, run_station_eval
 from .onnx_export import embed_card_file, read_card
 from .train_detector import DetTrainConfig, command_of, train
 
@@ -83,16 +82,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not images.is_dir():
         raise ExportError(f"{images}: no validation images; train first")
     json_out, png_out = args.json, args.report
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    png_out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "station", "eval", str(images), "--det-model", str(args.model),
-           "--json", str(json_out), "--report", str(png_out), "-q"]
     log.info("station eval on the validation images of %s", args.run)
-    rc = subprocess.call(cmd)
-    if rc != 0:
-        log.error("station eval exited with %d", rc)
-        return rc
-    report = json.loads(json_out.read_text())
+    report = run_station_eval([images, "--det-model", args.model], json_out, png_out)
     det = report["detection"]
     figures = {f"eval_{k}": round(float(v), 4) for k, v in report["card_figures"].items()}
     for cls, per in sorted(det["per_class"].items()):
@@ -137,14 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
-    try:
-        return {"train": cmd_train, "eval": cmd_eval}[args.cmd](args)
-    except ExportError as exc:
-        log.error("%s", exc)
-        return 2
+    return run_commands(build_parser(), {"train": cmd_train, "eval": cmd_eval}, argv)
 
 
 if __name__ == "__main__":
