@@ -400,12 +400,12 @@ def format_report(r: dict) -> str:
                      f"bare median {b['models'][role]['median_ms']:.2f} ms")
     lines += [
         f"{'bare (in parallel)' if b['parallel_models'] else 'bare (in turn)':24s}{b['fps']:8.1f} frames/s   "
-        f"median {b['median_ms']:.2f} ms   p99 {b['p99_ms']:.2f} ms{_steal_text(b.get('host_steal_pct'))}",
+        f"median {b['median_ms']:.2f} ms   p99 {b['p99_ms']:.2f} ms{_steal_text(b['host_steal_pct'])}",
         f"pipeline (to PUBACK)    {p['fps']:8.1f} frames/s   ratio {r['ratios']['pipeline_over_bare']:.3f}   "
-        f"CPU {p['cpu_pct']:.0f} %   dropped {p['dropped']}{_steal_text(p.get('host_steal_pct'))}",
+        f"CPU {p['cpu_pct']:.0f} %   dropped {p['dropped']}{_steal_text(p['host_steal_pct'])}",
         *(f"end-to-end at {run['load']:4.0%} load p50 {run['p50_ms']:.2f} ms   p99 {run['p99_ms']:.2f} ms   "
           f"= {run['p99_over_bare_median']:.2f} x bare median   dropped {run['dropped']}"
-          f"{_steal_text(run.get('host_steal_pct'))}\n"
+          f"{_steal_text(run['host_steal_pct'])}\n"
           f"  models alone at that pace    p50 {run['models_alone']['p50_ms']:.2f} ms   "
           f"p99 {run['models_alone']['p99_ms']:.2f} ms   = {run['models_alone']['p99_over_bare_median']:.2f} x"
           for run in r["latency_by_load"]),
