@@ -24,10 +24,16 @@ on masks thresholded at 0.5, accumulated over the epoch (intersection and
 union summed over all pixels of all batches, so batches without any defect
 count; with no defect and no prediction in a whole epoch it is 1.0).
 
+Optional: windows cut at random scales (``--zoom``), and an exponential
+moving average of the weights (``--ema``: validated each epoch and exported
+instead of the raw weights; it smooths the epoch-to-epoch swings of a small
+training set).
+
 RUN_DIR receives ``history.csv`` (epoch, loss, iou, val_loss, val_iou,
-seconds), ``curves.png``, ``best.weights.h5`` (best validation IoU),
-``split.json`` (the images on each side), ``card.json`` and ``model.onnx``
-(the best weights, card embedded).
+seconds), ``curves.png``, ``best.weights.h5`` (best validation IoU) or, with
+``--keep last``, ``last.weights.h5`` (after every epoch), ``split.json`` (the
+images on each side), ``card.json`` and ``model.onnx`` (the kept weights,
+card embedded).
 """
 
 from __future__ import annotations
@@ -100,6 +106,9 @@ class TrainConfig:
     parity_count: int = 8
     crop: int | None = None  # train on crop×crop windows of the input-size images (None: whole images)
     crop_defect: float = 0.5  # share of crops placed over a defect pixel (crop training)
+    zoom: float = 1.0  # crop training: windows cut at a scale drawn log-uniformly from [1/zoom, zoom] (1: off)
+    ema: float = 0.0  # exponential moving average of the weights, momentum per step (0: off); validated and exported
+    keep: str = "best"  # "best": the best validation IoU epoch's weights; "last": the final epoch's
     steps: int | None = None  # crop training: batches per epoch (default: as many as one pass over the images)
     stop_after: int | None = None  # stop after this many epochs; the learning-rate schedule still spans `epochs`
     eager: bool = False  # run_eagerly: skips the ~20 s graph tracing of tiny runs (tests); slower per step
@@ -239,7 +248,7 @@ def make_augmented(x: np.ndarray, y: np.ndarray, batch: int, seed: int, defect_r
 
 
 def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, steps: int,
-               defect_share: float = 0.5, jitter: float = 0.0):
+               defect_share: float = 0.5, jitter: float = 0.0, zoom: float = 1.0):
     """A ``keras.utils.PyDataset`` of ``steps`` batches of (batch, crop, crop, C) windows per epoch.
 
     The model is fully convolutional: it learns on windows of the input-size
@@ -249,7 +258,11 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
     the border), which balances the rare small defects against the defect-free
     bulk; the others are drawn uniformly from all images. Each window then gets
     one of the 8 symmetries of the square and the gain/offset ``jitter`` (see
-    :func:`make_augmented`). Everything is a function of (seed, epoch, index).
+    :func:`make_augmented`). With ``zoom`` Z > 1 each window is cut at a scale
+    s drawn log-uniformly from [1/Z, Z]: a side of crop/s input pixels (at most
+    the image) resized to crop (linear; the mask re-thresholded at 0.5), so the
+    network sees each defect at sizes it meets on larger and smaller parts.
+    Everything is a function of (seed, epoch, index).
     """
     keras = _keras()
     n, h, w = x.shape[:3]
@@ -257,9 +270,13 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
         raise ExportError(f"--crop {crop}: must be a multiple of 32 between 32 and the input size {h}x{w}")
     if not 0 <= defect_share <= 1:
         raise ExportError(f"--crop-defect {defect_share}: must be in [0, 1]")
+    if not 1.0 <= zoom <= 4.0:
+        raise ExportError(f"--zoom {zoom}: must be in [1, 4] (1: off)")
+    import cv2
+
     defect_pixels = [np.argwhere(y[i, ..., 0] >= 0.5) for i in range(n)]
     defective = np.array([i for i in range(n) if len(defect_pixels[i])], dtype=np.int64)
-    margin = crop // 8
+    log_zoom = math.log(zoom)
 
     class Crops(keras.utils.PyDataset):
         def __init__(self) -> None:
@@ -277,15 +294,23 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
             xb = np.empty((batch, crop, crop, x.shape[3]), x.dtype)
             yb = np.empty((batch, crop, crop, y.shape[3]), y.dtype)
             for k in range(batch):
+                side = crop
+                if log_zoom:
+                    side = min(h, w, int(round(crop / math.exp(rng.uniform(-log_zoom, log_zoom)))))
+                margin = side // 8
                 if len(defective) and rng.random() < defect_share:
                     i = int(defective[rng.integers(len(defective))])
                     cy, cx = defect_pixels[i][rng.integers(len(defect_pixels[i]))]
-                    y0 = int(np.clip(cy - rng.integers(margin, crop - margin), 0, h - crop))
-                    x0 = int(np.clip(cx - rng.integers(margin, crop - margin), 0, w - crop))
+                    y0 = int(np.clip(cy - rng.integers(margin, side - margin), 0, h - side))
+                    x0 = int(np.clip(cx - rng.integers(margin, side - margin), 0, w - side))
                 else:
                     i = int(rng.integers(n))
-                    y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-                xi, yi = x[i, y0 : y0 + crop, x0 : x0 + crop], y[i, y0 : y0 + crop, x0 : x0 + crop]
+                    y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+                xi, yi = x[i, y0 : y0 + side, x0 : x0 + side], y[i, y0 : y0 + side, x0 : x0 + side]
+                if side != crop:
+                    xi = cv2.resize(xi, (crop, crop), interpolation=cv2.INTER_LINEAR).reshape(crop, crop, -1)
+                    yi = cv2.resize(yi, (crop, crop), interpolation=cv2.INTER_LINEAR).reshape(crop, crop, -1)
+                    yi = (yi >= 0.5).astype(y.dtype)
                 sym = int(rng.integers(8))
                 if sym & 1:
                     xi, yi = xi[:, ::-1], yi[:, ::-1]
@@ -383,13 +408,14 @@ def _stop_after(epochs: int):
     return StopAfter()
 
 
-def _keep_best(monitor: str = "val_iou", path: Path | None = None):
+def _keep_best(monitor: str = "val_iou", path: Path | None = None, last: bool = False):
     keras = _keras()
 
     class KeepBest(keras.callbacks.Callback):
         """Keeps a copy of the weights of the epoch with the highest ``monitor`` (the
-        first such epoch on ties) in memory, and writes them to ``path`` (when given)
-        at each improvement, so an interrupted run leaves its best weights behind."""
+        first such epoch on ties; with ``last``, of every epoch, so the final one is
+        kept) in memory, and writes them to ``path`` (when given) each time, so an
+        interrupted run leaves its weights behind."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -399,7 +425,7 @@ def _keep_best(monitor: str = "val_iou", path: Path | None = None):
 
         def on_epoch_end(self, epoch, logs=None):
             value = (logs or {}).get(monitor)
-            if value is not None and float(value) > self.best:
+            if value is not None and (last or float(value) > self.best):
                 self.best, self.epoch = float(value), epoch + 1
                 self.weights = self.model.get_weights()
                 if path is not None:
@@ -455,6 +481,14 @@ def _check(cfg: TrainConfig) -> None:
                           f"{cfg.size[0]}x{cfg.size[1]}")
     if not 0 <= cfg.crop_defect <= 1:
         raise ExportError(f"--crop-defect {cfg.crop_defect}: must be in [0, 1]")
+    if not 1.0 <= cfg.zoom <= 4.0:
+        raise ExportError(f"--zoom {cfg.zoom}: must be in [1, 4] (1: off)")
+    if cfg.zoom != 1.0 and not cfg.crop:
+        raise ExportError(f"--zoom {cfg.zoom}: only with --crop (windows are cut at random scales)")
+    if not (cfg.ema == 0 or 0 < cfg.ema < 1):
+        raise ExportError(f"--ema {cfg.ema}: must be 0 (off) or a momentum in (0, 1), e.g. 0.99")
+    if cfg.keep not in ("best", "last"):
+        raise ExportError(f"--keep {cfg.keep!r}: must be 'best' or 'last'")
     if cfg.steps is not None and cfg.steps < 1:
         raise ExportError(f"--steps {cfg.steps}: need at least 1")
     if cfg.steps is not None and not cfg.crop:
@@ -525,7 +559,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         learner.set_weights(model.get_weights())
         steps = cfg.steps or math.ceil(len(train_arrays.x) / cfg.batch)
         train_data = make_crops(train_arrays.x, train_arrays.y, cfg.batch, cfg.seed, cfg.crop, steps,
-                                cfg.crop_defect, cfg.jitter)
+                                cfg.crop_defect, cfg.jitter, cfg.zoom)
         model.compile(loss=loss, metrics=[make_iou_metric(cfg.threshold)])
     else:
         learner = model
@@ -533,18 +567,21 @@ def train(cfg: TrainConfig) -> TrainResult:
                                     cfg.jitter)
         steps = len(train_data)
     schedule = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=steps * cfg.epochs, alpha=0.05)
-    learner.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss,
+    optimizer = keras.optimizers.Adam(schedule, use_ema=cfg.ema > 0, ema_momentum=cfg.ema or 0.99)
+    learner.compile(optimizer=optimizer, loss=loss,
                     metrics=[make_iou_metric(cfg.threshold)], run_eagerly=cfg.eager)
     log.info("model %s: %d parameters, input %s; %d epochs of %d steps%s", model.name, model.count_params(),
              tuple(model.input.shape[1:]), cfg.epochs, steps,
              f" of {cfg.batch} {cfg.crop}x{cfg.crop} crops ({cfg.crop_defect:g} over a defect)" if cfg.crop else "")
 
-    best_path = cfg.out_dir / "best.weights.h5"
+    best_path = cfg.out_dir / f"{cfg.keep}.weights.h5"
     rows: list[dict[str, float]] = []
-    keep_best = _keep_best("val_iou", best_path)
+    keep_best = _keep_best("val_iou", best_path, last=cfg.keep == "last")
     callbacks = [_history_callback(cfg.out_dir / "history.csv", rows), keep_best]
     if cfg.crop:
         callbacks.insert(0, _validate_whole(model, val_arrays.x, val_arrays.y, cfg.batch))
+    if cfg.ema:  # first: from each epoch's end until the next begins the model holds the averaged weights
+        callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if cfg.stop_after is not None and cfg.stop_after < cfg.epochs:
         callbacks.append(_stop_after(cfg.stop_after))
     t0 = time.perf_counter()
@@ -560,8 +597,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     model.save_weights(best_path)
     best = rows[keep_best.epoch - 1]
     figures = final_figures(model, train_arrays, val_arrays, cfg.batch, best["epoch"])
-    log.info("best epoch %d of %d: val IoU %.4f, train IoU %.4f (no augmentation); fit took %.0f s",
-             best["epoch"], cfg.epochs, figures["val_iou"], figures["train_iou"], seconds)
+    log.info("%s epoch %d of %d: val IoU %.4f, train IoU %.4f (no augmentation); fit took %.0f s",
+             cfg.keep, best["epoch"], cfg.epochs, figures["val_iou"], figures["train_iou"], seconds)
 
     data_text = cfg.data_description or (
         f"{len(listing.samples)} images with masks from {cfg.data_dir}"
@@ -575,14 +612,21 @@ def train(cfg: TrainConfig) -> TrainResult:
         seed=cfg.seed,
         seconds=round(seconds, 1),
         figures=figures,
-        evaluated_by=f"{command} (best-val-IoU weights, thresholded at {cfg.threshold:g}; IoU accumulated over "
-                     f"all pixels of each set)",
+        evaluated_by=f"{command} ({_kept_weights(cfg)}, thresholded at {cfg.threshold:g}; IoU accumulated "
+                     f"over all pixels of each set)",
     )
     card = draft.model_copy(update={"training": training})
     card = export_model(model, card, cfg.out_dir / "model.onnx", val_arrays.x[: max(1, cfg.parity_count)],
                         opset=cfg.opset)
     (cfg.out_dir / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
     return TrainResult(card, cfg.out_dir / "model.onnx", int(best["epoch"]), seconds, rows)
+
+
+def _kept_weights(cfg: TrainConfig) -> str:
+    """What the exported weights are, for the card."""
+    kept = ("best-val-IoU epoch's weights (chosen on the validation split)" if cfg.keep == "best"
+            else "last epoch's weights (the validation split chooses nothing)")
+    return kept + (f", exponential moving average of the weights (momentum {cfg.ema:g} per step)" if cfg.ema else "")
 
 
 def _log_arrays(what: str, arrays: Arrays) -> None:
@@ -620,6 +664,12 @@ def command_of(cfg: TrainConfig) -> str:
         argv += ["--steps", str(cfg.steps)]
     if cfg.jitter:
         argv += ["--jitter", f"{cfg.jitter:g}"]
+    if cfg.zoom != 1.0:
+        argv += ["--zoom", f"{cfg.zoom:g}"]
+    if cfg.ema:
+        argv += ["--ema", f"{cfg.ema:g}"]
+    if cfg.keep != "best":
+        argv += ["--keep", cfg.keep]
     if cfg.missing_mask_is_free:
         argv.append("--missing-mask-is-free")
     if cfg.stop_after is not None and cfg.stop_after < cfg.epochs:
@@ -687,6 +737,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --crop: batches per epoch (default: as many as one pass over the training images)")
     p.add_argument("--jitter", type=float, default=0.0,
                    help="augmentation: per-image gain 1±J and offset ±J on the normalised input (0: off)")
+    p.add_argument("--zoom", type=float, default=1.0, metavar="Z",
+                   help="with --crop: cut windows at a scale drawn log-uniformly from [1/Z, Z] (1: off)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="M",
+                   help="validate and export the exponential moving average of the weights, momentum M per step "
+                        "(0: off)")
+    p.add_argument("--keep", choices=("best", "last"), default="best",
+                   help="export the best validation IoU epoch's weights, or the last epoch's")
     p.add_argument("--seed", type=int, default=0, help="split, augmentation and initialisation seed")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--stop-after", type=int, metavar="N",
@@ -733,7 +790,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> TrainConfig:
         decoder_filters=tuple(args.decoder_filters) if args.decoder_filters else None, dropout=args.dropout,
         weights=args.weights, epochs=args.epochs, batch=args.batch, lr=args.lr, dice_weight=args.dice_weight,
         loss=args.loss, focal_gamma=args.focal_gamma, defect_repeat=args.defect_repeat, jitter=args.jitter,
-        crop=args.crop, crop_defect=args.crop_defect, steps=args.steps,
+        crop=args.crop, crop_defect=args.crop_defect, steps=args.steps, zoom=args.zoom, ema=args.ema, keep=args.keep,
         seed=args.seed, val_fraction=args.val_fraction, missing_mask_is_free=args.missing_mask_is_free,
         name=args.name, version=args.version, description=args.description,
         data_description=args.data_description, threshold=args.threshold, opset=args.opset, command=command,

@@ -249,17 +249,50 @@ def test_crops_cover_defects_deterministically() -> None:
 
 
 @pytest.mark.slow
+def test_zoomed_crops_rescale_image_and_mask_together() -> None:
+    from export.train import make_crops
+
+    # a horizontal ramp: a window's left-to-right rise measures the scale it was cut at
+    x = np.tile(np.arange(64, dtype=np.float32), (4, 64, 1))[..., None]
+    y = np.zeros((4, 64, 64, 1), np.float32)
+    y[:, 24:40, 24:40] = 1.0  # a 16 px square defect in every image
+    zoomed = make_crops(x, y, batch=16, seed=5, crop=32, steps=4, defect_share=1.0, zoom=2.0)
+    again = make_crops(x, y, batch=16, seed=5, crop=32, steps=4, defect_share=1.0, zoom=2.0)
+    rises, areas = [], []
+    for i in range(len(zoomed)):
+        (xb, yb), (xc, yc) = zoomed[i], again[i]
+        np.testing.assert_array_equal(xb, xc)
+        np.testing.assert_array_equal(yb, yc)
+        assert xb.shape == yb.shape == (16, 32, 32, 1) and set(np.unique(yb)) <= {0.0, 1.0}
+        for xi, yi in zip(xb[..., 0], yb[..., 0]):
+            rises.append(max(abs(xi[:, -1] - xi[:, 0]).max(), abs(xi[-1] - xi[0]).max()) / 31)
+            areas.append(yi.sum())
+    rises, areas = np.array(rises), np.array(areas)
+    assert rises.min() < 0.75 and rises.max() > 1.4  # source sides from ~16 to 64 px squeezed into 32
+    assert np.all((rises > 0.45) & (rises < 2.05))
+    # the defect scales with the window: magnified (rise < 1) windows show more defect pixels
+    assert areas[rises < 0.8].mean() > 1.5 * areas[rises > 1.3].mean()
+    with pytest.raises(ExportError, match="--zoom 0.5"):
+        make_crops(x, y, batch=8, seed=3, crop=32, steps=1, zoom=0.5)
+
+
+@pytest.mark.slow
 def test_crop_training_validates_and_exports_at_the_input_size(tiny_run, tmp_path: Path) -> None:
     from dataclasses import replace
 
     from export.train import train
 
     cfg, _ = tiny_run
-    crop_cfg = replace(cfg, out_dir=tmp_path / "crop", crop=32, crop_defect=0.5, steps=2, epochs=2)
+    crop_cfg = replace(cfg, out_dir=tmp_path / "crop", crop=32, crop_defect=0.5, steps=2, epochs=2, zoom=1.5,
+                       ema=0.9, keep="last")
     result = train(crop_cfg)
     assert result.card.input.height == result.card.input.width == 64
     assert len(result.history) == 2 and all(0.0 <= row["val_iou"] <= 1.0 for row in result.history)
-    assert "--crop 32 --crop-defect 0.5 --steps 2" in result.card.training.command
+    assert result.best_epoch == 2 and (tmp_path / "crop" / "last.weights.h5").is_file()
+    training = result.card.training
+    assert "--crop 32 --crop-defect 0.5 --steps 2" in training.command
+    assert "--zoom 1.5 --ema 0.9 --keep last" in training.command
+    assert "last epoch's weights" in training.evaluated_by and "moving average" in training.evaluated_by
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
@@ -273,7 +306,9 @@ def test_training_options_are_checked(tmp_path: Path) -> None:
                        (dict(loss="hinge"), "--loss"), (dict(crop=48), "--crop 48"),
                        (dict(crop=256), "--crop 256"), (dict(crop_defect=1.5), "--crop-defect"),
                        (dict(steps=0), "--steps"), (dict(steps=10), "--steps 10: only with --crop"),
-                       (dict(crop=32, defect_repeat=2), "--defect-repeat 2: not with --crop")):
+                       (dict(crop=32, defect_repeat=2), "--defect-repeat 2: not with --crop"),
+                       (dict(zoom=1.5), "--zoom 1.5: only with --crop"), (dict(crop=32, zoom=8.0), "--zoom 8"),
+                       (dict(ema=1.0), "--ema 1.0"), (dict(keep="worst"), "--keep")):
         with pytest.raises(ExportError, match=match):
             train(TrainConfig(data_dir=tmp_path, out_dir=tmp_path / "run", **bad))
 
