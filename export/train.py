@@ -26,8 +26,10 @@ count; with no defect and no prediction in a whole epoch it is 1.0).
 
 Optional: windows cut at random scales (``--zoom``), and an exponential
 moving average of the weights (``--ema``: validated each epoch and exported
-instead of the raw weights; it smooths the epoch-to-epoch swings of a small
-training set).
+instead of the raw weights), and BatchNorm statistics re-measured after
+training on the whole training images (``--recompute-bn``: those training
+leaves behind describe its last few batches of windows, not the whole
+images the line feeds).
 
 RUN_DIR receives ``history.csv`` (epoch, loss, iou, val_loss, val_iou,
 seconds), ``curves.png``, ``best.weights.h5`` (best validation IoU) or, with
@@ -109,6 +111,7 @@ class TrainConfig:
     zoom: float = 1.0  # crop training: windows cut at a scale drawn log-uniformly from [1/zoom, zoom] (1: off)
     ema: float = 0.0  # exponential moving average of the weights, momentum per step (0: off); validated and exported
     keep: str = "best"  # "best": the best validation IoU epoch's weights; "last": the final epoch's
+    recompute_bn: bool = False  # BatchNorm statistics of the kept weights re-measured on whole training images
     steps: int | None = None  # crop training: batches per epoch (default: as many as one pass over the images)
     stop_after: int | None = None  # stop after this many epochs; the learning-rate schedule still spans `epochs`
     eager: bool = False  # run_eagerly: skips the ~20 s graph tracing of tiny runs (tests); slower per step
@@ -451,6 +454,36 @@ def _validate_whole(full_model, x: np.ndarray, y: np.ndarray, batch: int):
     return ValidateWhole()
 
 
+def recompute_bn(model, x: np.ndarray, batch: int) -> int:
+    """Re-measure the moving statistics of every BatchNormalization in ``model``
+    on ``x`` (whole, unaugmented training inputs, in order): the average of the
+    batch statistics over all of ``x``, each batch weighted by its size. Returns
+    the number of BatchNorm layers.
+
+    The statistics a training run leaves behind describe its last few batches
+    (momentum 0.9: about ten) of *training* inputs — windows, half of them over
+    a defect — and the raw weights, not their moving average (``--ema``). The
+    line feeds whole images through the kept weights; these are the statistics
+    of exactly that.
+    """
+    from keras import layers
+
+    norms = [layer for layer in model._flatten_layers() if isinstance(layer, layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in norms]
+    seen = 0
+    try:
+        for start in range(0, len(x), batch):
+            xb = x[start : start + batch]
+            for layer in norms:  # moving = moving·seen/(seen+n) + batch·n/(seen+n): the running average
+                layer.momentum = seen / (seen + len(xb))
+            model(xb, training=True)
+            seen += len(xb)
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+    return len(norms)
+
+
 # --- the run -----------------------------------------------------------------
 
 
@@ -594,9 +627,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     if keep_best.weights is None:
         raise ExportError("training produced no validation IoU (empty validation set?)")
     model.set_weights(keep_best.weights)
-    model.save_weights(best_path)
     best = rows[keep_best.epoch - 1]
+    if cfg.recompute_bn:
+        t_bn = time.perf_counter()
+        n_bn = recompute_bn(model, train_arrays.x, cfg.batch)
+        log.info("BatchNorm statistics of %d layers re-measured on %d whole training images in %.0f s (validation "
+                 "IoU before: %.4f)", n_bn, len(train_arrays.x), time.perf_counter() - t_bn, best["val_iou"])
+    model.save_weights(best_path)
     figures = final_figures(model, train_arrays, val_arrays, cfg.batch, best["epoch"])
+    if cfg.recompute_bn:
+        figures["val_iou_before_bn"] = round(float(best["val_iou"]), 4)
     log.info("%s epoch %d of %d: val IoU %.4f, train IoU %.4f (no augmentation); fit took %.0f s",
              cfg.keep, best["epoch"], cfg.epochs, figures["val_iou"], figures["train_iou"], seconds)
 
@@ -626,7 +666,8 @@ def _kept_weights(cfg: TrainConfig) -> str:
     """What the exported weights are, for the card."""
     kept = ("best-val-IoU epoch's weights (chosen on the validation split)" if cfg.keep == "best"
             else "last epoch's weights (the validation split chooses nothing)")
-    return kept + (f", exponential moving average of the weights (momentum {cfg.ema:g} per step)" if cfg.ema else "")
+    return (kept + (f", exponential moving average of the weights (momentum {cfg.ema:g} per step)" if cfg.ema else "")
+            + (", BatchNorm statistics re-measured on the whole training images" if cfg.recompute_bn else ""))
 
 
 def _log_arrays(what: str, arrays: Arrays) -> None:
@@ -670,6 +711,8 @@ def command_of(cfg: TrainConfig) -> str:
         argv += ["--ema", f"{cfg.ema:g}"]
     if cfg.keep != "best":
         argv += ["--keep", cfg.keep]
+    if cfg.recompute_bn:
+        argv.append("--recompute-bn")
     if cfg.missing_mask_is_free:
         argv.append("--missing-mask-is-free")
     if cfg.stop_after is not None and cfg.stop_after < cfg.epochs:
@@ -744,6 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0: off)")
     p.add_argument("--keep", choices=("best", "last"), default="best",
                    help="export the best validation IoU epoch's weights, or the last epoch's")
+    p.add_argument("--recompute-bn", action="store_true",
+                   help="after training, re-measure the BatchNorm statistics of the kept weights on the whole "
+                        "training images (the input the line feeds)")
     p.add_argument("--seed", type=int, default=0, help="split, augmentation and initialisation seed")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--stop-after", type=int, metavar="N",
@@ -791,6 +837,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> TrainConfig:
         weights=args.weights, epochs=args.epochs, batch=args.batch, lr=args.lr, dice_weight=args.dice_weight,
         loss=args.loss, focal_gamma=args.focal_gamma, defect_repeat=args.defect_repeat, jitter=args.jitter,
         crop=args.crop, crop_defect=args.crop_defect, steps=args.steps, zoom=args.zoom, ema=args.ema, keep=args.keep,
+        recompute_bn=args.recompute_bn,
         seed=args.seed, val_fraction=args.val_fraction, missing_mask_is_free=args.missing_mask_is_free,
         name=args.name, version=args.version, description=args.description,
         data_description=args.data_description, threshold=args.threshold, opset=args.opset, command=command,

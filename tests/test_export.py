@@ -284,19 +284,44 @@ def test_crop_training_validates_and_exports_at_the_input_size(tiny_run, tmp_pat
 
     cfg, _ = tiny_run
     crop_cfg = replace(cfg, out_dir=tmp_path / "crop", crop=32, crop_defect=0.5, steps=2, epochs=2, zoom=1.5,
-                       ema=0.9, keep="last")
+                       ema=0.9, keep="last", recompute_bn=True)
     result = train(crop_cfg)
     assert result.card.input.height == result.card.input.width == 64
     assert len(result.history) == 2 and all(0.0 <= row["val_iou"] <= 1.0 for row in result.history)
     assert result.best_epoch == 2 and (tmp_path / "crop" / "last.weights.h5").is_file()
     training = result.card.training
     assert "--crop 32 --crop-defect 0.5 --steps 2" in training.command
-    assert "--zoom 1.5 --ema 0.9 --keep last" in training.command
+    assert "--zoom 1.5 --ema 0.9 --keep last --recompute-bn" in training.command
     assert "last epoch's weights" in training.evaluated_by and "moving average" in training.evaluated_by
+    assert "BatchNorm statistics re-measured" in training.evaluated_by and "val_iou_before_bn" in training.figures
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
     assert tuple(session.get_inputs()[0].shape) == (1, 64, 64, 1)
+
+
+@pytest.mark.slow
+def test_recompute_bn_measures_the_average_over_all_inputs() -> None:
+    import keras
+
+    from export.train import recompute_bn
+
+    inputs = keras.Input((4, 4, 2))
+    hidden = keras.layers.BatchNormalization(momentum=0.9, name="bn1")(inputs)
+    outputs = keras.Sequential([keras.layers.BatchNormalization(momentum=0.9, name="bn2")])(hidden * 3.0 + 1.0)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(10, 4, 4, 2)) * [1.0, 4.0] + [5.0, -2.0]).astype(np.float32)
+    assert recompute_bn(model, x, batch=4) == 2  # batches of 4, 4 and 2, weighted by size
+    bn1 = model.get_layer("bn1")
+    np.testing.assert_allclose(bn1.moving_mean.numpy(), x.mean(axis=(0, 1, 2)), rtol=1e-5)
+    batch_vars = [x[s : s + 4].var(axis=(0, 1, 2)) for s in (0, 4, 8)]
+    np.testing.assert_allclose(bn1.moving_variance.numpy(), np.average(batch_vars, axis=0, weights=[4, 4, 2]),
+                               rtol=1e-4)
+    # the nested layer sees its input normalised by the batch statistics, as in training
+    bn2 = model.layers[-1].layers[0]
+    np.testing.assert_allclose(bn2.moving_mean.numpy(), [1.0, 1.0], atol=1e-3)
+    assert bn1.momentum == bn2.momentum == 0.9  # restored
 
 
 def test_training_options_are_checked(tmp_path: Path) -> None:
