@@ -333,8 +333,13 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
 # --- run outputs ---------------------------------------------------------------
 
 
-def plot_curves(history: Sequence[dict[str, float]], path: Path, title: str = "") -> None:
-    """Loss and IoU per epoch, train and validation, to a PNG (matplotlib Agg)."""
+def plot_curves(history: Sequence[dict[str, float]], path: Path, title: str = "",
+                kept: tuple[float, float, str] | None = None) -> None:
+    """Loss and IoU per epoch, train and validation, to a PNG (matplotlib Agg).
+
+    kept: (epoch, validation IoU, what) of the exported weights, marked with a
+    star (their IoU can differ from the curve's, e.g. after ``--recompute-bn``);
+    without it the best validation epoch is marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -349,10 +354,17 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path, title: str = ""
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    best = max(history, key=lambda h: h["val_iou"])
-    ax_iou.axvline(best["epoch"], color="grey", ls=":", lw=1)
-    ax_iou.annotate(f"best {best['val_iou']:.3f} (epoch {best['epoch']:.0f})", (best["epoch"], best["val_iou"]),
-                    textcoords="offset points", xytext=(-10, -18), ha="right", fontsize=8)
+    if kept is None:
+        best = max(history, key=lambda h: h["val_iou"])
+        ax_iou.axvline(best["epoch"], color="grey", ls=":", lw=1)
+        ax_iou.annotate(f"best {best['val_iou']:.3f} (epoch {best['epoch']:.0f})", (best["epoch"], best["val_iou"]),
+                        textcoords="offset points", xytext=(-10, -18), ha="right", fontsize=8)
+    else:
+        epoch, iou, what = kept
+        ax_iou.plot([epoch], [iou], "*", color="C3", ms=12, label="exported")
+        ax_iou.annotate(f"{what}: validation {iou:.3f}", (epoch, iou), textcoords="offset points", xytext=(-10, 10),
+                        ha="right", fontsize=8)
+        ax_iou.legend()
     ax_iou.set_ylim(0, 1)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -622,7 +634,6 @@ def train(cfg: TrainConfig) -> TrainResult:
                 validation_data=None if cfg.crop else (val_arrays.x, val_arrays.y), validation_batch_size=cfg.batch,
                 epochs=cfg.epochs, shuffle=False, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
     seconds = time.perf_counter() - t0
-    plot_curves(rows, cfg.out_dir / "curves.png", curves_title(cfg, len(train_arrays.x), len(val_arrays.x)))
 
     if keep_best.weights is None:
         raise ExportError("training produced no validation IoU (empty validation set?)")
@@ -637,6 +648,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     figures = final_figures(model, train_arrays, val_arrays, cfg.batch, best["epoch"])
     if cfg.recompute_bn:
         figures["val_iou_before_bn"] = round(float(best["val_iou"]), 4)
+    plot_curves(rows, cfg.out_dir / "curves.png", curves_title(cfg, len(train_arrays.x), len(val_arrays.x)),
+                kept=kept_mark(cfg, best["epoch"], figures["val_iou"]))
     log.info("%s epoch %d of %d: val IoU %.4f, train IoU %.4f (no augmentation); fit took %.0f s",
              cfg.keep, best["epoch"], cfg.epochs, figures["val_iou"], figures["train_iou"], seconds)
 
@@ -660,6 +673,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                         opset=cfg.opset)
     (cfg.out_dir / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
     return TrainResult(card, cfg.out_dir / "model.onnx", int(best["epoch"]), seconds, rows)
+
+
+def kept_mark(cfg: TrainConfig, epoch: float, val_iou: float) -> tuple[float, float, str] | None:
+    """The star on ``curves.png`` where the exported weights' IoU differs from the curve's."""
+    if not (cfg.recompute_bn or cfg.keep == "last"):
+        return None
+    what = f"exported ({cfg.keep} epoch{', BatchNorm re-measured' if cfg.recompute_bn else ''})"
+    return epoch, val_iou, what
 
 
 def _kept_weights(cfg: TrainConfig) -> str:
