@@ -18,9 +18,11 @@ the run (``RUN_DIR/split.json``), writes ``docs/magnetic_tile_eval.json`` and
 ``docs/magnetic_tile_eval.png``, and records its figures (IoU overall and per
 class, pixel precision/recall, grade agreement) in the model's card.
 
-``export-checkpoint`` exports the best checkpoint of a ``train`` run that was
-stopped before its last epoch (the run writes ``best.weights.h5`` at every
-improvement), with the number of epochs really run on the card.
+``export-checkpoint`` exports the checkpoint of a ``train`` run that was
+stopped before its last epoch (the run writes its kept weights,
+``best.weights.h5`` for this recipe), with the number of epochs really run
+on the card, or re-exports a finished run with the recipe's post-training
+steps (BatchNorm statistics re-measured, curves, card, parity).
 
 Data: the Magnetic-tile defect data set (Huang, Qiu, Yuan, "Surface defect
 saliency of magnetic tile", The Visual Computer, 2020; repository
@@ -119,7 +121,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export_checkpoint(args: argparse.Namespace) -> int:
-    """Export ``RUN_DIR/best.weights.h5`` of an interrupted ``train`` (same recipe, same split).
+    """Export the kept weights (``RUN_DIR/best.weights.h5``) of an interrupted ``train``, or
+    re-export a finished one (same recipe, same split, the recipe's post-training steps).
 
     The card records how many of the planned epochs ran (from ``history.csv``);
     the learning-rate schedule of such a run had not decayed to its end.
@@ -132,18 +135,18 @@ def cmd_export_checkpoint(args: argparse.Namespace) -> int:
     from .card import draft_card
     from .data import find_samples, load_arrays, load_groups, split_samples
     from .onnx_export import export_model
-    from .train import curves_title, make_iou_metric, make_loss, plot_curves
+    from .train import curves_title, kept_mark, make_iou_metric, make_loss, plot_curves, recompute_bn
     from .unet import build_unet
 
     cfg = recipe(args.data, args.run, args.epochs)
-    weights = cfg.out_dir / "best.weights.h5"
+    weights = cfg.out_dir / f"{cfg.keep}.weights.h5"
     if not weights.is_file():
         raise ExportError(f"{weights}: no checkpoint")
     with (cfg.out_dir / "history.csv").open() as f:
         rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
     if not rows:
         raise ExportError(f"{cfg.out_dir / 'history.csv'}: no epoch finished")
-    best = max(rows, key=lambda r: r["val_iou"])
+    best = max(rows, key=lambda r: r["val_iou"]) if cfg.keep == "best" else rows[-1]
     if len(rows) < cfg.epochs:  # the command that reproduces these weights stops where this run stopped
         cfg = recipe(args.data, args.run, args.epochs, stop_after=len(rows))
     draft = draft_card(name=cfg.name, version=cfg.version, size=cfg.size, preprocess=cfg.preprocess,
@@ -156,18 +159,24 @@ def cmd_export_checkpoint(args: argparse.Namespace) -> int:
     model = build_unet((cfg.size[0], cfg.size[1], draft.input.channels), num_classes=1, alpha=cfg.alpha,
                        decoder_filters=cfg.decoder_filters, dropout=cfg.dropout, name=cfg.name.replace("-", "_"))
     model.load_weights(weights)
+    if cfg.recompute_bn:
+        recompute_bn(model, train_arrays.x, cfg.batch)
     model.compile(loss=make_loss(cfg.dice_weight, kind=cfg.loss, gamma=cfg.focal_gamma),
                   metrics=[make_iou_metric(cfg.threshold)])
     figures = {**final_figures(model, train_arrays, val_arrays, cfg.batch, best["epoch"]), "epochs_run": float(len(rows))}
+    if cfg.recompute_bn:
+        figures["val_iou_before_bn"] = round(float(best["val_iou"]), 4)
     seconds = sum(r["seconds"] for r in rows)
     plot_curves(rows, cfg.out_dir / "curves.png", curves_title(cfg, len(train_arrays.x), len(val_arrays.x))
-                + f" ({len(rows)} of {cfg.epochs} epochs)")
+                + (f" ({len(rows)} of {cfg.epochs} epochs)" if len(rows) < cfg.epochs else ""),
+                kept=kept_mark(cfg, best["epoch"], figures["val_iou"]))
     stopped = len(rows) < cfg.epochs
+    bn_note = ", BatchNorm statistics re-measured on the whole training images" if cfg.recompute_bn else ""
     training = TrainingInfo(
         data=cfg.data_description, split=split.description, command=cfg.command, epochs=len(rows), seed=cfg.seed,
         seconds=round(seconds, 1), figures=figures,
-        evaluated_by=(f"python -m export.magnetic_tile export-checkpoint (best-val-IoU weights of epoch "
-                      f"{best['epoch']:.0f}, thresholded at {cfg.threshold:g}; IoU accumulated over all pixels of "
+        evaluated_by=(f"python -m export.magnetic_tile export-checkpoint ({cfg.keep} weights, epoch "
+                      f"{best['epoch']:.0f}{bn_note}, thresholded at {cfg.threshold:g}; IoU accumulated over all pixels of "
                       f"each set, at the model's input resolution)"
                       + (f"; training stopped by hand after {len(rows)} of the recipe's {cfg.epochs} epochs "
                          f"(time budget): the cosine learning-rate decay had not finished" if stopped else "")),
@@ -294,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train with the fixed recipe, export, copy to models/ and docs/")
     e = sub.add_parser("eval", help="station eval on the run's validation split; figures into the card")
-    x = sub.add_parser("export-checkpoint", help="export the best checkpoint of an interrupted train run")
+    x = sub.add_parser("export-checkpoint", help="export the checkpoint of an interrupted train run")
     x.add_argument("--epochs", type=int, help="the --epochs the run was started with (default: the recipe's)")
     u = sub.add_parser("tune", help="threshold x min_area_px on the training split (station eval)")
     u.add_argument("--model", type=Path, default=MODEL_PATH)
