@@ -46,7 +46,7 @@ from typing import Sequence
 from . import ExportError, run_commands, run_station_eval
 from .card import PreprocessOptions, preprocess_ops
 from .onnx_export import embed_card_file, read_card
-from .train import TrainConfig, final_figures, train
+from .train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def cmd_export_checkpoint(args: argparse.Namespace) -> int:
     from .card import draft_card
     from .data import find_samples, load_arrays, load_groups, split_samples
     from .onnx_export import export_model
-    from .train import curves_title, kept_mark, make_iou_metric, make_loss, plot_curves, recompute_bn
+    from .train import finish_kept, kept_weights, make_iou_metric, make_loss
     from .unet import build_unet
 
     cfg = recipe(args.data, args.run, args.epochs)
@@ -159,24 +159,18 @@ def cmd_export_checkpoint(args: argparse.Namespace) -> int:
     model = build_unet((cfg.size[0], cfg.size[1], draft.input.channels), num_classes=1, alpha=cfg.alpha,
                        decoder_filters=cfg.decoder_filters, dropout=cfg.dropout, name=cfg.name.replace("-", "_"))
     model.load_weights(weights)
-    if cfg.recompute_bn:
-        recompute_bn(model, train_arrays.x, cfg.batch)
     model.compile(loss=make_loss(cfg.dice_weight, kind=cfg.loss, gamma=cfg.focal_gamma),
                   metrics=[make_iou_metric(cfg.threshold)])
-    figures = {**final_figures(model, train_arrays, val_arrays, cfg.batch, best["epoch"]), "epochs_run": float(len(rows))}
-    if cfg.recompute_bn:
-        figures["val_iou_before_bn"] = round(float(best["val_iou"]), 4)
-    seconds = sum(r["seconds"] for r in rows)
-    plot_curves(rows, cfg.out_dir / "curves.png", curves_title(cfg, len(train_arrays.x), len(val_arrays.x))
-                + (f" ({len(rows)} of {cfg.epochs} epochs)" if len(rows) < cfg.epochs else ""),
-                kept=kept_mark(cfg, best["epoch"], figures["val_iou"]))
     stopped = len(rows) < cfg.epochs
-    bn_note = ", BatchNorm statistics re-measured on the whole training images" if cfg.recompute_bn else ""
+    figures = {**finish_kept(model, cfg, train_arrays, val_arrays, rows, best,
+                             f" ({len(rows)} of {cfg.epochs} epochs)" if stopped else ""),
+               "epochs_run": float(len(rows))}
+    seconds = sum(r["seconds"] for r in rows)
     training = TrainingInfo(
         data=cfg.data_description, split=split.description, command=cfg.command, epochs=len(rows), seed=cfg.seed,
         seconds=round(seconds, 1), figures=figures,
-        evaluated_by=(f"python -m export.magnetic_tile export-checkpoint ({cfg.keep} weights, epoch "
-                      f"{best['epoch']:.0f}{bn_note}, thresholded at {cfg.threshold:g}; IoU accumulated over all pixels of "
+        evaluated_by=(f"python -m export.magnetic_tile export-checkpoint ({kept_weights(cfg)}: epoch "
+                      f"{best['epoch']:.0f}, thresholded at {cfg.threshold:g}; IoU accumulated over all pixels of "
                       f"each set, at the model's input resolution)"
                       + (f"; training stopped by hand after {len(rows)} of the recipe's {cfg.epochs} epochs "
                          f"(time budget): the cosine learning-rate decay had not finished" if stopped else "")),

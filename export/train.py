@@ -639,17 +639,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ExportError("training produced no validation IoU (empty validation set?)")
     model.set_weights(keep_best.weights)
     best = rows[keep_best.epoch - 1]
-    if cfg.recompute_bn:
-        t_bn = time.perf_counter()
-        n_bn = recompute_bn(model, train_arrays.x, cfg.batch)
-        log.info("BatchNorm statistics of %d layers re-measured on %d whole training images in %.0f s (validation "
-                 "IoU before: %.4f)", n_bn, len(train_arrays.x), time.perf_counter() - t_bn, best["val_iou"])
+    figures = finish_kept(model, cfg, train_arrays, val_arrays, rows, best)
     model.save_weights(best_path)
-    figures = final_figures(model, train_arrays, val_arrays, cfg.batch, best["epoch"])
-    if cfg.recompute_bn:
-        figures["val_iou_before_bn"] = round(float(best["val_iou"]), 4)
-    plot_curves(rows, cfg.out_dir / "curves.png", curves_title(cfg, len(train_arrays.x), len(val_arrays.x)),
-                kept=kept_mark(cfg, best["epoch"], figures["val_iou"]))
     log.info("%s epoch %d of %d: val IoU %.4f, train IoU %.4f (no augmentation); fit took %.0f s",
              cfg.keep, best["epoch"], cfg.epochs, figures["val_iou"], figures["train_iou"], seconds)
 
@@ -665,7 +656,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         seed=cfg.seed,
         seconds=round(seconds, 1),
         figures=figures,
-        evaluated_by=f"{command} ({_kept_weights(cfg)}, thresholded at {cfg.threshold:g}; IoU accumulated "
+        evaluated_by=f"{command} ({kept_weights(cfg)}, thresholded at {cfg.threshold:g}; IoU accumulated "
                      f"over all pixels of each set)",
     )
     card = draft.model_copy(update={"training": training})
@@ -675,15 +666,29 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(card, cfg.out_dir / "model.onnx", int(best["epoch"]), seconds, rows)
 
 
-def kept_mark(cfg: TrainConfig, epoch: float, val_iou: float) -> tuple[float, float, str] | None:
-    """The star on ``curves.png`` where the exported weights' IoU differs from the curve's."""
-    if not (cfg.recompute_bn or cfg.keep == "last"):
-        return None
-    what = f"exported ({cfg.keep} epoch{', BatchNorm re-measured' if cfg.recompute_bn else ''})"
-    return epoch, val_iou, what
+def finish_kept(model, cfg: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, rows: Sequence[dict[str, float]],
+                kept: dict[str, float], title_suffix: str = "") -> dict[str, float]:
+    """The post-training steps on the kept weights (of history row ``kept``) in the compiled
+    ``model``: BatchNorm statistics re-measured (``--recompute-bn``), the card's figures,
+    ``curves.png``. Returns the figures."""
+    if cfg.recompute_bn:
+        t_bn = time.perf_counter()
+        n_bn = recompute_bn(model, train_arrays.x, cfg.batch)
+        log.info("BatchNorm statistics of %d layers re-measured on %d whole training images in %.0f s (validation "
+                 "IoU before: %.4f)", n_bn, len(train_arrays.x), time.perf_counter() - t_bn, kept["val_iou"])
+    figures = final_figures(model, train_arrays, val_arrays, cfg.batch, kept["epoch"])
+    if cfg.recompute_bn:
+        figures["val_iou_before_bn"] = round(float(kept["val_iou"]), 4)
+    mark = None
+    if cfg.recompute_bn or cfg.keep == "last":  # the exported weights' IoU is not the curve's best
+        mark = (kept["epoch"], figures["val_iou"],
+                f"exported ({cfg.keep} epoch{', BatchNorm re-measured' if cfg.recompute_bn else ''})")
+    plot_curves(rows, cfg.out_dir / "curves.png",
+                curves_title(cfg, len(train_arrays.x), len(val_arrays.x)) + title_suffix, kept=mark)
+    return figures
 
 
-def _kept_weights(cfg: TrainConfig) -> str:
+def kept_weights(cfg: TrainConfig) -> str:
     """What the exported weights are, for the card."""
     kept = ("best-val-IoU epoch's weights (chosen on the validation split)" if cfg.keep == "best"
             else "last epoch's weights (the validation split chooses nothing)")
