@@ -185,6 +185,7 @@ class _Run:
 
         self.acks: dict[int, float] = {}
         self.captured: dict[int, float] = {}
+        self.stored: dict[int, float] = {}  # seq → when the finish stage had stored it in the outbox
         self.stages: dict[str, list[float]] = {}
         self.records = 0
         self.warm = warm
@@ -204,9 +205,11 @@ class _Run:
     def _on_published(self, record: dict, seq: int | None) -> None:
         if seq is None or "error" in record:
             return
+        stored = time.time()
         captured = datetime.fromisoformat(record["captured_at"].replace("Z", "+00:00")).timestamp()
         with self._lock:
             self.captured[seq] = captured
+            self.stored[seq] = stored
             for stage, ms in record["latency_ms"].items():
                 self.stages.setdefault(stage, []).append(ms)
 
@@ -239,6 +242,18 @@ class _Run:
 
     def latencies_ms(self) -> list[float]:
         return [(self.acks[s] - c) * 1e3 for s, c in self.captured.items() if s in self.acks]
+
+    def legs_ms(self) -> dict[str, dict[str, float]]:
+        """The end-to-end latency in two legs, p50/p99 each: capture → stored in the
+        outbox (queues, the three stages, the record, the SQLite insert) and stored →
+        PUBACK (the sender, paho, the broker's round trip, the outbox delete)."""
+        acked = [s for s in self.captured if s in self.acks]
+        legs = {"capture_to_stored": [(self.stored[s] - self.captured[s]) * 1e3 for s in acked],
+                "stored_to_puback": [(self.acks[s] - self.stored[s]) * 1e3 for s in acked]}
+        return {k: {"p50": _pct(v, 50), "p99": _pct(v, 99)} for k, v in legs.items()}
+
+    def stage_ms(self) -> dict[str, dict[str, float]]:
+        return {k: {"p50": _pct(v, 50), "p99": _pct(v, 99)} for k, v in self.stages.items()}
 
 
 def _camera(cfg: StationConfig, frames: int, fps: float | None, size: tuple[int, int] | None) -> FakeCamera:
@@ -338,7 +353,7 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
         "rss_growth_mb": r1 - r0,
         "dropped": run.daemon.queue.dropped,
         "host_steal_pct": _steal_pct(run.host["warm"], run.host["end"]),
-        "stage_ms": {k: {"p50": _pct(v, 50), "p99": _pct(v, 99)} for k, v in run.stages.items()},
+        "stage_ms": run.stage_ms(),
     }
 
     runs = []
@@ -359,6 +374,8 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
             "p99_over_bare_median": _pct(lat, 99) / report["bare"]["median_ms"],
             "dropped": lrun.daemon.queue.dropped,
             "host_steal_pct": _steal_pct(lrun.host["start"], lrun.host["end"]),
+            "legs_ms": lrun.legs_ms(),
+            "stage_ms": lrun.stage_ms(),
             # the bare runs queued at the same pace: what the models alone reach here
             "models_alone": {"p50_ms": _pct(floor, 50), "p99_ms": _pct(floor, 99),
                              "p99_over_bare_median": _pct(floor, 99) / report["bare"]["median_ms"]},
@@ -406,6 +423,9 @@ def format_report(r: dict) -> str:
         *(f"end-to-end at {run['load']:4.0%} load p50 {run['p50_ms']:.2f} ms   p99 {run['p99_ms']:.2f} ms   "
           f"= {run['p99_over_bare_median']:.2f} x bare median   dropped {run['dropped']}"
           f"{_steal_text(run['host_steal_pct'])}\n"
+          f"  capture → stored             p50 {run['legs_ms']['capture_to_stored']['p50']:.2f} ms   "
+          f"p99 {run['legs_ms']['capture_to_stored']['p99']:.2f} ms;   stored → PUBACK p50 "
+          f"{run['legs_ms']['stored_to_puback']['p50']:.2f} ms   p99 {run['legs_ms']['stored_to_puback']['p99']:.2f} ms\n"
           f"  models alone at that pace    p50 {run['models_alone']['p50_ms']:.2f} ms   "
           f"p99 {run['models_alone']['p99_ms']:.2f} ms   = {run['models_alone']['p99_over_bare_median']:.2f} x"
           for run in r["latency_by_load"]),

@@ -35,9 +35,15 @@ def test_bench_writes_every_figure(tmp_path, capsys):
         alone = run["models_alone"]
         assert 0 < alone["p50_ms"] <= alone["p99_ms"]
         assert alone["p99_over_bare_median"] == pytest.approx(alone["p99_ms"] / report["bare"]["median_ms"])
+        # the two legs of each result's way: capture → stored in the outbox → PUBACK
+        legs = run["legs_ms"]
+        assert 0 < legs["capture_to_stored"]["p50"] <= legs["capture_to_stored"]["p99"]
+        assert 0 < legs["stored_to_puback"]["p50"] <= legs["stored_to_puback"]["p99"]
+        assert legs["capture_to_stored"]["p50"] <= run["p99_ms"]
+        assert "infer.segmentation" in run["stage_ms"]
     printed = capsys.readouterr().out
     assert "pipeline (to PUBACK)" in printed and "end-to-end at  80% load" in printed and "at  50% load" in printed
-    assert printed.count("models alone at that pace") == 2 and printed.count("host steal") == 4
+    assert printed.count("models alone at that pace") == 2 and printed.count("capture → stored") == 2 and printed.count("host steal") == 4
 
 
 def test_queue_floor_is_lindleys_recursion():
