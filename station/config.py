@@ -403,6 +403,11 @@ class OutboxConfig(_Strict):
         "normal",
         description="SQLite synchronous mode: normal survives a daemon crash, full also a power cut (one fsync per write)",
     )
+    checkpoint_s: float = Field(
+        1.0, gt=0, le=3600,
+        description="seconds between copies of the write-ahead log into the file, by a background thread of the "
+        "daemon (not by the write of a result)",
+    )
 
 
 # StationConfig names MqttConfig and OutboxConfig, which are defined after it.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import faulthandler
+import gc
 import json
 import logging
 import os
@@ -377,6 +378,18 @@ class Daemon:
         finally:
             done.set()
 
+    def _checkpoint_loop(self) -> None:
+        """Copies the outbox's WAL into its database file every ``outbox.checkpoint_s``,
+        off the path of puts and acks (Outbox.take_over_checkpoints), until the stop."""
+        lower_this_thread(self.cfg.run.nice_non_inference)
+        period = self.cfg.outbox.checkpoint_s
+        while not self.stop_event.wait(period):
+            try:
+                self.outbox.checkpoint()
+            except PublishError as exc:  # e.g. disk full: the WAL keeps the results; retried next period
+                log.warning("%s", exc)
+                self.metrics.error("outbox_checkpoint")
+
     def _prepare(self, item: Item) -> "Work | FrameError | _Failed":
         if isinstance(item, FrameError):
             return item
@@ -534,6 +547,13 @@ class Daemon:
                 signal.signal(sig, self._on_signal)
             # `kill -USR1 PID`: every thread's stack to stderr (the journal), for a station that seems stuck.
             faulthandler.register(signal.SIGUSR1, all_threads=True)
+        if self.outbox is not None:
+            self.outbox.take_over_checkpoints()
+        # What start-up made (modules, the models' cards, the config) lives as long as the
+        # process: out of the cyclic collector's sight, a full collection no longer scans
+        # it, which stopped every Python thread for ~30 ms (docs/benchmarks.md).
+        gc.collect()
+        gc.freeze()
         self._parallel_infer = ParallelInfer("infer")
         prepared, inferred = FrameQueue(2, "block"), FrameQueue(2, "block")
         self._stage_queues = (prepared, inferred)
@@ -547,6 +567,10 @@ class Daemon:
             threading.Thread(target=self._stage_loop, name="finish", daemon=True,
                              args=("finish", inferred, inferred_done, self._finish, None, self.finished)),
         ]
+        checkpointer = None
+        if self.outbox is not None:
+            checkpointer = threading.Thread(target=self._checkpoint_loop, name="outbox-checkpoint", daemon=True)
+            checkpointer.start()
         for t in reversed(threads):
             t.start()
         sdnotify.notify("READY=1")

@@ -116,6 +116,8 @@ class Outbox:
         self.max_bytes = max_bytes
         self.policy = policy
         self._lock = threading.Lock()
+        self._ckpt_lock = threading.Lock()  # guards _ckpt_db, the checkpoints' own connection
+        self._ckpt_db: sqlite3.Connection | None = None
         self._refused = 0
         self._dropped = 0
         self._alarm = False
@@ -396,11 +398,44 @@ class Outbox:
         if not busy:
             log.debug("outbox %s: WAL checkpointed and truncated to free space", self.path)
 
+    # --- checkpoints ------------------------------------------------------------------
+
+    def take_over_checkpoints(self) -> None:
+        """Stop SQLite's automatic checkpoints; the caller runs :meth:`checkpoint` instead.
+
+        By default the commit that brings the WAL to 1,000 pages copies it into the
+        database file: with put, mark and ack of a result ≈ 6 pages, every ~170th
+        result's put or ack waits for that copy (docs/benchmarks.md). The daemon
+        calls this and checkpoints from a background thread of its own."""
+        with self._lock, self._guard("checkpoint"):
+            self._conn().execute("PRAGMA wal_autocheckpoint=0")
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy the WAL's committed pages into the database file (a PASSIVE checkpoint:
+        never waits for, nor blocks, puts and acks, which go on on their own
+        connection meanwhile); the next commit then starts the WAL from its
+        beginning. Returns (WAL pages, pages copied). Raises PublishError."""
+        with self._ckpt_lock:
+            if self._db is None:
+                raise PublishError(f"outbox {self.path} is closed")
+            try:
+                if self._ckpt_db is None:
+                    self._ckpt_db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                                                    timeout=5.0)
+                _busy, log_pages, copied = self._ckpt_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:
+                raise PublishError(f"outbox {self.path}: checkpoint failed ({exc})") from exc
+            return int(log_pages), int(copied)
+
     @property
     def closed(self) -> bool:
         return self._db is None
 
     def close(self) -> None:
+        with self._ckpt_lock:
+            if self._ckpt_db is not None:
+                self._ckpt_db.close()
+                self._ckpt_db = None
         with self._lock:
             if self._db is None:
                 return

@@ -431,7 +431,40 @@ def test_threads_but_inference_run_at_the_lower_priority(tmp_path, broker, incre
     daemon = Daemon(parse_config(text), sink=sink)
     assert daemon.run(install_signals=False) == 0
     lowered = min(19, base + increment)
-    for name in ("capture", "prepare", "finish", "mqtt-sender", "paho-mqtt-client"):
+    for name in ("capture", "prepare", "finish", "mqtt-sender", "paho-mqtt-client", "outbox-checkpoint"):
         assert seen[name] == lowered, (name, seen)
     assert seen["infer"] == base, seen
     assert _nice(threading.get_native_id()) == base  # the caller's thread is left alone
+
+
+def test_the_outbox_is_checkpointed_by_its_own_thread(tmp_path, broker, monkeypatch):
+    """No result's put or ack copies the WAL (SQLite's automatic checkpoint is off);
+    a background thread checkpoints every outbox.checkpoint_s, and the outbox holds
+    nothing once every result was acknowledged."""
+    import threading
+
+    from station.config import parse_config
+    from station.daemon import Daemon
+    from station.outbox import Outbox
+
+    calls: list[str] = []
+    real = Outbox.checkpoint
+
+    def checkpoint(self):
+        calls.append(threading.current_thread().name)
+        return real(self)
+
+    monkeypatch.setattr(Outbox, "checkpoint", checkpoint)
+    autocheckpoint: list[int] = []
+
+    def sink(record: dict) -> None:
+        autocheckpoint.append(daemon.outbox._conn().execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+
+    text = (f"camera: {{type: fake, frames: 40, fps: 50, height: 96, width: 128}}\n"
+            f"outbox: {{checkpoint_s: 0.05}}\nrun: {{state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
+    daemon = Daemon(parse_config(text), sink=sink)
+    assert daemon.run(install_signals=False) == 0
+    assert set(autocheckpoint) == {0}
+    assert len(calls) >= 5 and set(calls) == {"outbox-checkpoint"}
+    with Outbox(tmp_path / "state" / "outbox.sqlite3") as box:
+        assert box.depth() == 0

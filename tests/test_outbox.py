@@ -289,3 +289,46 @@ def test_wal_file_is_used(tmp_path):
         other = sqlite3.connect(path)  # a reader sees the committed row while the writer is open
         assert other.execute("SELECT result_id FROM outbox").fetchall() == [("a",)]
         other.close()
+
+
+def test_checkpoints_taken_over_leave_puts_and_acks_alone(tmp_path):
+    """take_over_checkpoints: no commit copies the WAL any more (it grows past SQLite's
+    1,000-page automatic checkpoint); checkpoint() copies it from another thread while
+    puts and acks go on, and the next commit starts the WAL from its beginning."""
+    path = tmp_path / "o.sqlite3"
+    payload = b"x" * 1500
+    with Outbox(path) as ob:
+        ob.take_over_checkpoints()
+        for i in range(400):
+            ob.ack(ob.put(f"r{i}", "t", payload))
+        wal_pages, copied = ob.checkpoint()
+        assert wal_pages > 1000 and copied == wal_pages  # nothing was checkpointed by a commit
+        stop = threading.Event()
+        seqs: list[int] = []
+
+        def writer():
+            i = 0
+            while not stop.is_set() or i < 200:
+                seqs.append(ob.put(f"w{i}", "t", payload))
+                i += 1
+
+        t = threading.Thread(target=writer)
+        t.start()
+        rounds = [ob.checkpoint() for _ in range(20)]
+        stop.set()
+        t.join()
+        assert all(copied <= pages for pages, copied in rounds)
+        assert ob.depth() == len(seqs) and [e.seq for e in ob.pending(limit=len(seqs) + 1)] == seqs
+        ob.checkpoint()
+        ob.put("after", "t", payload)
+        assert ob.checkpoint()[0] < 20  # the WAL started over after the complete checkpoint
+        n = ob.depth()
+    with Outbox(path) as again:  # everything stored is in the file
+        assert again.depth() == n
+
+
+def test_checkpoint_of_a_closed_outbox_raises(tmp_path):
+    ob = Outbox(tmp_path / "o.sqlite3")
+    ob.close()
+    with pytest.raises(PublishError, match="closed"):
+        ob.checkpoint()
