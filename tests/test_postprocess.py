@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -79,3 +80,39 @@ def test_detections_to_source_pixels():
     assert d.xyxy.tolist() == [[0, 0, 100, 50], [50, 50, 150, 100]]
     assert d.area_px.tolist() == [5000, 5000]
     assert d.kind.tolist() == ["detection", "detection"]
+
+
+def _regions_over_the_whole_frame(p, threshold, min_area, min_score):
+    """The reference: connected regions labelled over the whole frame."""
+    binary = p > threshold
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary.view(np.uint8), connectivity=8)
+    out, union = [], np.zeros_like(binary)
+    for i in range(1, n):
+        region = labels == i
+        mean = float(p[region].mean())
+        if stats[i, cv2.CC_STAT_AREA] >= max(min_area, 1) and mean >= min_score:
+            x, y, w, h = stats[i, :4]
+            out.append((x, y, x + w, y + h, stats[i, cv2.CC_STAT_AREA], round(mean, 5)))
+            union |= region
+    return sorted(out), union
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_regions_labelled_in_their_box_equal_the_whole_frame(seed):
+    """mask_defects labels only the box around the pixels above the threshold: the
+    same boxes, areas, scores and mask as labelling the whole frame, for regions
+    anywhere, the frame's edges included."""
+    rng = np.random.default_rng(seed)
+    p = cv2.GaussianBlur(rng.random((120, 90)).astype(np.float32), (0, 0), 3)
+    p = (p - p.min()) / (p.max() - p.min())
+    if seed % 2:
+        p[:, :3] = 0.95  # a region along the left edge
+        p[-2:, 40:] = 0.9  # and one along the bottom
+    geom = Geometry(120, 90, 120, 90, 120, 90, 0, 0)
+    for threshold, min_area, min_score in ((0.6, 1, 0.0), (0.7, 5, 0.75), (0.99, 1, 0.0)):
+        found, mask = mask_defects(p[:, :, None], geom, threshold, ["d"], min_area, min_score)
+        want, union = _regions_over_the_whole_frame(p, threshold, min_area, min_score)
+        got = sorted((int(a), int(b), int(c), int(d), int(area), round(float(s), 5))
+                     for (a, b, c, d), area, s in zip(found.xyxy, found.area_px, found.confidence))
+        assert got == want
+        assert np.array_equal(mask, union)
