@@ -4,6 +4,9 @@
     (source, trigger,  (bounded,    (pre-     (ONNX     (postprocess, grade,   (PUBACK deletes)
      reopen w/ backoff) drop policy) process)  Runtime)  archive, metrics)
 
+A background thread copies the outbox's write-ahead log into its file every
+``outbox.checkpoint_s``, so that no result's write waits for that copy.
+
 Every thread but infer (and ONNX Runtime's own) runs ``run.nice_non_inference``
 steps below the process's priority, so the models keep the cores and the rest
 of a frame's work fills the time they leave (station/priority.py).
@@ -551,7 +554,7 @@ class Daemon:
             self.outbox.take_over_checkpoints()
         # What start-up made (modules, the models' cards, the config) lives as long as the
         # process: out of the cyclic collector's sight, a full collection no longer scans
-        # it, which stopped every Python thread for ~30 ms (docs/benchmarks.md).
+        # it, which stopped every Python thread for 22-29 ms (docs/benchmarks.md).
         gc.collect()
         gc.freeze()
         self._parallel_infer = ParallelInfer("infer")
@@ -567,10 +570,8 @@ class Daemon:
             threading.Thread(target=self._stage_loop, name="finish", daemon=True,
                              args=("finish", inferred, inferred_done, self._finish, None, self.finished)),
         ]
-        checkpointer = None
-        if self.outbox is not None:
-            checkpointer = threading.Thread(target=self._checkpoint_loop, name="outbox-checkpoint", daemon=True)
-            checkpointer.start()
+        if self.outbox is not None:  # ends with the stop; Outbox.close waits for a checkpoint under way
+            threading.Thread(target=self._checkpoint_loop, name="outbox-checkpoint", daemon=True).start()
         for t in reversed(threads):
             t.start()
         sdnotify.notify("READY=1")
