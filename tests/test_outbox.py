@@ -314,10 +314,10 @@ def test_checkpoints_taken_over_leave_puts_and_acks_alone(tmp_path):
 
         t = threading.Thread(target=writer)
         t.start()
-        rounds = [ob.checkpoint() for _ in range(20)]
+        for _ in range(20):  # checkpoints while the writer puts
+            ob.checkpoint()
         stop.set()
         t.join()
-        assert all(copied <= pages for pages, copied in rounds)
         assert ob.depth() == len(seqs) and [e.seq for e in ob.pending(limit=len(seqs) + 1)] == seqs
         ob.checkpoint()
         ob.put("after", "t", payload)
