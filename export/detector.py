@@ -4,18 +4,24 @@ Backbone: ``keras.applications.MobileNetV2(weights=None)`` (trained from
 scratch; a local weights file may be given, never downloaded). Neck: a small
 FPN — 1×1 lateral convolutions of the stride-8/16/32 features
 (``block_6_expand_relu``, ``block_13_expand_relu``, ``out_relu``) to ``width``
-channels, summed top-down (nearest upsampling) into one stride-8 map.
-Head: two towers of ``head_depth`` separable 3×3 conv → BN → ReLU, one for
-classification (``C`` sigmoid logits, bias at prior 0.01) and one for the box
-(4 distances to the left/top/right/bottom sides, ``stride · exp(t)``) and
-centre-ness (one logit).
+channels, summed top-down (nearest upsampling). The head reads the levels
+named by ``strides``: (8,) (one stride-8 map, the default) or several of 8,
+16, 32, as in FCOS. Head: two towers of ``head_depth`` separable 3×3 conv →
+BN → ReLU, one for classification (``C`` sigmoid logits, bias at prior 0.01)
+and one for the box (4 distances to the left/top/right/bottom sides,
+``stride · exp(t)``) and centre-ness (one logit); the convolutions are shared
+by the levels, each level has its own BatchNorm statistics.
 
-Training output (``build_detector``): ``(N, H/8, W/8, C + 5)`` raw
-[class logits | ltrb log-distances | centre-ness logit].
+Training output (``build_detector``): ``(N, cells, C + 5)`` raw
+[class logits | ltrb log-distances | centre-ness logit], the cells of every
+level row by row, finest level first (:func:`cell_grid`).
 
-Targets (:func:`encode_targets`, numpy): every stride-8 cell whose centre lies
-inside a box is positive for that box (the smallest box when several contain
-it; a box containing no cell centre takes the cell nearest its centre).
+Targets (:func:`encode_targets`, numpy): a cell whose centre lies inside a box
+is positive for that box when the largest of its four distances to the box's
+sides falls in its level's range (:func:`size_ranges`: up to 64 px at stride
+8, 64–128 px at 16, beyond at 32; one level takes every size); the smallest
+box wins where several qualify, and a box left without a cell takes the
+finest level's cell nearest its centre.
 Loss (:func:`make_loss`): sigmoid focal loss (α 0.25, γ 2) over all cells,
 GIoU on positive cells weighted by the centre-ness target, BCE on the
 centre-ness of positive cells; the first two normalised by the number of
@@ -32,17 +38,22 @@ score = √(σ(class) · σ(centre-ness)), then ``tf.image.combined_non_max_supp
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
+from typing import Sequence
+
 import keras
 import numpy as np
 from keras import layers
 
 from . import ExportError
+from .train_detector import LEVEL_STRIDES, check_strides
 from .unet import set_bn_momentum
 
 log = logging.getLogger(__name__)
 
-STRIDE = 8
+STRIDE = 8  # the finest level
+STRIDES: tuple[int, ...] = (STRIDE,)  # the default head: one stride-8 map
 FEATURE_LAYERS: tuple[str, ...] = ("block_6_expand_relu", "block_13_expand_relu", "out_relu")  # strides 8, 16, 32
 INPUT_NAME = "image"
 OUTPUT_NAMES: tuple[str, ...] = ("boxes", "scores", "classes", "count")
@@ -50,14 +61,6 @@ MAX_LOG_DISTANCE = 8.0  # exp(8) · 8 px ≫ any input side: keeps exp() finite 
 
 
 # --- model -------------------------------------------------------------------
-
-
-def _tower(x, width: int, depth: int, prefix: str, momentum: float):
-    for i in range(depth):
-        x = layers.SeparableConv2D(width, 3, padding="same", use_bias=False, name=f"{prefix}_conv{i + 1}")(x)
-        x = layers.BatchNormalization(momentum=momentum, name=f"{prefix}_bn{i + 1}")(x)
-        x = layers.ReLU(name=f"{prefix}_relu{i + 1}")(x)
-    return x
 
 
 def build_detector(
@@ -69,14 +72,17 @@ def build_detector(
     weights: str | Path | None = None,
     bn_momentum: float = 0.9,
     name: str = "fcos_mobilenetv2",
+    strides: Sequence[int] = STRIDES,
 ) -> keras.Model:
-    """The training model: (N, H, W, C) → (N, H/8, W/8, num_classes + 5) raw head outputs.
+    """The training model: (N, H, W, C) → (N, cells, num_classes + 5) raw head outputs.
 
     input_shape: (H, W, C), H and W multiples of 32, C 1 or 3. alpha: MobileNetV2
     width multiplier. width: FPN and head channels. weights: None (random) or a
     local MobileNetV2 ``include_top=False`` weights file (3-channel; a gray input
-    is repeated to three channels inside the model).
+    is repeated to three channels inside the model). strides: the FPN levels
+    the head reads (:func:`check_strides`).
     """
+    strides = check_strides(strides)
     h, w, c = input_shape
     if h % 32 or w % 32 or h < 32 or w < 32:
         raise ExportError(f"--size {h} {w}: height and width must be multiples of 32 (MobileNetV2 has stride 32)")
@@ -96,22 +102,49 @@ def build_detector(
         x = layers.Concatenate(axis=-1, name="gray_to_3")([x, x, x])
     c3, c4, c5 = backbone(x)
     p = layers.Conv2D(width, 1, name="lat5")(c5)
-    for lvl, feat in ((4, c4), (3, c3)):
+    tops = {32: p}
+    for lvl, feat, stride in ((4, c4, 16), (3, c3, 8)):
         p = layers.UpSampling2D(2, interpolation="nearest", name=f"up{lvl}")(p)
         p = layers.Add(name=f"p{lvl}")([p, layers.Conv2D(width, 1, name=f"lat{lvl}")(feat)])
-    p = layers.SeparableConv2D(width, 3, padding="same", use_bias=False, name="p3_smooth")(p)
-    p = layers.BatchNormalization(momentum=bn_momentum, name="p3_bn")(p)
-    p = layers.ReLU(name="p3_relu")(p)
+        tops[stride] = p
 
-    cls_t = _tower(p, width, head_depth, "cls", bn_momentum)
-    box_t = _tower(p, width, head_depth, "box", bn_momentum)
+    # Layers with random initial weights are made in the order of the one-level
+    # model (stride 8's first), so that a seed gives that model the same weights
+    # as before the other levels existed; the other levels' layers come after.
+    def conv(name: str):
+        return layers.SeparableConv2D(width, 3, padding="same", use_bias=False, name=name)
+
+    smooth = {STRIDE: conv("p3_smooth")}
+    towers = {t: [conv(f"{t}_conv{i + 1}") for i in range(head_depth)] for t in ("cls", "box")}
     prior = -float(np.log((1 - 0.01) / 0.01))
-    cls = layers.Conv2D(num_classes, 3, padding="same", name="cls_logits",
-                        bias_initializer=keras.initializers.Constant(prior))(cls_t)
-    ltrb = layers.Conv2D(4, 3, padding="same", name="ltrb",
-                         kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01))(box_t)
-    ctr = layers.Conv2D(1, 3, padding="same", name="centerness")(box_t)
-    out = layers.Concatenate(axis=-1, name="head")([cls, ltrb, ctr])
+    cls_out = layers.Conv2D(num_classes, 3, padding="same", name="cls_logits",
+                            bias_initializer=keras.initializers.Constant(prior))
+    ltrb_out = layers.Conv2D(4, 3, padding="same", name="ltrb",
+                             kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01))
+    ctr_out = layers.Conv2D(1, 3, padding="same", name="centerness")
+    for stride in strides[1:]:
+        smooth[stride] = conv(f"p{LEVEL_STRIDES.index(stride) + 3}_smooth")
+
+    def bn_relu(y, name: str, suffix: str):
+        y = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn{suffix}")(y)
+        return layers.ReLU(name=f"{name}_relu{suffix}")(y)
+
+    heads = []
+    for stride in strides:
+        tag = "" if stride == STRIDE else f"_s{stride}"  # stride 8 keeps the one-level model's names
+        lvl = LEVEL_STRIDES.index(stride) + 3
+        y = layers.BatchNormalization(momentum=bn_momentum, name=f"p{lvl}_bn")(smooth[stride](tops[stride]))
+        y = layers.ReLU(name=f"p{lvl}_relu")(y)
+        outs = {}
+        for t in ("cls", "box"):
+            z = y
+            for i, layer in enumerate(towers[t]):
+                z = bn_relu(layer(z), t, f"{i + 1}{tag}")
+            outs[t] = z
+        head = layers.Concatenate(axis=-1, name=f"head{tag}")(
+            [cls_out(outs["cls"]), ltrb_out(outs["box"]), ctr_out(outs["box"])])
+        heads.append(layers.Reshape((-1, num_classes + 5), name=f"cells{tag}")(head))
+    out = heads[0] if len(heads) == 1 else layers.Concatenate(axis=1, name="cells_all")(heads)
     model = keras.Model(inputs, out, name=name)
     set_bn_momentum(model, bn_momentum)
     return model
@@ -123,18 +156,38 @@ def grid_centres(in_h: int, in_w: int, stride: int = STRIDE) -> tuple[np.ndarray
     return (gx + 0.5) * stride, (gy + 0.5) * stride
 
 
+def cell_grid(in_h: int, in_w: int, strides: Sequence[int] = STRIDES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The cells of every level in the order of the model's output (finest level
+    first, row by row): centres x, y and the level's stride, each (cells,) float32."""
+    cx, cy, st = [], [], []
+    for stride in strides:
+        x, y = grid_centres(in_h, in_w, stride)
+        cx.append(x.ravel())
+        cy.append(y.ravel())
+        st.append(np.full(x.size, stride, np.float32))
+    return np.concatenate(cx), np.concatenate(cy), np.concatenate(st)
+
+
+def size_ranges(strides: Sequence[int] = STRIDES) -> list[tuple[float, float]]:
+    """Per level, the range (lo, hi] of a positive cell's largest distance to its box's
+    sides, px: FCOS's boundaries at 8 × the finer level's stride (64 px between
+    strides 8 and 16, 128 between 16 and 32); the finest level starts at 0, the
+    coarsest has no end, so one level takes every box."""
+    bounds = [0.0] + [8.0 * s for s in strides[:-1]] + [math.inf]
+    return [(bounds[i], bounds[i + 1]) for i in range(len(strides))]
+
+
 class DecodeNms(layers.Layer):
     """Raw head (N, h, w, C + 5) → combined-NMS outputs (see the module docstring)."""
 
     def __init__(self, in_h: int, in_w: int, num_classes: int, score_threshold: float, iou_threshold: float,
-                 max_per_class: int, max_total: int, **kwargs) -> None:
+                 max_per_class: int, max_total: int, strides: Sequence[int] = STRIDES, **kwargs) -> None:
         super().__init__(**kwargs)
         self.in_h, self.in_w, self.num_classes = in_h, in_w, num_classes
         self.score_threshold, self.iou_threshold = float(score_threshold), float(iou_threshold)
         self.max_per_class, self.max_total = int(max_per_class), int(max_total)
-        cx, cy = grid_centres(in_h, in_w)
-        self._cx = cx.reshape(1, -1)
-        self._cy = cy.reshape(1, -1)
+        cx, cy, stride = cell_grid(in_h, in_w, strides)
+        self._cx, self._cy, self._stride = cx[None], cy[None], stride[None, :, None]
 
     def call(self, raw):
         import tensorflow as tf
@@ -144,7 +197,7 @@ class DecodeNms(layers.Layer):
         flat = tf.reshape(raw, [n, -1, c + 5])
         prob = tf.sigmoid(flat[..., :c]) * tf.sigmoid(flat[..., c + 4 : c + 5])
         scores = tf.sqrt(prob)
-        dist = tf.exp(tf.minimum(flat[..., c : c + 4], MAX_LOG_DISTANCE)) * float(STRIDE)
+        dist = tf.exp(tf.minimum(flat[..., c : c + 4], MAX_LOG_DISTANCE)) * tf.constant(self._stride)
         cx, cy = tf.constant(self._cx), tf.constant(self._cy)
         y1 = (cy - dist[..., 1]) / self.in_h
         x1 = (cx - dist[..., 0]) / self.in_w
@@ -166,12 +219,15 @@ class DecodeNms(layers.Layer):
 
 
 def build_inference(model: keras.Model, num_classes: int, score_threshold: float = 0.05, iou_threshold: float = 0.5,
-                    max_per_class: int = 50, max_total: int = 100) -> keras.Model:
-    """``model`` (sharing its weights) followed by decoding and in-graph NMS; outputs
-    in the order of :data:`OUTPUT_NAMES`."""
+                    max_per_class: int = 50, max_total: int = 100, strides: Sequence[int] = STRIDES) -> keras.Model:
+    """``model`` (sharing its weights; built with these ``strides``) followed by decoding
+    and in-graph NMS; outputs in the order of :data:`OUTPUT_NAMES`."""
     h, w = model.input.shape[1:3]
+    cells = cell_grid(h, w, strides)[0].size
+    if model.output.shape[1] != cells:
+        raise ExportError(f"the model has {model.output.shape[1]} cells, levels {tuple(strides)} at {h}x{w} have {cells}")
     inputs = keras.Input(model.input.shape[1:], name=INPUT_NAME)
-    outs = DecodeNms(h, w, num_classes, score_threshold, iou_threshold, max_per_class, max_total,
+    outs = DecodeNms(h, w, num_classes, score_threshold, iou_threshold, max_per_class, max_total, strides,
                      name="decode_nms")(model(inputs, training=False))
     return keras.Model(inputs, outs, name=model.name + "_nms")
 
@@ -180,51 +236,57 @@ def build_inference(model: keras.Model, num_classes: int, score_threshold: float
 
 
 def encode_targets(boxes: np.ndarray, labels: np.ndarray, in_h: int, in_w: int, num_classes: int,
-                   stride: int = STRIDE) -> np.ndarray:
-    """One image's boxes → (h, w, C + 6) float32 targets on the stride grid.
+                   strides: Sequence[int] = STRIDES) -> np.ndarray:
+    """One image's boxes → (cells, C + 6) float32 targets, cells as :func:`cell_grid`.
 
     boxes: (n, 4) [x1, y1, x2, y2] input pixels; labels: (n,) class index.
     Channels: one-hot class (C) | assigned box x1 y1 x2 y2 (4) | centre-ness
     target (1) | positive flag (1). Negative cells are all zero.
     """
-    cx, cy = grid_centres(in_h, in_w, stride)
-    gh, gw = cx.shape
-    out = np.zeros((gh, gw, num_classes + 6), np.float32)
+    cx, cy, stride = cell_grid(in_h, in_w, strides)
+    out = np.zeros((cx.size, num_classes + 6), np.float32)
     if len(boxes) == 0:
         return out
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    left = cx[..., None] - b[:, 0]
-    top = cy[..., None] - b[:, 1]
-    right = b[:, 2] - cx[..., None]
-    bottom = b[:, 3] - cy[..., None]
-    inside = (np.minimum(np.minimum(left, right), np.minimum(top, bottom)) > 0)  # (gh, gw, n)
-    for k in range(len(b)):  # a box too small to contain a cell centre takes the nearest cell
-        if not inside[..., k].any():
+    left = cx[:, None] - b[:, 0]
+    top = cy[:, None] - b[:, 1]
+    right = b[:, 2] - cx[:, None]
+    bottom = b[:, 3] - cy[:, None]
+    inside = np.minimum(np.minimum(left, right), np.minimum(top, bottom)) > 0  # (cells, n)
+    reach = np.maximum(np.maximum(left, right), np.maximum(top, bottom))
+    lo = np.empty(cx.size, np.float32)
+    hi = np.empty(cx.size, np.float32)
+    for s_, (a, z) in zip(strides, size_ranges(strides)):
+        lo[stride == s_], hi[stride == s_] = a, z
+    ok = inside & (reach > lo[:, None]) & (reach <= hi[:, None])
+    finest = int(np.count_nonzero(stride == strides[0]))
+    gw = in_w // strides[0]
+    for k in range(len(b)):  # a box left without a cell takes the finest level's cell nearest its centre
+        if not ok[:, k].any():
             mx, my = (b[k, 0] + b[k, 2]) / 2, (b[k, 1] + b[k, 3]) / 2
-            i = int(np.clip(my // stride, 0, gh - 1))
-            j = int(np.clip(mx // stride, 0, gw - 1))
-            inside[i, j, k] = True
-    cost = np.where(inside, area[None, None, :], np.inf)
+            i = int(np.clip(my // strides[0], 0, in_h // strides[0] - 1))
+            j = int(np.clip(mx // strides[0], 0, gw - 1))
+            ok[min(i * gw + j, finest - 1), k] = True
+    cost = np.where(ok, area[None, :], np.inf)
     best = np.argmin(cost, axis=-1)
-    pos = np.isfinite(np.min(cost, axis=-1))
-    ii, jj = np.nonzero(pos)
-    kk = best[ii, jj]
-    out[ii, jj, labels[kk]] = 1.0
-    out[ii, jj, num_classes : num_classes + 4] = b[kk]
-    l_, t_, r_, b_ = (np.maximum(v[ii, jj, kk], 1e-3) for v in (left, top, right, bottom))
+    (cells,) = np.nonzero(np.isfinite(np.min(cost, axis=-1)))
+    kk = best[cells]
+    out[cells, labels[kk]] = 1.0
+    out[cells, num_classes : num_classes + 4] = b[kk]
+    l_, t_, r_, b_ = (np.maximum(v[cells, kk], 1e-3) for v in (left, top, right, bottom))
     ctr = np.sqrt((np.minimum(l_, r_) / np.maximum(l_, r_)) * (np.minimum(t_, b_) / np.maximum(t_, b_)))
-    out[ii, jj, num_classes + 4] = ctr
-    out[ii, jj, num_classes + 5] = 1.0
+    out[cells, num_classes + 4] = ctr
+    out[cells, num_classes + 5] = 1.0
     return out
 
 
 def make_loss(num_classes: int, in_h: int, in_w: int, alpha: float = 0.25, gamma: float = 2.0,
-              box_weight: float = 1.0):
-    """FCOS loss on (N, h, w, C + 6) targets and (N, h, w, C + 5) raw outputs (see the module docstring)."""
+              box_weight: float = 1.0, strides: Sequence[int] = STRIDES):
+    """FCOS loss on (N, cells, C + 6) targets and (N, cells, C + 5) raw outputs (see the module docstring)."""
     ops = keras.ops
     c = num_classes
-    cx, cy = grid_centres(in_h, in_w)
+    cx, cy, cell_stride = cell_grid(in_h, in_w, strides)
 
     class FcosLoss(keras.losses.Loss):
         def __init__(self) -> None:
@@ -243,7 +305,8 @@ def make_loss(num_classes: int, in_h: int, in_w: int, alpha: float = 0.25, gamma
             a_t = alpha * t + (1 - alpha) * (1 - t)
             focal = ops.sum(a_t * ops.power(1 - p_t, gamma) * ce) / npos
             # GIoU on positives, weighted by the centre-ness target
-            dist = ops.exp(ops.minimum(y_pred[..., c : c + 4], MAX_LOG_DISTANCE)) * float(STRIDE)
+            dist = ops.exp(ops.minimum(y_pred[..., c : c + 4], MAX_LOG_DISTANCE)) * ops.convert_to_tensor(
+                cell_stride[:, None])
             gx = ops.convert_to_tensor(cx)
             gy = ops.convert_to_tensor(cy)
             px1, py1 = gx - dist[..., 0], gy - dist[..., 1]

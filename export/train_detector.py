@@ -3,7 +3,7 @@
 ::
 
     python -m export.train_detector DATA_DIR --out RUN_DIR [--size 224] [--alpha 0.5]
-        [--width 96] [--epochs N] [--batch B] [--lr LR] [--seed S] [--val-fraction 0.2]
+        [--width 96] [--levels 8 [16 32]] [--epochs N] [--batch B] [--lr LR] [--seed S] [--val-fraction 0.2]
         [--max-minutes M] [--colour gray|rgb] [--resize-mode stretch|letterbox] ...
 
 DATA_DIR is in the NEU-DET layout (``images/<stem>.jpg`` + ``annotations/<stem>.xml``,
@@ -74,6 +74,19 @@ DATA_CITATION = ("NEU surface defect database, detection version (Song & Yan 201
                  "copy of siddhartamukherjee/NEU-DET-Steel-Surface-Defect-Detection @351bee2")
 
 
+LEVEL_STRIDES: tuple[int, ...] = (8, 16, 32)  # the FPN levels a detector head may read (export.detector)
+
+
+def check_strides(strides: Sequence[int]) -> tuple[int, ...]:
+    """``strides`` as a tuple, or ExportError: increasing values from 8, 16, 32, starting at 8."""
+    out = tuple(int(v) for v in strides)
+    if not out or out[0] != LEVEL_STRIDES[0] or any(v not in LEVEL_STRIDES for v in out) \
+            or list(out) != sorted(set(out)):
+        raise ExportError(f"--levels {' '.join(map(str, strides))}: strides must increase, start at 8 "
+                          f"and come from {' '.join(map(str, LEVEL_STRIDES))}")
+    return out
+
+
 @dataclass(frozen=True)
 class DetTrainConfig:
     """Everything a detector run depends on. size: (height, width) of the model input, pixels."""
@@ -85,6 +98,7 @@ class DetTrainConfig:
     alpha: float = 0.5
     width: int = 96
     head_depth: int = 2
+    levels: tuple[int, ...] = (8,)  # FPN strides the head reads (check_strides)
     weights: Path | None = None
     epochs: int = 60
     batch: int = 16
@@ -204,7 +218,7 @@ def zoom_crop(x: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.rand
 
 
 def make_batches(arrays: BoxArrays, num_classes: int, batch: int, seed: int, crop_min: float = 1.0,
-                 jitter: float = 0.0):
+                 jitter: float = 0.0, strides: Sequence[int] = (8,)):
     """A ``keras.utils.PyDataset`` of shuffled, augmented (x, targets) batches; order and
     transforms are functions of (seed, epoch, batch index) only.
 
@@ -247,7 +261,7 @@ def make_batches(arrays: BoxArrays, num_classes: int, batch: int, seed: int, cro
                     gain, offset = rng.uniform(1 - jitter, 1 + jitter), rng.uniform(-jitter, jitter)
                     xi = xi * np.float32(gain) + np.float32(offset)
                 xb[i] = xi
-                yb.append(encode_targets(b, labels, in_h, in_w, num_classes))
+                yb.append(encode_targets(b, labels, in_h, in_w, num_classes, strides))
             return xb, np.stack(yb)
 
     return Batches()
@@ -459,19 +473,20 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
     tf.config.experimental.enable_op_determinism()
     h, w = cfg.size
     model = build_detector((h, w, draft.input.channels), len(classes), alpha=cfg.alpha, width=cfg.width,
-                           head_depth=cfg.head_depth, weights=cfg.weights, name=cfg.name.replace("-", "_"))
+                           head_depth=cfg.head_depth, weights=cfg.weights, name=cfg.name.replace("-", "_"),
+                           strides=cfg.levels)
     if cfg.init_weights is not None:
         model.load_weights(cfg.init_weights)
         log.info("initial weights: %s", cfg.init_weights)
     infer_model = build_inference(model, len(classes), cfg.score_threshold, cfg.nms_iou,
-                                  max_total=cfg.max_detections)
+                                  max_total=cfg.max_detections, strides=cfg.levels)
     steps = math.ceil(len(train_a) / cfg.batch)
     warmup = int(round(cfg.warmup_epochs * steps))
     schedule = keras.optimizers.schedules.CosineDecay(
         cfg.lr / 10 if warmup else cfg.lr, decay_steps=max(1, steps * cfg.epochs - warmup), alpha=0.02,
         warmup_target=cfg.lr if warmup else None, warmup_steps=warmup)
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, clipnorm=10.0),
-                  loss=make_loss(len(classes), h, w), run_eagerly=cfg.eager)
+                  loss=make_loss(len(classes), h, w, strides=cfg.levels), run_eagerly=cfg.eager)
     log.info("%s; %d train / %d val images; %d epochs of %d steps", describe(model), len(train_a), len(val_a),
              cfg.epochs, steps)
 
@@ -480,7 +495,7 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
     kept_epoch = 0
     if cfg.export_from is None:
         callback = _epoch_callback(cfg, infer_model, val_a, draft, rows, t0)
-        model.fit(make_batches(train_a, len(classes), cfg.batch, cfg.seed, cfg.crop_min, cfg.jitter),
+        model.fit(make_batches(train_a, len(classes), cfg.batch, cfg.seed, cfg.crop_min, cfg.jitter, cfg.levels),
                   epochs=cfg.epochs, shuffle=False, callbacks=[callback], verbose=1 if sys.stdout.isatty() else 2)
         kept_epoch = callback.best_epoch
         plot_curves(rows, cfg.out_dir / "curves.png", f"{cfg.name}: {len(train_a)} train / {len(val_a)} val "
@@ -541,6 +556,8 @@ def command_of(cfg: DetTrainConfig) -> str:
             "--val-fraction", f"{cfg.val_fraction:g}", "--score-threshold", f"{cfg.score_threshold:g}",
             "--nms-iou", f"{cfg.nms_iou:g}", "--name", cfg.name, "--version", cfg.version,
             "--opset", str(cfg.opset)]
+    if cfg.levels != (8,):
+        argv += ["--levels", *map(str, cfg.levels)]
     if cfg.limit is not None:
         argv += ["--limit", str(cfg.limit)]
     if cfg.max_minutes is not None:
@@ -564,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="MobileNetV2 width multiplier")
     p.add_argument("--width", type=int, default=96, help="FPN and head channels")
     p.add_argument("--head-depth", type=int, default=2, help="conv layers per head tower")
+    p.add_argument("--levels", type=int, nargs="+", default=[8], metavar="STRIDE",
+                   help="FPN strides the head reads: 8 (one map) or e.g. 8 16 32 (boxes assigned to a level by size)")
     p.add_argument("--weights", type=Path, help="local MobileNetV2 include_top=False weights (never downloaded)")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch", type=int, default=16)
@@ -613,7 +632,8 @@ def config_from_args(args: argparse.Namespace, command: str) -> DetTrainConfig:
                              pad_value=args.pad_value, normalize=args.normalize)
     return DetTrainConfig(
         data_dir=args.data_dir, out_dir=args.out, preprocess=tuple(preprocess_ops(opts)), size=size,
-        alpha=args.alpha, width=args.width, head_depth=args.head_depth, weights=args.weights, epochs=args.epochs,
+        alpha=args.alpha, width=args.width, head_depth=args.head_depth, levels=check_strides(args.levels),
+        weights=args.weights, epochs=args.epochs,
         batch=args.batch, lr=args.lr, crop_min=args.crop_min, jitter=args.jitter, seed=args.seed,
         val_fraction=args.val_fraction,
         duplicate_ncc=args.duplicate_ncc, limit=args.limit, max_minutes=args.max_minutes, keep=args.keep,

@@ -179,7 +179,8 @@ def test_encode_targets() -> None:
 
     boxes = np.array([[0, 0, 64, 64], [8, 8, 24, 24], [40, 40, 43, 43]], np.float32)
     t = encode_targets(boxes, np.array([0, 1, 1]), 64, 64, 2)
-    assert t.shape == (8, 8, 2 + 6)
+    assert t.shape == (64, 2 + 6)  # one stride-8 level: the 8 x 8 cells row by row
+    t = t.reshape(8, 8, 2 + 6)
     pos = t[..., -1] > 0
     # the small box owns the cells whose centres it holds (12 and 20: cells 1, 2); the tiny one its nearest cell
     assert t[1, 1, 1] == 1 and t[2, 2, 1] == 1 and t[5, 5, 1] == 1 and t[5, 5, 0] == 0
@@ -187,6 +188,83 @@ def test_encode_targets() -> None:
     np.testing.assert_array_equal(t[1, 1, 2:6], boxes[1])
     assert 0 < t[..., 6][pos].min() and t[..., 6].max() <= 1
     assert not encode_targets(np.zeros((0, 4)), np.zeros(0, int), 64, 64, 2).any()
+
+
+@pytest.mark.slow
+def test_encode_targets_assigns_boxes_to_levels_by_size() -> None:
+    from export.detector import cell_grid, encode_targets, size_ranges
+
+    assert size_ranges((8, 16, 32)) == [(0.0, 64.0), (64.0, 128.0), (128.0, np.inf)]
+    assert size_ranges((8,)) == [(0.0, np.inf)]
+    cx, cy, stride = cell_grid(128, 128, (8, 16, 32))
+    assert cx.shape == (256 + 64 + 16,) and list(np.unique(stride)) == [8, 16, 32]
+    assert (cx[256], cy[256], cx[257], cy[256 + 8]) == (8, 8, 24, 24)  # level 16 starts after the 16 x 16 cells
+
+    # the whole input: every cell centre is 68-124 px from its farthest side → all of stride 16, nothing else;
+    # a 32 px box: its 16 stride-8 cells (farthest side ≤ 28 px); a 2 px box holds no cell centre → nearest cell
+    boxes = np.array([[0, 0, 128, 128], [8, 8, 40, 40], [100, 100, 102, 102]], np.float32)
+    t = encode_targets(boxes, np.array([0, 1, 1]), 128, 128, 2, (8, 16, 32))
+    assert t.shape == (336, 8)
+    pos = t[:, -1] > 0
+    big = pos & (t[:, 0] == 1)
+    assert big.sum() == 64 and set(stride[big]) == {16}
+    small = pos & (t[:, 1] == 1) & (t[:, 2] == 8)
+    assert small.sum() == 16 and set(stride[small]) == {8}
+    tiny = pos & (t[:, 2] == 100)
+    assert tiny.sum() == 1 and stride[tiny] == 8 and (cx[tiny], cy[tiny]) == (100, 100)
+    assert pos.sum() == 81 and not (pos & (stride == 32)).any()
+    np.testing.assert_array_equal(t[big][0, 2:6], boxes[0])
+
+    from export.train_detector import check_strides
+
+    assert check_strides([8, 16, 32]) == (8, 16, 32)
+    for bad in ([16, 32], [8, 8], [8, 32, 16], [8, 64], []):
+        with pytest.raises(ExportError, match="--levels"):
+            check_strides(bad)
+
+
+@pytest.mark.slow
+def test_three_level_detector_decodes_each_level_and_exports(tmp_path: Path) -> None:
+    import keras
+
+    from export.detector import DecodeNms, build_detector, build_inference, cell_grid, encode_targets, make_loss
+    from export.onnx_export import export_model
+    from station.infer import OnnxModel
+
+    keras.utils.set_random_seed(0)
+    model = build_detector((64, 64, 1), 2, alpha=0.35, width=16, head_depth=1, strides=(8, 16, 32))
+    assert model.output.shape[1:] == (64 + 16 + 4, 2 + 5)
+    # a stride-16 cell's distances are in units of 16 px, a stride-32 cell's of 32 px
+    cx, cy, stride = cell_grid(64, 64, (8, 16, 32))
+    raw = np.full((1, 84, 7), -20.0, np.float32)
+    raw[0, :, 2:6] = 0.0
+    for cell in (64 + 5, 80 + 3):  # level 16, row 1 col 1 (centre 24, 24); level 32, row 1 col 1 (48, 48)
+        raw[0, cell, 1] = raw[0, cell, 6] = 10.0
+        raw[0, cell, 2:6] = np.log([0.5, 0.25, 0.75, 1.0])  # l t r b, × the cell's stride
+    boxes, scores, classes, count = DecodeNms(64, 64, 2, 0.5, 0.5, 10, 10, (8, 16, 32))(raw)
+    assert int(np.asarray(count)[0]) == 2 and set(np.asarray(classes)[0, :2].tolist()) == {1.0}
+    got = sorted(np.asarray(boxes)[0, :2].tolist())
+    want = sorted([[(y - 0.25 * s) / 64, (x - 0.5 * s) / 64, min(1.0, (y + s) / 64), min(1.0, (x + 0.75 * s) / 64)]
+                   for x, y, s in ((cx[69], cy[69], 16), (cx[83], cy[83], 32))])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+    # the loss of targets on every level is finite and falls with one step of training
+    x = np.random.default_rng(0).normal(0, 0.5, (4, 64, 64, 1)).astype(np.float32)
+    y = np.stack([encode_targets(np.array([[4, 4, 60, 60], [30, 30, 38, 38]], np.float32), np.array([0, 1]), 64, 64,
+                                 2, (8, 16, 32))] * 4)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=make_loss(2, 64, 64, strides=(8, 16, 32)))
+    first = model.train_on_batch(x, y)
+    for _ in range(5):
+        last = model.train_on_batch(x, y)
+    assert np.isfinite(first) and last < first
+
+    with pytest.raises(ExportError, match="cells"):
+        build_inference(model, 2, strides=(8,))
+    infer = build_inference(model, 2, score_threshold=0.001, strides=(8, 16, 32))
+    card = export_model(infer, _card(), tmp_path / "det3.onnx", x[:2])
+    assert card.export.parity["count_agreement"] == 1.0 and card.export.parity["detection_match"] > 0.99
+    outs = OnnxModel(tmp_path / "det3.onnx", providers=("cpu",)).run(x[:1])
+    assert outs["boxes"].shape == (1, 100, 4) and int(outs["count"][0]) > 0
 
 
 @pytest.fixture(scope="module")
