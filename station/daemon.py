@@ -1,8 +1,15 @@
 """``station run``: the line daemon. The only module that owns threads.
 
-    capture ──▶ FrameQueue ──▶ prepare ──▶ infer ──▶ finish ──▶ outbox ──▶ MQTT sender
-    (source, trigger,  (bounded,    (pre-     (ONNX     (postprocess, grade,   (PUBACK deletes)
-     reopen w/ backoff) drop policy) process)  Runtime)  archive, metrics)
+    capture + prepare ──▶ FrameQueue ──▶ infer ──▶ finish ──▶ outbox ──▶ MQTT sender
+    (source, trigger,      (bounded,      (ONNX     (postprocess, grade,   (PUBACK deletes)
+     reopen w/ backoff,     drop policy)   Runtime)  archive, metrics)
+     preprocess)
+
+The capture thread preprocesses each frame itself: a hand-over to a thread
+of its own would wake a sleeping core for every frame, which costs 0.16 ms
+at the median and 6 ms at the 99th percentile on a virtual machine
+(docs/benchmarks.md), and preprocessing still overlaps the inference of the
+frame before.
 
 A background thread copies the outbox's write-ahead log into its file every
 ``outbox.checkpoint_s``, so that no result's write waits for that copy.
@@ -56,7 +63,7 @@ Item = Frame | FrameError
 
 
 class FrameQueue:
-    """Bounded hand-over between two pipeline threads.
+    """Bounded hand-over between two pipeline threads (of frames, prepared or not).
 
     policy: what a full queue does with a free-run frame — ``drop_oldest``
     (the default: the line moves on, the newest frame matters), ``drop_newest``
@@ -68,11 +75,11 @@ class FrameQueue:
     def __init__(self, size: int, policy: str):
         self.size = size
         self.policy = policy
-        self._items: collections.deque[Item] = collections.deque()
+        self._items: collections.deque[Queued] = collections.deque()
         self._cond = threading.Condition()
         self.dropped = 0
 
-    def put(self, item: Item, must_keep: bool, stop: threading.Event) -> Item | None:
+    def put(self, item: Queued, must_keep: bool, stop: threading.Event) -> Queued | None:
         """Queue ``item``; returns the item dropped to make room (or ``item``
         itself under drop_newest), None if nothing was dropped."""
         with self._cond:
@@ -93,7 +100,7 @@ class FrameQueue:
             self._cond.notify_all()
             return None
 
-    def get(self, timeout: float) -> Item | None:
+    def get(self, timeout: float) -> Queued | None:
         with self._cond:
             if not self._items:
                 self._cond.wait(timeout)
@@ -188,6 +195,9 @@ class _Failed:
     error: str
 
 
+Queued = Item | Work | _Failed  # what the pipeline's queues carry
+
+
 class RollingStats:
     """Counters since start and a window of recent latencies (ms) per stage."""
 
@@ -253,9 +263,10 @@ class Daemon:
         # Restart=on-failure restarts the daemon (exit 0 would not).
         self.failed = False
         # Hooks for station bench: the broker's acknowledgement of an outbox seq,
-        # and each record with the seq it was stored under (None without MQTT).
+        # and each record with the seq it was stored under (None without MQTT) and
+        # its frame's capture time (UNIX s, unrounded; None for an error without a frame).
         self.on_ack: Callable[[int], None] | None = None
-        self.on_published: Callable[[dict, int | None], None] | None = None
+        self.on_published: Callable[[dict, int | None, float | None], None] | None = None
         self.metrics = Metrics()
         self._metrics_server = None
         self.archive = Archive(cfg.archive, self._archive_root(cfg)) if cfg.archive.enabled else None
@@ -294,7 +305,8 @@ class Daemon:
         opened = False
         # Triggered parts and files waiting in a folder are never dropped.
         must_keep = self.trigger.mode == "mqtt" or self.source.lossless
-        lower_this_thread(run.nice_non_inference)
+        if lower_this_thread(run.nice_non_inference) is not None:
+            adopt_opencv_pool()  # preprocessing's OpenCV workers at this thread's priority
         try:
             while not self.stop_event.is_set():
                 self._heartbeat = time.monotonic()
@@ -334,11 +346,12 @@ class Daemon:
                         self.source.done(item)
                         continue
                     item = part
-                dropped = self.queue.put(item, must_keep, self.stop_event)
+                dropped = self.queue.put(self._prepare(item), must_keep, self.stop_event)
                 if dropped is not None:
-                    log.debug("queue full: dropped frame %s", dropped.source)
+                    frame = dropped if isinstance(dropped, (Frame, FrameError)) else dropped.frame
+                    log.debug("queue full: dropped frame %s", frame.source)
                     self.metrics.frame_dropped("queue_full")
-                    self.source.done(dropped)
+                    self.source.done(frame)
                 self.metrics.set_queue_depth(len(self.queue))
         except Exception:  # the top of the worker loop: a crash here must stop the daemon visibly
             log.exception("capture thread failed")
@@ -348,18 +361,17 @@ class Daemon:
             self.source.close()
             self.capture_done.set()
 
-    # After capture, three stages on their own threads, joined by small blocking
-    # queues: prepare (preprocess) → infer (ONNX Runtime, which releases the
-    # GIL) → finish (postprocess, grade, store, publish). Preprocessing and
-    # postprocessing of neighbouring frames overlap with inference; each frame
-    # goes through the same Inspector functions as `station replay`.
+    # After capture (which preprocesses), two stages on their own threads: infer
+    # (ONNX Runtime, which releases the GIL) reads the frame queue and hands
+    # over to finish (postprocess, grade, store, publish) through a small
+    # blocking queue. Preprocessing and postprocessing of neighbouring frames
+    # overlap with inference; each frame goes through the same Inspector
+    # functions as `station replay`.
 
     def _stage_loop(self, name: str, inq: FrameQueue, upstream: threading.Event, step: Callable,
                     outq: FrameQueue | None, done: threading.Event) -> None:
         if name != "infer":  # the models keep the cores (station/priority.py)
-            lowered = lower_this_thread(self.cfg.run.nice_non_inference)
-            if lowered is not None and name == "prepare":
-                adopt_opencv_pool()  # preprocessing's OpenCV workers at this thread's priority
+            lower_this_thread(self.cfg.run.nice_non_inference)
         try:
             while True:
                 item = inq.get(0.2)
@@ -429,7 +441,7 @@ class Daemon:
             except Exception as exc:
                 log.exception("%s: postprocessing failed", frame.source)
                 record = error_record(frame.source, f"inspection failed: {exc}", frame.seq, station_id, frame.part_id)
-        stored = self._deliver(record)
+        stored = self._deliver(record, frame.captured_at if isinstance(frame, Frame) else None)
         self._archive(frame, result, record)
         if stored:  # a folder file whose result was not stored stays, for the next start to inspect
             self.source.done(frame)
@@ -443,7 +455,7 @@ class Daemon:
         else:
             self.archive.save_error(record, item.image if isinstance(item, Frame) else None)
 
-    def _deliver(self, record: dict) -> bool:
+    def _deliver(self, record: dict, captured_at: float | None = None) -> bool:
         """Count, store (outbox) and sink one record; False when MQTT is configured
         and the outbox did not store it (full, or the disk refused the write)."""
         stored = True
@@ -466,7 +478,7 @@ class Daemon:
         if self.sink is not None:
             self.sink(record)
         if self.on_published is not None:
-            self.on_published(record, seq)
+            self.on_published(record, seq, captured_at)
         return stored
 
     # --- main thread ------------------------------------------------------------------
@@ -558,15 +570,13 @@ class Daemon:
         gc.collect()
         gc.freeze()
         self._parallel_infer = ParallelInfer("infer")
-        prepared, inferred = FrameQueue(2, "block"), FrameQueue(2, "block")
-        self._stage_queues = (prepared, inferred)
-        prepared_done, inferred_done, self.finished = threading.Event(), threading.Event(), threading.Event()
+        inferred = FrameQueue(2, "block")
+        self._stage_queues = (inferred,)
+        inferred_done, self.finished = threading.Event(), threading.Event()
         threads = [
             threading.Thread(target=self._capture_loop, name="capture", daemon=True),
-            threading.Thread(target=self._stage_loop, name="prepare", daemon=True,
-                             args=("prepare", self.queue, self.capture_done, self._prepare, prepared, prepared_done)),
             threading.Thread(target=self._stage_loop, name="infer", daemon=True,
-                             args=("infer", prepared, prepared_done, self._infer, inferred, inferred_done)),
+                             args=("infer", self.queue, self.capture_done, self._infer, inferred, inferred_done)),
             threading.Thread(target=self._stage_loop, name="finish", daemon=True,
                              args=("finish", inferred, inferred_done, self._finish, None, self.finished)),
         ]

@@ -411,8 +411,8 @@ def _nice(tid: int) -> int:
 
 @pytest.mark.parametrize("increment", [7, 0])
 def test_threads_but_inference_run_at_the_lower_priority(tmp_path, broker, increment):
-    """run.nice_non_inference: capture, prepare, finish and the MQTT threads give the
-    cores to ONNX Runtime; the infer thread keeps the process's priority."""
+    """run.nice_non_inference: capture (which preprocesses), finish and the MQTT threads
+    give the cores to ONNX Runtime; the infer thread keeps the process's priority."""
     import threading
 
     from station.config import parse_config
@@ -431,8 +431,9 @@ def test_threads_but_inference_run_at_the_lower_priority(tmp_path, broker, incre
     daemon = Daemon(parse_config(text), sink=sink)
     assert daemon.run(install_signals=False) == 0
     lowered = min(19, base + increment)
-    for name in ("capture", "prepare", "finish", "mqtt-sender", "paho-mqtt-client", "outbox-checkpoint"):
+    for name in ("capture", "finish", "mqtt-sender", "paho-mqtt-client", "outbox-checkpoint"):
         assert seen[name] == lowered, (name, seen)
+    assert "prepare" not in seen  # preprocessing runs on the capture thread
     assert seen["infer"] == base, seen
     assert _nice(threading.get_native_id()) == base  # the caller's thread is left alone
 
@@ -468,3 +469,29 @@ def test_the_outbox_is_checkpointed_by_its_own_thread(tmp_path, broker, monkeypa
     assert len(calls) >= 5 and set(calls) == {"outbox-checkpoint"}
     with Outbox(tmp_path / "state" / "outbox.sqlite3") as box:
         assert box.depth() == 0
+
+
+def test_bench_hooks_get_the_stored_seq_and_the_unrounded_capture_time(tmp_path, broker):
+    """on_published(record, seq, captured_at) gives the frame's own capture time (the
+    record carries it rounded down to the millisecond, which would add 0-1 ms to every
+    latency station bench measures); on_ack then reports each of those seqs."""
+    from datetime import datetime
+
+    from station.config import parse_config
+    from station.daemon import Daemon
+
+    published: list[tuple[dict, int | None, float | None]] = []
+    acked: list[int] = []
+    text = (f"camera: {{type: fake, frames: 8, height: 96, width: 128}}\n"
+            f"run: {{state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
+    daemon = Daemon(parse_config(text))
+    daemon.on_published = lambda record, seq, captured: published.append((record, seq, captured))
+    daemon.on_ack = acked.append
+    assert daemon.run(install_signals=False) == 0
+    assert len(published) == 8 and sorted(acked) == sorted(seq for _, seq, _ in published)
+    lost = []
+    for record, _, captured in published:
+        rounded = datetime.fromisoformat(record["captured_at"].replace("Z", "+00:00")).timestamp()
+        lost.append(captured - rounded)
+    assert all(-1e-6 <= d < 1e-3 + 1e-6 for d in lost), lost
+    assert max(lost) > 1e-5  # the sub-millisecond part is there
