@@ -147,6 +147,38 @@ def test_results_arrive_at_qos1_and_validate(broker, outbox, publishers, protoco
     assert stats["sent"] == stats["acked"] == n + 1 and stats["late"] == 0
 
 
+def test_a_result_is_sent_by_the_calling_thread_unless_another_is_sending(broker, outbox, publishers, monkeypatch):
+    """While connected, publish_result hands the result to paho itself (no wake-up of
+    the sender thread on the way); when another thread holds the outbox's sending, the
+    sender thread sends it once that is over. Either way: once, in order, acknowledged."""
+    import threading
+
+    senders: list[tuple[int | None, str]] = []
+    real = MqttPublisher._send
+
+    def send(self, s, topic, payload, qos, retain, seq):
+        senders.append((seq, threading.current_thread().name))
+        return real(self, s, topic, payload, qos, retain, seq)
+
+    monkeypatch.setattr(MqttPublisher, "_send", send)
+    cfg = mqtt_cfg(broker)
+    with Subscriber(broker.port, topics_for(cfg, STATION).result) as sub:
+        pub = publishers(cfg, outbox)
+        assert pub.wait_connected(5), pub.stats()
+        records = [make_record(0), make_record(1)]
+        first = pub.publish_result(records[0])
+        assert (first, "MainThread") in senders
+        with pub._pumping:  # as if the sender thread were sending
+            second = pub.publish_result(records[1])
+            time.sleep(0.05)
+            assert second not in [seq for seq, _ in senders]
+        assert pub.wait_until(lambda p: p.outbox_depth == 0, 5), pub.stats()
+        assert sub.wait_for(lambda m: len(m) >= 2, 5)
+    assert (second, "mqtt-sender") in senders
+    assert [json.loads(m.payload)["id"] for m in sub.messages] == [r["id"] for r in records]
+    assert pub.stats()["sent"] == pub.stats()["acked"] == 2
+
+
 def test_stats_are_qos0_and_dropped_while_disconnected(broker, outbox, publishers):
     cfg = mqtt_cfg(broker)
     topics = topics_for(cfg, STATION)
