@@ -13,7 +13,11 @@ One run measures, on this machine and with the configured models:
    each of ``latency_loads`` × that throughput, as on a line the station keeps up with
    (several loads: one paced run each, the first judged against the target);
 3. **outbox**: store + acknowledge throughput of the durable outbox alone, and
-   results/s through the publisher and the broker.
+   results/s through the publisher and the broker;
+4. **host**: how long this machine takes to wake a thread that waits for a
+   hand-over from another (:func:`wake_latency`), with the CPU idle between
+   hand-overs as at a line's pace: a floor under every hand-over in the
+   pipeline, and on a virtual machine often the largest part of the p99.
 
 It prints a table and writes JSON with the ratios the targets are stated in.
 """
@@ -137,6 +141,33 @@ class Broker:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def wake_latency(n: int = 300, gap_s: float = 0.01) -> dict[str, float]:
+    """Hand-over from one thread to another that waits on a condition, as the
+    pipeline's queues do, ``n`` times ``gap_s`` apart (the CPU idles between):
+    ms from the notify to the waiter running, p50/p99."""
+    cond = threading.Condition()
+    sent: list[float] = []
+    woke: list[float] = []
+
+    def waiter() -> None:
+        for i in range(n):
+            with cond:
+                while len(sent) <= i:
+                    cond.wait(1.0)
+            woke.append(time.perf_counter() - sent[i])
+
+    t = threading.Thread(target=waiter, name="bench-wake", daemon=True)
+    t.start()
+    for _ in range(n):
+        time.sleep(gap_s)
+        with cond:
+            sent.append(time.perf_counter())
+            cond.notify()
+    t.join(10.0)
+    ms = [w * 1e3 for w in woke]
+    return {"n": len(ms), "gap_ms": gap_s * 1e3, "p50": _pct(ms, 50), "p99": _pct(ms, 99)}
 
 
 def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, list[float]]:
@@ -333,6 +364,9 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
         "models": {r: {"name": m.card.name, "input": [m.card.input.height, m.card.input.width],
                        "providers": m.providers, "sha256": m.sha256} for r, m in models.items()},
     }
+    h0 = _host_ticks()
+    report["host"] = {"wake_ms": wake_latency()}
+    report["host"]["steal_pct"] = _steal_pct(h0, _host_ticks())
     log.info("bare ONNX Runtime runs")
     h0 = _host_ticks()
     report["bare"], bare_ms = bare(inspector, sample, max(50, min(frames // 4, 1000)))
@@ -432,6 +466,9 @@ def format_report(r: dict) -> str:
         f"RSS                     {p['rss_mb_start']:.1f} → {p['rss_mb_end']:.1f} MB over {p['frames']} frames "
         f"({p['rss_growth_mb']:+.1f} MB)",
         f"outbox                  {o['store_ack_per_s']:8.0f} store+ack/s   {o['through_broker_per_s']:8.0f} results/s through the broker",
+        f"thread wake-up           p50 {r['host']['wake_ms']['p50']:.3f} ms   p99 {r['host']['wake_ms']['p99']:.3f} ms   "
+        f"(a hand-over between threads after {r['host']['wake_ms']['gap_ms']:.0f} ms idle)"
+        f"{_steal_text(r['host']['steal_pct'])}",
         "stages (ms, pipeline run):",
     ]
     for stage, q in p["stage_ms"].items():

@@ -16,8 +16,10 @@ def test_bench_writes_every_figure(tmp_path, capsys):
     assert main(["bench", "--frames", "40", "--latency-frames", "10", "--latency-load", "0.8", "0.5",
                  "--size", "240", "320", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    for key in ("bare", "pipeline", "latency", "outbox", "ratios", "targets"):
+    for key in ("host", "bare", "pipeline", "latency", "outbox", "ratios", "targets"):
         assert key in report
+    wake = report["host"]["wake_ms"]  # the machine's floor under each hand-over between threads
+    assert wake["n"] == 300 and 0 < wake["p50"] <= wake["p99"] and wake["gap_ms"] == 10
     assert report["bare"]["fps"] > 0 and report["pipeline"]["fps"] > 0
     assert report["pipeline"]["dropped"] == 0  # the throughput run's camera is lossless
     assert report["latency"]["p99_ms"] >= report["latency"]["p50_ms"] > 0
@@ -43,7 +45,8 @@ def test_bench_writes_every_figure(tmp_path, capsys):
         assert "infer.segmentation" in run["stage_ms"]
     printed = capsys.readouterr().out
     assert "pipeline (to PUBACK)" in printed and "end-to-end at  80% load" in printed and "at  50% load" in printed
-    assert printed.count("models alone at that pace") == 2 and printed.count("capture → stored") == 2 and printed.count("host steal") == 4
+    assert printed.count("models alone at that pace") == 2 and printed.count("capture → stored") == 2 and printed.count("host steal") == 5
+    assert "thread wake-up" in printed
 
 
 def test_queue_floor_is_lindleys_recursion():
