@@ -482,7 +482,7 @@ def test_bench_hooks_get_the_stored_seq_and_the_unrounded_capture_time(tmp_path,
 
     published: list[tuple[dict, int | None, float | None]] = []
     acked: list[int] = []
-    text = (f"camera: {{type: fake, frames: 8, height: 96, width: 128}}\n"
+    text = (f"camera: {{type: fake, frames: 8, fps: null, height: 96, width: 128}}\n"
             f"run: {{state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
     daemon = Daemon(parse_config(text))
     daemon.on_published = lambda record, seq, captured: published.append((record, seq, captured))

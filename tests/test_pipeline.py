@@ -102,8 +102,9 @@ def test_the_daemon_runs_both_models_in_parallel(tmp_path):
 station: {{id: cam1}}
 models: {{segmentation: {MODELS['segmentation']}, detection: {MODELS['detection']}}}
 inference: {{providers: [cpu], parallel_models: true}}
-camera: {{type: fake, height: 240, width: 320, frames: 30}}
+camera: {{type: fake, height: 240, width: 320, frames: 30, fps: null}}
 """
+    # fps null: the camera waits for the station, so a slow host drops no frame
     station = start_station(tmp_path, config, "--jsonl", str(out), state=False)
     try:
         assert station.wait(120) == 0, station.text()[-3000:]
