@@ -160,11 +160,22 @@ def test_a_result_is_sent_by_the_calling_thread_unless_another_is_sending(broker
         senders.append((seq, threading.current_thread().name))
         return real(self, s, topic, payload, qos, retain, seq)
 
+    idle = threading.Event()  # the sender thread is between two rounds of sending (it waits up to 1 s)
+    real_sleep = MqttPublisher._sleep
+
+    def sleep(self, timeout):
+        if threading.current_thread().name == "mqtt-sender":
+            idle.set()
+        return real_sleep(self, timeout)
+
     monkeypatch.setattr(MqttPublisher, "_send", send)
+    monkeypatch.setattr(MqttPublisher, "_sleep", sleep)
     cfg = mqtt_cfg(broker)
     with Subscriber(broker.port, topics_for(cfg, STATION).result) as sub:
         pub = publishers(cfg, outbox)
         assert pub.wait_connected(5), pub.stats()
+        idle.clear()
+        assert idle.wait(5)  # right after connecting, the sender thread itself may be sending
         records = [make_record(0), make_record(1)]
         first = pub.publish_result(records[0])
         assert (first, "MainThread") in senders
