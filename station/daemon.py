@@ -6,9 +6,9 @@
      preprocess)
 
 The capture thread preprocesses each frame itself: a hand-over to a thread
-of its own would wake a sleeping core for every frame, which costs 0.16 ms
-at the median and 6 ms at the 99th percentile on a virtual machine
-(docs/benchmarks.md), and preprocessing still overlaps the inference of the
+of its own would cost a thread wake-up for every frame (``station bench``
+measures it; on a virtual machine its p99 is many milliseconds,
+docs/benchmarks.md), and preprocessing still overlaps the inference of the
 frame before.
 
 A background thread copies the outbox's write-ahead log into its file every
@@ -455,7 +455,7 @@ class Daemon:
         else:
             self.archive.save_error(record, item.image if isinstance(item, Frame) else None)
 
-    def _deliver(self, record: dict, captured_at: float | None = None) -> bool:
+    def _deliver(self, record: dict, captured_at: float | None) -> bool:
         """Count, store (outbox) and sink one record; False when MQTT is configured
         and the outbox did not store it (full, or the disk refused the write)."""
         stored = True

@@ -432,8 +432,8 @@ class MqttPublisher:
     def _send_now(self) -> None:
         """Hand what waits in the outbox to paho from the calling thread, when a
         connection is up and no other thread is doing it; else (or should it fail)
-        wake the sender thread to do it. Waking a thread costs 0.16 ms at the
-        median and several ms at p99 on a virtual machine, on every result."""
+        wake the sender thread to do it. A wake-up on every result would add the
+        host's thread wake-up latency (``station bench``) to each one."""
         with self._cond:
             s = self._session
         if s is not None and s.connack.is_set() and self._pumping.acquire(blocking=False):
