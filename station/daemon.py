@@ -528,6 +528,7 @@ class Daemon:
             cfg = load_config(self.config_path)
             models = open_models(cfg)
             inspector = Inspector(models, cfg, keep_mask=self._keep_mask(cfg))
+            inspector.warm_up()  # on this thread: the running models keep the infer stage
         except StationError as exc:
             log.error("reload refused, keeping the running config and models: %s", exc)
             return
@@ -564,12 +565,15 @@ class Daemon:
             faulthandler.register(signal.SIGUSR1, all_threads=True)
         if self.outbox is not None:
             self.outbox.take_over_checkpoints()
+        self._parallel_infer = ParallelInfer("infer")
+        # A few synthetic parts through the models and post-processing, so that their
+        # first, slower runs are not the line's first parts' (Inspector.warm_up).
+        self.inspector.warm_up(self._parallel_infer)
         # What start-up made (modules, the models' cards, the config) lives as long as the
         # process: out of the cyclic collector's sight, a full collection no longer scans
         # it, which stopped every Python thread for 22-29 ms (docs/benchmarks.md).
         gc.collect()
         gc.freeze()
-        self._parallel_infer = ParallelInfer("infer")
         inferred = FrameQueue(2, "block")
         self._stage_queues = (inferred,)
         inferred_done, self.finished = threading.Event(), threading.Event()

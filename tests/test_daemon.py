@@ -495,3 +495,34 @@ def test_bench_hooks_get_the_stored_seq_and_the_unrounded_capture_time(tmp_path,
         lost.append(captured - rounded)
     assert all(-1e-6 <= d < 1e-3 + 1e-6 for d in lost), lost
     assert max(lost) > 1e-5  # the sub-millisecond part is there
+
+
+def test_the_daemon_warms_its_stages_up_before_the_first_frame(tmp_path, monkeypatch):
+    """Before its threads start (and READY), the daemon sends synthetic parts through
+    the infer stage its frames will use, so the models' and post-processing's first,
+    slower runs do not land on the line's first parts."""
+    import threading
+
+    from station.config import parse_config
+    from station.daemon import Daemon
+    from station.pipeline import Inspector
+
+    calls = []
+    real = Inspector.warm_up
+
+    def warm_up(self, infer=None, parts=5):
+        names = {t.name for t in threading.enumerate()}
+        calls.append((infer, parts, {"capture", "infer", "finish"} & names, len(records)))
+        return real(self, infer, parts)
+
+    monkeypatch.setattr(Inspector, "warm_up", warm_up)
+    records: list[dict] = []
+    text = f"camera: {{type: fake, frames: 3, fps: null, height: 96, width: 128}}\nrun: {{state_dir: {tmp_path / 'state'}}}\n"
+    daemon = Daemon(parse_config(text), sink=records.append)
+    assert daemon.run(install_signals=False) == 0
+    assert len(calls) == 1
+    infer, parts, threads, before = calls[0]
+    assert infer is daemon._parallel_infer and parts == 5
+    assert threads == set() and before == 0  # before any stage thread, before any frame
+    assert len(records) == 3 and all(r["source"] != "warm-up" for r in records)
+    assert daemon.stats.snapshot()["grades"] and sum(daemon.stats.snapshot()["grades"].values()) == 3

@@ -116,3 +116,41 @@ camera: {{type: fake, height: 240, width: 320, frames: 30, fps: null}}
         assert set(r["models"]) == set(MODELS)
         assert {"infer", "infer.segmentation", "infer.detection"} <= set(r["latency_ms"])
     assert "Traceback" not in station.text()
+
+
+def test_warm_up_sends_synthetic_parts_through_the_given_infer_stage():
+    """Inspector.warm_up runs each part through prepare, the caller's infer stage
+    and finish; the default infer stage is the Inspector's own."""
+    cfg = config(parallel_models=True)
+    inspector = Inspector(open_models(cfg), cfg)
+    parallel = ParallelInfer("test-warm")
+    seen = []
+
+    def infer(work):
+        assert set(work.tensors) == set(MODELS)  # prepared for both models
+        seen.append(parallel(work))
+        return seen[-1]
+
+    try:
+        inspector.warm_up(infer, parts=3)
+    finally:
+        parallel.close()
+    assert len(seen) == 3
+    assert all(set(w.outputs) == set(MODELS) and "infer" in w.latency for w in seen)  # models ran together
+    assert all(w.frame.source == "warm-up" for w in seen)
+    assert [w.frame.seq for w in seen] == [0, 1, 2]
+    inspector.warm_up(parts=1)  # on this thread
+
+
+def test_a_part_that_fails_the_warm_up_is_an_error_naming_it():
+    from station.errors import StationError
+
+    cfg = config(parallel_models=True)
+    inspector = Inspector(open_models(cfg), cfg)
+
+    def infer(work):
+        work.tensors["detection"] = np.zeros((1, 7, 7, 3), np.float32)  # not the detector's input shape
+        return inspector.infer(work)
+
+    with pytest.raises(StationError, match=r"warm-up: a synthetic 256x256 part failed to inspect: .*"):
+        inspector.warm_up(infer, parts=1)
