@@ -37,7 +37,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -64,10 +66,28 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _host_ticks() -> tuple[int, int] | None:
-    """(steal, all) CPU ticks of the machine since boot (/proc/stat), None where unknown.
-    Steal is time the hypervisor gave this VM's CPUs to others: a benchmark run
-    under heavy steal measures the host, not the station."""
+class _Ticks(NamedTuple):
+    """CPU clock ticks since boot (/proc/stat, /proc/PID/stat; one unit)."""
+
+    steal: int  # the hypervisor gave this VM's CPUs to other machines
+    total: int  # every tick of every CPU
+    busy: int  # some process or the kernel ran (not idle, iowait or steal)
+    ours: int  # this process's and the bench's broker's
+
+
+def _proc_ticks(pid: int | str) -> int:
+    """utime + stime of a process, 0 where it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _host_ticks(pids: Sequence[int] = ()) -> _Ticks | None:
+    """The machine's CPU ticks since boot, with those of this process and of
+    ``pids`` (the broker); None where /proc/stat is unknown."""
     try:
         with open("/proc/stat") as f:
             fields = f.readline().split()
@@ -75,14 +95,28 @@ def _host_ticks() -> tuple[int, int] | None:
         return None
     if not fields or fields[0] != "cpu" or len(fields) < 9:
         return None
-    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    return ticks[7], sum(ticks)
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    ours = _proc_ticks("self") + sum(_proc_ticks(p) for p in pids)
+    return _Ticks(steal, user + nice + system + idle + iowait + irq + softirq + steal,
+                  user + nice + system + irq + softirq, ours)
 
 
-def _steal_pct(a: tuple[int, int] | None, b: tuple[int, int] | None) -> float | None:
-    if a is None or b is None or b[1] <= a[1]:
-        return None
-    return 100.0 * (b[0] - a[0]) / (b[1] - a[1])
+def _host_figures(a: _Ticks | None, b: _Ticks | None) -> dict[str, float | None]:
+    """What else ran on the machine between two samples:
+
+    * ``host_steal_pct``: the hypervisor's share of the CPUs (given to other
+      machines); a run under heavy steal measures the host, not the station;
+    * ``others_cpu_pct``: the CPU time of every other process and of the kernel's
+      own threads, in % of one CPU like the pipeline's CPU figure. Background
+      services that wake up for a few tens of milliseconds stretch the models'
+      runs and make most of a p99 on a small machine; this names them as the cause.
+    """
+    if a is None or b is None or b.total <= a.total:
+        return {"host_steal_pct": None, "others_cpu_pct": None}
+    total = b.total - a.total
+    others = (b.busy - a.busy) - (b.ours - a.ours)
+    return {"host_steal_pct": 100.0 * (b.steal - a.steal) / total,
+            "others_cpu_pct": max(0.0, 100.0 * (os.cpu_count() or 1) * others / total)}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -210,7 +244,7 @@ def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, li
 class _Run:
     """One daemon run in this process, with its acknowledgements timed."""
 
-    def __init__(self, cfg: StationConfig, state_dir: Path, warm: int):
+    def __init__(self, cfg: StationConfig, state_dir: Path, warm: int, pids: Sequence[int] = ()):
         from .daemon import Daemon
 
         self.acks: dict[int, float] = {}
@@ -220,7 +254,8 @@ class _Run:
         self.records = 0
         self.warm = warm
         self.marks: dict[str, tuple[float, float, float]] = {}  # name → (wall, cpu, rss)
-        self.host: dict[str, tuple[int, int] | None] = {}  # name → host (steal, all) ticks
+        self.host: dict[str, _Ticks | None] = {}  # name → the machine's CPU ticks
+        self.pids = pids  # other processes of the bench (the broker), counted as its own CPU time
         self._lock = threading.Lock()
         self.daemon = Daemon(cfg, state_dir=state_dir)
         self.daemon.on_ack = self._on_ack
@@ -230,7 +265,7 @@ class _Run:
 
     def _mark(self, name: str) -> None:
         self.marks[name] = (time.perf_counter(), _cpu_s(), _rss_mb())
-        self.host[name] = _host_ticks()
+        self.host[name] = _host_ticks(self.pids)
 
     def _on_published(self, record: dict, seq: int | None, captured: float | None) -> None:
         if seq is None or "error" in record or captured is None:
@@ -364,17 +399,18 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
         "models": {r: {"name": m.card.name, "input": [m.card.input.height, m.card.input.width],
                        "providers": m.providers, "sha256": m.sha256} for r, m in models.items()},
     }
-    h0 = _host_ticks()
+    pids = (broker.proc.pid,)
+    h0 = _host_ticks(pids)
     report["host"] = {"wake_ms": wake_latency()}
-    report["host"]["steal_pct"] = _steal_pct(h0, _host_ticks())
+    report["host"].update(_host_figures(h0, _host_ticks(pids)))
     log.info("bare ONNX Runtime runs")
-    h0 = _host_ticks()
+    h0 = _host_ticks(pids)
     report["bare"], bare_ms = bare(inspector, sample, max(50, min(frames // 4, 1000)))
-    report["bare"]["host_steal_pct"] = _steal_pct(h0, _host_ticks())
+    report["bare"].update(_host_figures(h0, _host_ticks(pids)))
 
     log.info("pipeline: %d frames, unpaced", frames)
     warm = min(50, max(1, frames // 10))
-    run = _Run(_configure(cfg, cam, broker.port), work / "state-throughput", warm)
+    run = _Run(_configure(cfg, cam, broker.port), work / "state-throughput", warm, pids)
     run.run(timeout)
     (w0, c0, r0), (w1, c1, r1) = run.marks["warm"], run.marks["end"]
     pipeline_fps = (frames - warm) / (w1 - w0)
@@ -386,7 +422,7 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
         "rss_mb_end": r1,
         "rss_growth_mb": r1 - r0,
         "dropped": run.daemon.queue.dropped,
-        "host_steal_pct": _steal_pct(run.host["warm"], run.host["end"]),
+        **_host_figures(run.host["warm"], run.host["end"]),
         "stage_ms": run.stage_ms(),
     }
 
@@ -395,7 +431,7 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
         pace = load * pipeline_fps
         log.info("latency: %d frames at %.1f frames/s (%.0f %% load)", latency_frames, pace, 100 * load)
         lat_cam = _camera(cfg, latency_frames, pace, (cam.height, cam.width))
-        lrun = _Run(_configure(cfg, lat_cam, broker.port), work / f"state-latency-{i}", 1)
+        lrun = _Run(_configure(cfg, lat_cam, broker.port), work / f"state-latency-{i}", 1, pids)
         lrun.run(timeout)
         lat = lrun.latencies_ms()
         floor = queue_floor(bare_ms, 1e3 / pace)
@@ -407,7 +443,7 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
             "p99_ms": _pct(lat, 99),
             "p99_over_bare_median": _pct(lat, 99) / report["bare"]["median_ms"],
             "dropped": lrun.daemon.queue.dropped,
-            "host_steal_pct": _steal_pct(lrun.host["start"], lrun.host["end"]),
+            **_host_figures(lrun.host["start"], lrun.host["end"]),
             "legs_ms": lrun.legs_ms(),
             "stage_ms": lrun.stage_ms(),
             # the bare runs queued at the same pace: what the models alone reach here
@@ -436,8 +472,10 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
     return report
 
 
-def _steal_text(pct: float | None) -> str:
-    return "" if pct is None else f"   host steal {pct:.0f} %"
+def _host_text(d: dict) -> str:
+    if d.get("host_steal_pct") is None:
+        return ""
+    return f"   host steal {d['host_steal_pct']:.0f} %, other processes {d['others_cpu_pct']:.0f} % CPU"
 
 
 def format_report(r: dict) -> str:
@@ -451,12 +489,12 @@ def format_report(r: dict) -> str:
                      f"bare median {b['models'][role]['median_ms']:.2f} ms")
     lines += [
         f"{'bare (in parallel)' if b['parallel_models'] else 'bare (in turn)':24s}{b['fps']:8.1f} frames/s   "
-        f"median {b['median_ms']:.2f} ms   p99 {b['p99_ms']:.2f} ms{_steal_text(b['host_steal_pct'])}",
+        f"median {b['median_ms']:.2f} ms   p99 {b['p99_ms']:.2f} ms{_host_text(b)}",
         f"pipeline (to PUBACK)    {p['fps']:8.1f} frames/s   ratio {r['ratios']['pipeline_over_bare']:.3f}   "
-        f"CPU {p['cpu_pct']:.0f} %   dropped {p['dropped']}{_steal_text(p['host_steal_pct'])}",
+        f"CPU {p['cpu_pct']:.0f} %   dropped {p['dropped']}{_host_text(p)}",
         *(f"end-to-end at {run['load']:4.0%} load p50 {run['p50_ms']:.2f} ms   p99 {run['p99_ms']:.2f} ms   "
           f"= {run['p99_over_bare_median']:.2f} x bare median   dropped {run['dropped']}"
-          f"{_steal_text(run['host_steal_pct'])}\n"
+          f"{_host_text(run)}\n"
           f"  capture → stored             p50 {run['legs_ms']['capture_to_stored']['p50']:.2f} ms   "
           f"p99 {run['legs_ms']['capture_to_stored']['p99']:.2f} ms;   stored → PUBACK p50 "
           f"{run['legs_ms']['stored_to_puback']['p50']:.2f} ms   p99 {run['legs_ms']['stored_to_puback']['p99']:.2f} ms\n"
@@ -468,7 +506,7 @@ def format_report(r: dict) -> str:
         f"outbox                  {o['store_ack_per_s']:8.0f} store+ack/s   {o['through_broker_per_s']:8.0f} results/s through the broker",
         f"thread wake-up           p50 {r['host']['wake_ms']['p50']:.3f} ms   p99 {r['host']['wake_ms']['p99']:.3f} ms   "
         f"(a hand-over between threads after {r['host']['wake_ms']['gap_ms']:.0f} ms idle)"
-        f"{_steal_text(r['host']['steal_pct'])}",
+        f"{_host_text(r['host'])}",
         "stages (ms, pipeline run):",
     ]
     for stage, q in p["stage_ms"].items():

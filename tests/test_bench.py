@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 from mosquitto import have_mosquitto
@@ -30,9 +34,10 @@ def test_bench_writes_every_figure(tmp_path, capsys):
     assert report["ratios"]["p99_over_bare_median"] == report["latency"]["p99_over_bare_median"] == pytest.approx(
         report["latency"]["p99_ms"] / report["bare"]["median_ms"])
     # the hypervisor's share of the CPUs during each phase (Linux: /proc/stat)
-    for steal in (report["bare"]["host_steal_pct"], report["pipeline"]["host_steal_pct"],
-                  *(run["host_steal_pct"] for run in report["latency_by_load"])):
-        assert 0.0 <= steal <= 100.0
+    # and every other process's CPU time (the broker's counts as the bench's own)
+    for phase in (report["host"], report["bare"], report["pipeline"], *report["latency_by_load"]):
+        assert 0.0 <= phase["host_steal_pct"] <= 100.0
+        assert 0.0 <= phase["others_cpu_pct"] <= 100.0 * os.cpu_count()
     for run in report["latency_by_load"]:  # the models alone at the same pace: 0 < p50 <= p99
         alone = run["models_alone"]
         assert 0 < alone["p50_ms"] <= alone["p99_ms"]
@@ -46,6 +51,7 @@ def test_bench_writes_every_figure(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "pipeline (to PUBACK)" in printed and "end-to-end at  80% load" in printed and "at  50% load" in printed
     assert printed.count("models alone at that pace") == 2 and printed.count("capture → stored") == 2 and printed.count("host steal") == 5
+    assert printed.count("other processes") == 5
     assert "thread wake-up" in printed
 
 
@@ -65,3 +71,36 @@ def test_queue_floor_is_lindleys_recursion():
 def test_bench_refuses_a_load_outside_0_1(capsys):
     assert main(["bench", "--latency-load", "0.8", "1.5"]) == 2
     assert "--latency-load 1.5: must be in (0, 1]" in capsys.readouterr().err
+
+
+def _burn(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc")
+def test_other_processes_cpu_counts_every_process_but_the_bench_and_its_broker():
+    """others_cpu_pct names load from outside the station: a process that spins
+    shows as about one CPU, unless it is one of the bench's own (the broker)."""
+    from station.bench import _host_figures, _host_ticks
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)  # started
+        a = _host_ticks()
+        time.sleep(1.0)
+        foreign = _host_figures(a, _host_ticks())
+        a = _host_ticks([spinner.pid])
+        time.sleep(1.0)
+        own = _host_figures(a, _host_ticks([spinner.pid]))
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert foreign["others_cpu_pct"] >= 50.0, foreign  # ~100 % (one CPU), less under steal
+    assert own["others_cpu_pct"] < foreign["others_cpu_pct"] - 40.0, (own, foreign)
+    a = _host_ticks()
+    _burn(0.5)  # this process's own CPU time is not another's
+    mine = _host_figures(a, _host_ticks())
+    assert mine["others_cpu_pct"] < 50.0, mine
+    assert _host_figures(None, a) == {"host_steal_pct": None, "others_cpu_pct": None}
