@@ -19,6 +19,10 @@ One run measures, on this machine and with the configured models:
    hand-overs as at a line's pace: a floor under every hand-over in the
    pipeline, and on a virtual machine often the largest part of the p99.
 
+Beside each phase stand the hypervisor's steal share and the CPU time of every
+other process on the machine (:func:`_host_figures`), so that a figure bounded
+by the host rather than the station shows as such.
+
 It prints a table and writes JSON with the ratios the targets are stated in.
 """
 
