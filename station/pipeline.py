@@ -91,10 +91,9 @@ class Inspector:
         """Inspect ``parts`` synthetic plates, results discarded, through the stages
         the caller will use (``infer``: the daemon's ParallelInfer; default: this
         thread). A model's first runs after its load-time warm-up run, and the first
-        post-processing calls, are still slow: on the bench config the first part
-        took 13.5 ms in the models instead of 7.6 and 7.4 ms in post-processing
-        instead of 0.3, and the next three were slow too. The line's first parts
-        should not pay for that."""
+        post-processing calls, are still slower than the later ones (figures in
+        docs/benchmarks.md, "A quiet host"); the line's first parts should not pay
+        for that."""
         first = next(iter(self.models.values())).card.input
         h, w = max(first.height, 16), max(first.width, 16)
         rng = np.random.default_rng(0)

@@ -505,24 +505,32 @@ def test_the_daemon_warms_its_stages_up_before_the_first_frame(tmp_path, monkeyp
 
     from station.config import parse_config
     from station.daemon import Daemon
-    from station.pipeline import Inspector
+    from station.pipeline import WARM_PARTS, Inspector
 
     calls = []
-    real = Inspector.warm_up
+    warmed: list[int] = []  # seq of each synthetic part prepared
+    real_warm_up, real_prepare = Inspector.warm_up, Inspector.prepare
 
-    def warm_up(self, infer=None, parts=5):
+    def warm_up(self, *args, **kwargs):
         names = {t.name for t in threading.enumerate()}
-        calls.append((infer, parts, {"capture", "infer", "finish"} & names, len(records)))
-        return real(self, infer, parts)
+        calls.append((args, kwargs, {"capture", "infer", "finish"} & names, len(records)))
+        return real_warm_up(self, *args, **kwargs)
+
+    def prepare(self, frame):
+        if frame.source == "warm-up":
+            warmed.append(frame.seq)
+        return real_prepare(self, frame)
 
     monkeypatch.setattr(Inspector, "warm_up", warm_up)
+    monkeypatch.setattr(Inspector, "prepare", prepare)
     records: list[dict] = []
     text = f"camera: {{type: fake, frames: 3, fps: null, height: 96, width: 128}}\nrun: {{state_dir: {tmp_path / 'state'}}}\n"
     daemon = Daemon(parse_config(text), sink=records.append)
     assert daemon.run(install_signals=False) == 0
     assert len(calls) == 1
-    infer, parts, threads, before = calls[0]
-    assert infer is daemon._parallel_infer and parts == 5
+    args, kwargs, threads, before = calls[0]
+    assert args == (daemon._parallel_infer,) and kwargs == {}  # the infer stage the frames use
+    assert WARM_PARTS == 5 and warmed == list(range(WARM_PARTS))  # five parts, as the README says
     assert threads == set() and before == 0  # before any stage thread, before any frame
     assert len(records) == 3 and all(r["source"] != "warm-up" for r in records)
     assert daemon.stats.snapshot()["grades"] and sum(daemon.stats.snapshot()["grades"].values()) == 3
