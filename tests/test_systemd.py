@@ -65,6 +65,8 @@ def test_units_are_notify_with_watchdog_and_hardened():
                      "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "SupplementaryGroups=video",
                      "DeviceAllow=char-video4linux rw", "StateDirectory="):
             assert line in text, f"{unit.name}: {line} missing"
+        # ProcSubset=pid hides /proc/cpuinfo, which ONNX Runtime reads to learn the CPU's cores.
+        assert not re.search(r"^ProcSubset=pid", text, re.M), f"{unit.name}: ProcSubset=pid hides /proc/cpuinfo"
 
 
 # --- the daemon inside the units' system-call filter ---------------------------------------------------------------
