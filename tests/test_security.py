@@ -274,3 +274,28 @@ def test_malformed_pins_are_config_errors(text, expected):
     with pytest.raises(ConfigError) as info:
         parse_config(text, "x.yaml")
     assert str(info.value).startswith(expected), str(info.value)
+
+
+# --- nothing calls out of the plant -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("telemetry", ["unset", "0"])
+def test_onnx_runtime_telemetry_is_off_unless_asked_for(tmp_path, telemetry):
+    """ONNX Runtime's Linux builds report usage to Microsoft, starting with a device id under
+    ~/.cache/Microsoft the moment a session is made. The station turns that off before ONNX
+    Runtime loads; ORT_DISABLE_TELEMETRY=0 (the control) shows the check sees it when it is on."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env["HOME"] = str(home)
+    if telemetry != "unset":
+        env["ORT_DISABLE_TELEMETRY"] = telemetry
+    sample = sorted((ROOT / "samples").glob("*.png"))[0]
+    proc = subprocess.run([sys.executable, "-m", "station", "replay", "--out", str(tmp_path / "r.jsonl"), str(sample)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    reported = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+    if telemetry == "unset":
+        assert reported == [], f"ONNX Runtime wrote {reported}"
+    else:
+        assert ".cache/Microsoft/DeveloperTools/.onnxruntime/deviceid" in reported, reported
