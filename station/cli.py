@@ -91,6 +91,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     from .config import load_config
     from .pipeline import open_models
 
+    args.config = args.config or args.config_option
     cfg = load_config(args.config)
     if not args.no_models:
         models = open_models(cfg)
@@ -130,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_model_info)
 
     c = sub.add_parser("check-config", help="validate a config file", description="Validate a config; errors name file, line and field.")
-    c.add_argument("config", type=Path, metavar="FILE")
+    which = c.add_mutually_exclusive_group(required=True)  # FILE, or -c FILE as for run
+    which.add_argument("config", type=Path, nargs="?", metavar="FILE", help="config YAML")
+    which.add_argument("-c", "--config", type=Path, dest="config_option", metavar="FILE", help="the same, as for run")
     c.add_argument("--no-models", action="store_true", help="do not open the model files")
     c.set_defaults(func=_cmd_check_config)
 

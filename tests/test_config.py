@@ -72,3 +72,17 @@ def test_check_config_names_file_line_field(tmp_path, capsys):
     assert main(["check-config", "--no-models", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:5: camera.after: Input should be 'delete', 'move' or 'keep'" in err
+
+
+def test_check_config_takes_the_file_as_run_does_or_alone(tmp_path, capsys):
+    from station.cli import main
+
+    good = tmp_path / "station.yaml"
+    good.write_text("station: {id: cam1}\ncamera: {type: fake}\n")
+    assert main(["check-config", "--no-models", "-c", str(good)]) == 0
+    assert main(["check-config", "--no-models", str(good)]) == 0
+    assert capsys.readouterr().out == f"{good}: OK\n{good}: OK\n"
+    for argv in (["check-config"], ["check-config", "-c", str(good), str(good)]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
