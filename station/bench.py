@@ -398,7 +398,8 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
     report: dict = {
         "station": __version__,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "onnxruntime": __import__("onnxruntime").__version__},
+                    "onnxruntime": __import__("onnxruntime").__version__,
+                    "nice": os.getpriority(os.PRIO_PROCESS, 0)},  # the bench's own priority (`nice -n`)
         "frame": {"height": cam.height, "width": cam.width},
         "models": {r: {"name": m.card.name, "input": [m.card.input.height, m.card.input.width],
                        "providers": m.providers, "sha256": m.sha256} for r, m in models.items()},
@@ -486,7 +487,7 @@ def format_report(r: dict) -> str:
     b, p, o = r["bare"], r["pipeline"], r["outbox"]
     lines = [
         f"station bench — {r['machine']['cpus']} CPUs, onnxruntime {r['machine']['onnxruntime']}, "
-        f"frames {r['frame']['width']}x{r['frame']['height']}",
+        f"frames {r['frame']['width']}x{r['frame']['height']}, nice {r['machine'].get('nice', 0)}",
     ]
     for role, m in r["models"].items():
         lines.append(f"  {role}: {m['name']} {m['input'][1]}x{m['input'][0]} on {', '.join(m['providers'])}: "
