@@ -211,3 +211,27 @@ def test_unseen_real_images_each_get_a_grade_or_an_error(tmp_path):
     for r in graded:
         mask = cv2.imread(str(tmp_path / "m" / f"{Path(r['source']).stem}.png"), cv2.IMREAD_UNCHANGED)
         assert mask.shape == (r["image"]["height"], r["image"]["width"])
+
+
+def test_the_shipped_models_together_on_both_datasets(tmp_path):
+    """The acceptance command: `station replay --seg-model models/magnetic_tile_unet.onnx --det-model
+    models/neu_det_detector.onnx --masks D --out F.jsonl IMAGES` on magnetic tiles and NEU-DET steel."""
+    from conftest import shared_data
+
+    tiles = [p for cls in ("Fray", "Uneven", "Free") for p in sorted(shared_data("magnetic_tile").glob(f"{cls}/*.jpg"))[:2]]
+    steel = [sorted((shared_data("neu_det") / "images").glob(f"{c}_*.jpg"))[0]
+             for c in ("patches", "scratches", "pitted_surface")]
+    out, masks = tmp_path / "r.jsonl", tmp_path / "masks"
+    assert main(["replay", "--seg-model", str(ROOT / "models" / "magnetic_tile_unet.onnx"),
+                 "--det-model", str(ROOT / "models" / "neu_det_detector.onnx"), "--masks", str(masks),
+                 "--out", str(out), "-q", *map(str, tiles + steel)]) == 0
+    records = read_records(out)
+    assert [Path(r["source"]).name for r in records] == [p.name for p in tiles + steel]
+    for r in records:
+        assert r["grade"] in ("PASS", "DISCOUNT", "REJECT")
+        mask = cv2.imread(str(masks / f"{Path(r['source']).stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (r["image"]["height"], r["image"]["width"])
+    kinds = {d["kind"] for r in records for d in r["defects"]}
+    assert kinds == {"segmentation", "detection"}, kinds  # defects from both models, each with its kind
+    on_steel = [d for r in records[len(tiles):] for d in r["defects"] if d["kind"] == "detection"]
+    assert {d["class"] for d in on_steel} >= {"patches", "scratches"}
