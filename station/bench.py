@@ -487,7 +487,7 @@ def format_report(r: dict) -> str:
     b, p, o = r["bare"], r["pipeline"], r["outbox"]
     lines = [
         f"station bench — {r['machine']['cpus']} CPUs, onnxruntime {r['machine']['onnxruntime']}, "
-        f"frames {r['frame']['width']}x{r['frame']['height']}, nice {r['machine'].get('nice', 0)}",
+        f"frames {r['frame']['width']}x{r['frame']['height']}, nice {r['machine']['nice']}",
     ]
     for role, m in r["models"].items():
         lines.append(f"  {role}: {m['name']} {m['input'][1]}x{m['input'][0]} on {', '.join(m['providers'])}: "

@@ -1,4 +1,5 @@
-"""The shipped units pass `systemd-analyze verify` and keep their exposure low.
+"""The shipped units pass `systemd-analyze verify` and keep their exposure low, and
+the daemon, traced with strace, makes no system call their filter denies.
 
 The units name /opt/station/.venv/bin/station (the install path in the README);
 the test points them at this checkout's console script, which verify needs to
@@ -179,6 +180,8 @@ metrics: {{enabled: true, port: {metrics_port}}}
             notify.close()
     used = traced_syscalls(trace.read_text())
     assert {"setpriority", "sendto", "accept4"} <= used, sorted(used)  # the paths ran
+    if setup == "embedded-default" and (os.cpu_count() or 1) > 1:
+        assert "sched_setaffinity" in used  # ONNX Runtime's own pool pinned its threads
     unit_texts = {unit.name: unit.read_text() for unit in sorted(UNITS.glob("*.service"))}
     for name, text in unit_texts.items():
         denied = used - allowed_syscalls(text)
