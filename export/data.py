@@ -176,6 +176,31 @@ def split_samples(
     return Split(train, val, description)
 
 
+def write_split_file(path: Path, description: str, train_keys: Sequence[str], val_keys: Sequence[str]) -> None:
+    """``{"description", "train", "val"}``: the image keys of each side (paths relative to the data root)."""
+    path.write_text(json.dumps({"description": description, "train": list(train_keys), "val": list(val_keys)},
+                               indent=1) + "\n")
+
+
+def read_split_file(path: Path, data: Path, side: str = "val") -> list[Path]:
+    """The images of one side of a split file, as paths under ``data``; every one must exist."""
+    try:
+        split = json.loads(path.read_text())
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot read the split ({exc.strerror or exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}: not JSON (line {exc.lineno}: {exc.msg})") from exc
+    keys = split.get(side) if isinstance(split, dict) else None
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+        raise ExportError(f"{path}: expected a JSON object whose \"{side}\" is a non-empty list of image paths")
+    images = [data / key for key in keys]
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise ExportError(f"{path}: {len(missing)} of its {len(images)} {side} images are not under {data} "
+                          f"(first: {missing[0]})")
+    return images
+
+
 def load_sample(sample: Sample, card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
     """One sample → (input (H, W, C) in the card's dtype, label (H, W, 1) float32 0/1)."""
     image = read_image(sample.image)

@@ -3,20 +3,22 @@
 ::
 
     python -m export.magnetic_tile train [--data DIR] [--run RUN_DIR] [--epochs N]
-    python -m export.magnetic_tile eval  [--data DIR] [--run RUN_DIR] [--model FILE] [--config FILE]
+    python -m export.magnetic_tile eval  [--data DIR] [--split FILE] [--model FILE] [--config FILE]
     python -m export.magnetic_tile export-checkpoint [--data DIR] [--run RUN_DIR]
-    python -m export.magnetic_tile tune  [--run RUN_DIR] [--model FILE] [--thresholds T…] [--min-areas A…]
+    python -m export.magnetic_tile tune  [--split FILE] [--model FILE] [--thresholds T…] [--min-areas A…]
 
 ``train`` runs :func:`export.train.train` with the recipe below (fixed seeds:
 split, initialisation and augmentation all from ``SEED``), copies the
-exported model to ``models/magnetic_tile_unet.onnx`` and its training curves
-to ``docs/magnetic_tile_training.png``.
+exported model to ``models/magnetic_tile_unet.onnx``, its split (the image
+paths of each side) to ``models/magnetic_tile_unet.split.json`` and its
+training curves to ``docs/magnetic_tile_training.png``.
 
 ``eval`` runs ``station eval`` — the line's own ``Inspector`` with the ONNX
 model and ``config/magnetic_tile.yaml`` — on exactly the validation images of
-the run (``RUN_DIR/split.json``), writes ``docs/magnetic_tile_eval.json`` and
-``docs/magnetic_tile_eval.png``, and records its figures (IoU overall and per
-class, pixel precision/recall, grade agreement) in the model's card.
+the committed split file (``models/magnetic_tile_unet.split.json``), writes
+``docs/magnetic_tile_eval.json`` and ``docs/magnetic_tile_eval.png``, and
+records its figures (IoU overall and per class, pixel precision/recall, grade
+agreement) in the model's card.
 
 ``export-checkpoint`` exports the checkpoint of a ``train`` run that was
 stopped before its last epoch (the run writes its kept weights,
@@ -45,6 +47,7 @@ from typing import Sequence
 
 from . import ExportError, run_commands, run_station_eval
 from .card import PreprocessOptions, preprocess_ops
+from .data import read_split_file, write_split_file
 from .onnx_export import embed_card_file, read_card
 from .train import TrainConfig, train
 
@@ -54,6 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = Path("/work/shared/data/magnetic_tile")
 DEFAULT_RUN = Path("runs/magnetic_tile")
 MODEL_PATH = Path("models/magnetic_tile_unet.onnx")
+SPLIT_PATH = Path("models/magnetic_tile_unet.split.json")
 CONFIG_PATH = Path("config/magnetic_tile.yaml")
 DOCS = Path("docs")
 SEED = 7
@@ -113,6 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg)
     MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.onnx_path, MODEL_PATH)
+    shutil.copyfile(cfg.out_dir / "split.json", SPLIT_PATH)
     DOCS.mkdir(exist_ok=True)
     shutil.copyfile(cfg.out_dir / "curves.png", DOCS / "magnetic_tile_training.png")
     log.info("%s: val IoU %.4f (Keras, input resolution); now run: python -m export.magnetic_tile eval",
@@ -182,6 +187,7 @@ def cmd_export_checkpoint(args: argparse.Namespace) -> int:
     (cfg.out_dir / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
     MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cfg.out_dir / "model.onnx", MODEL_PATH)
+    write_split_file(SPLIT_PATH, split.description, [x.key for x in split.train], [x.key for x in split.val])
     DOCS.mkdir(exist_ok=True)
     shutil.copyfile(cfg.out_dir / "curves.png", DOCS / "magnetic_tile_training.png")
     log.info("%s from %s (epoch %d of %d run): val IoU %.4f; export %.0f s", MODEL_PATH, weights,
@@ -189,18 +195,8 @@ def cmd_export_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def validation_images(data: Path, run: Path) -> list[Path]:
-    """The validation images of a run, as paths under ``data`` (from ``RUN_DIR/split.json``)."""
-    split_file = run / "split.json"
-    try:
-        split = json.loads(split_file.read_text())
-    except OSError as exc:
-        raise ExportError(f"{split_file}: cannot read ({exc.strerror or exc}); train first") from exc
-    return [data / key for key in split["val"]]
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    images = validation_images(args.data, args.run)
+    images = read_split_file(args.split, args.data)
     if not args.no_card and args.threshold is not None:
         card = read_card(args.model)
         if card.output.threshold != args.threshold:
@@ -209,7 +205,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             embed_card_file(args.model, card.model_copy(update={"output": card.output.model_copy(
                 update={"threshold": args.threshold})}))
     json_out, png_out = args.json, args.report
-    log.info("station eval on %d validation images of %s", len(images), args.run / "split.json")
+    log.info("station eval on the %d validation images of %s", len(images), args.split)
     report = run_station_eval(["-c", args.config, "--seg-model", args.model, *images], json_out, png_out)
     seg = report["segmentation"]
     figures = {f"eval_{k}": round(float(v), 4) for k, v in report["card_figures"].items()}
@@ -225,7 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     card = read_card(args.model)
     training = card.training
-    argv = ["eval", "--data", str(args.data), "--run", str(args.run), "--model", str(args.model),
+    argv = ["eval", "--data", str(args.data), "--split", str(args.split), "--model", str(args.model),
             "--config", str(args.config), "--json", str(json_out), "--report", str(png_out),
             "--threshold", f"{card.output.threshold:g}"]
     kept = {k: v for k, v in training.figures.items() if not (k.startswith("eval_") or k.startswith("grades_"))}
@@ -241,9 +237,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     card = card.model_copy(update={"training": training.model_copy(
         update={"figures": {**kept, **figures}, "evaluated_by": evaluated_by})})
-    for path in {args.model.resolve(), (args.run / "model.onnx").resolve()}:
-        if path.is_file():
-            embed_card_file(path, card)
+    embed_card_file(args.model, card)
     log.info("figures written into the card of %s: %s", args.model, json.dumps(figures))
     return 0
 
@@ -256,8 +250,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     import yaml
 
-    split = json.loads((args.run / "split.json").read_text())
-    images = [args.data / key for key in split["train"]]
+    images = read_split_file(args.split, args.data, "train")
     card = read_card(args.model)
     base = yaml.safe_load(args.config.read_text())
     results = []
@@ -296,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.magnetic_tile", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train with the fixed recipe, export, copy to models/ and docs/")
-    e = sub.add_parser("eval", help="station eval on the run's validation split; figures into the card")
+    e = sub.add_parser("eval", help="station eval on the validation side of the split file; figures into the card")
     x = sub.add_parser("export-checkpoint", help="export the checkpoint of an interrupted train run")
     x.add_argument("--epochs", type=int, help="the --epochs the run was started with (default: the recipe's)")
     u = sub.add_parser("tune", help="threshold x min_area_px on the training split (station eval)")
@@ -306,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--min-areas", type=int, nargs="+", default=[12, 32, 64])
     for s in (t, e, x, u):
         s.add_argument("--data", type=Path, default=DEFAULT_DATA, help="magnetic_tile folder (with tile_groups.json)")
+    for s in (t, x):
         s.add_argument("--run", type=Path, default=DEFAULT_RUN, help="run directory")
+    for s in (e, u):
+        s.add_argument("--split", type=Path, default=SPLIT_PATH, help="split file (image paths of each side)")
     t.add_argument("--epochs", type=int, help="override the recipe's epochs (trials only)")
     t.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs (learning-rate schedule of "
                    "the recipe's epochs)")

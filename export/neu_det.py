@@ -3,17 +3,18 @@
 ::
 
     python -m export.neu_det train [--data DIR] [--run RUN_DIR] [--epochs N]
-    python -m export.neu_det eval  [--data DIR] [--run RUN_DIR] [--model FILE]
+    python -m export.neu_det eval  [--data DIR] [--split FILE] [--model FILE]
 
 ``train`` runs :func:`export.train_detector.train` with the recipe below
 (fixed seed: split, initialisation and augmentation), copies the exported
-model to ``models/neu_det_detector.onnx`` and its training curves to
-``docs/neu_det_training.png``. The weights exported are those of the last
+model to ``models/neu_det_detector.onnx``, its split (the image paths of
+each side) to ``models/neu_det_detector.split.json`` and its training curves
+to ``docs/neu_det_training.png``. The weights exported are those of the last
 epoch, so the validation split chose nothing about the model.
 
 ``eval`` runs ``station eval`` — the line's own ``Inspector`` with the ONNX
-model — on the run's validation images (``RUN_DIR/val``: links to the images
-and their VOC annotations), writes ``docs/neu_det_eval.json`` and
+model — on the validation images of the committed split file (their VOC
+annotations in the sibling ``annotations/`` folder), writes ``docs/neu_det_eval.json`` and
 ``docs/neu_det_eval.png``, and records the figures (AP50, COCO mAP, AP per
 class) in the model's card.
 
@@ -34,7 +35,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from . import ExportError, run_commands, run_station_eval
+from . import run_commands, run_station_eval
+from .data import read_split_file
 from .onnx_export import embed_card_file, read_card
 from .train_detector import DetTrainConfig, command_of, train
 
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DATA = Path("/work/shared/data/neu_det")
 DEFAULT_RUN = Path("runs/neu_det_detector")
 MODEL_PATH = Path("models/neu_det_detector.onnx")
+SPLIT_PATH = Path("models/neu_det_detector.split.json")
 DOCS = Path("docs")
 SEED = 0
 
@@ -69,6 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg)
     MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.onnx_path, MODEL_PATH)
+    shutil.copyfile(cfg.out_dir / "split.json", SPLIT_PATH)
     DOCS.mkdir(exist_ok=True)
     shutil.copyfile(cfg.out_dir / "curves.png", DOCS / "neu_det_training.png")
     f = result.card.training.figures
@@ -78,12 +82,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    images = args.run / "val" / "images"
-    if not images.is_dir():
-        raise ExportError(f"{images}: no validation images; train first")
+    images = read_split_file(args.split, args.data)
     json_out, png_out = args.json, args.report
-    log.info("station eval on the validation images of %s", args.run)
-    report = run_station_eval([images, "--det-model", args.model], json_out, png_out)
+    log.info("station eval on the %d validation images of %s", len(images), args.split)
+    report = run_station_eval(["--det-model", args.model, *images], json_out, png_out)
     det = report["detection"]
     figures = {f"eval_{k}": round(float(v), 4) for k, v in report["card_figures"].items()}
     for cls, per in sorted(det["per_class"].items()):
@@ -97,16 +99,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     training = card.training
     kept = {k: v for k, v in training.figures.items() if not k.startswith("eval_")}
     base = training.evaluated_by.split(" [figures without a prefix]")[0]
-    argv = ["eval", "--data", str(args.data), "--run", str(args.run), "--model", str(args.model),
+    argv = ["eval", "--data", str(args.data), "--split", str(args.split), "--model", str(args.model),
             "--json", str(json_out), "--report", str(png_out)]
     evaluated_by = (f"{base} [figures without a prefix]; python -m export.neu_det {shlex.join(argv)} [eval_* "
                     f"figures: station eval with the ONNX model on the {det['images']} validation images, "
                     f"pycocotools; report {json_out}]")
     card = card.model_copy(update={"training": training.model_copy(
         update={"figures": {**kept, **figures}, "evaluated_by": evaluated_by})})
-    for path in {args.model.resolve(), (args.run / "model.onnx").resolve()}:
-        if path.is_file():
-            embed_card_file(path, card)
+    embed_card_file(args.model, card)
     log.info("figures written into the card of %s", args.model)
     return 0
 
@@ -115,12 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.neu_det", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train with the fixed recipe, export, copy to models/ and docs/")
-    e = sub.add_parser("eval", help="station eval on the run's validation split; figures into the card")
+    e = sub.add_parser("eval", help="station eval on the validation side of the split file; figures into the card")
     for s in (t, e):
         s.add_argument("--data", type=Path, default=DEFAULT_DATA, help="neu_det folder (images/, annotations/)")
-        s.add_argument("--run", type=Path, default=DEFAULT_RUN, help="run directory")
+    t.add_argument("--run", type=Path, default=DEFAULT_RUN, help="run directory")
     t.add_argument("--epochs", type=int, help="override the recipe's epochs (trials only)")
     e.add_argument("--model", type=Path, default=MODEL_PATH)
+    e.add_argument("--split", type=Path, default=SPLIT_PATH, help="split file whose validation images to evaluate")
     e.add_argument("--json", type=Path, default=DOCS / "neu_det_eval.json", help="station eval JSON report")
     e.add_argument("--report", type=Path, default=DOCS / "neu_det_eval.png", help="station eval PNG report")
     e.add_argument("--no-card", action="store_true", help="do not write the figures into the card")

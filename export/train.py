@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import math
 import shlex
@@ -68,7 +67,7 @@ from station.modelcard import (
 
 from . import ExportError
 from .card import DEFAULT_OPSET, MAX_OPSET, NORMALIZATIONS, PreprocessOptions, clahe_arg, draft_card, preprocess_ops
-from .data import Arrays, find_samples, load_arrays, load_groups, split_samples
+from .data import Arrays, find_samples, load_arrays, load_groups, split_samples, write_split_file
 
 log = logging.getLogger(__name__)
 
@@ -579,9 +578,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     _log_arrays("validation", val_arrays)
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.out_dir / "split.json").write_text(json.dumps(
-        {"description": split.description, "train": [s.key for s in split.train], "val": [s.key for s in split.val]},
-        indent=1) + "\n")
+    write_split_file(cfg.out_dir / "split.json", split.description, [s.key for s in split.train],
+                     [s.key for s in split.val])
 
     import keras
     import tensorflow as tf

@@ -62,7 +62,7 @@ from station.postprocess import detection_defects
 
 from . import ExportError
 from .card import DEFAULT_OPSET, MAX_OPSET, PreprocessOptions, clahe_arg, package_version, preprocess_ops
-from .data import split_samples
+from .data import split_samples, write_split_file
 from .voc import BoxArrays, class_names, find_voc_samples, load_box_arrays, near_duplicate_groups
 
 log = logging.getLogger(__name__)
@@ -455,9 +455,7 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
                   f"same class: {n_linked} images in {n_groups} groups) kept on one side")
     log.info("data %s: %d images, classes %s; split %s (grouping took %.0f s)", cfg.data_dir, len(samples),
              classes, split_text, time.perf_counter() - t_groups)
-    (cfg.out_dir / "split.json").write_text(json.dumps(
-        {"description": split_text, "train": [s.key for s in train_s], "val": [s.key for s in val_s]},
-        indent=1) + "\n")
+    write_split_file(cfg.out_dir / "split.json", split_text, [s.key for s in train_s], [s.key for s in val_s])
     val_images = write_split_view(cfg.out_dir / "val", val_s)
 
     train_a = load_box_arrays(train_s, draft, progress=True)

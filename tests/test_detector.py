@@ -350,7 +350,7 @@ def test_neu_det_recipe_is_the_command_on_its_card() -> None:
 
 
 @pytest.mark.slow
-def test_neu_det_eval_writes_reports_and_card_figures(tiny_det_run, tmp_path: Path) -> None:
+def test_neu_det_eval_writes_reports_and_card_figures(tiny_det_run, tmp_path: Path, caplog) -> None:
     import shutil
 
     from export.neu_det import main
@@ -360,12 +360,17 @@ def test_neu_det_eval_writes_reports_and_card_figures(tiny_det_run, tmp_path: Pa
     model = tmp_path / "det.onnx"
     shutil.copyfile(result.onnx_path, model)
     report, png = tmp_path / "eval.json", tmp_path / "eval.png"
-    assert main(["eval", "--run", str(cfg.out_dir), "--model", str(model), "--json", str(report),
-                 "--report", str(png)]) == 0
+    split = cfg.out_dir / "split.json"  # what `train` copies beside the shipped model
+    assert main(["eval", "--data", str(cfg.data_dir), "--split", str(split), "--model", str(model), "--json",
+                 str(report), "--report", str(png)]) == 0
     det = json.loads(report.read_text())["detection"]
     assert png.stat().st_size > 0 and det["images"] == 3
     t = read_card(model).training
     assert t.figures["eval_ap50"] == round(det["ap50"], 4) and t.figures["eval_images"] == 3
     assert t.figures["val_ap50"] == result.card.training.figures["val_ap50"]  # training figures kept
-    assert "python -m export.neu_det eval" in t.evaluated_by
-    assert main(["eval", "--run", str(tmp_path / "none"), "--model", str(model)]) == 2  # no run: clear error
+    assert f"python -m export.neu_det eval --data {cfg.data_dir} --split {split}" in t.evaluated_by
+    # clear errors: no split file; a split naming images the data folder does not hold
+    assert main(["eval", "--data", str(cfg.data_dir), "--split", str(tmp_path / "none.json"), "--model", str(model)]) == 2
+    assert "none.json: cannot read the split" in caplog.text
+    assert main(["eval", "--data", str(tmp_path), "--split", str(split), "--model", str(model)]) == 2
+    assert f"{split}: 3 of its 3 val images are not under {tmp_path}" in caplog.text

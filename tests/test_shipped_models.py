@@ -1,0 +1,79 @@
+"""The shipped models' figures, reproduced from a fresh checkout.
+
+The README's results table, ``docs/*_eval.json`` and each model's card all come
+from one command per model (``python -m export.<model> eval``), which reads the
+validation images from the split file committed beside the model. These tests
+run those commands as a user would and compare what they print and write with
+what the repository says.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, shared_data
+from export.onnx_export import read_card
+
+# model file, its eval command's module, data folder, the eval report in docs/
+SHIPPED = {
+    "magnetic_tile_unet": ("export.magnetic_tile", "magnetic_tile", "docs/magnetic_tile_eval.json"),
+    "neu_det_detector": ("export.neu_det", "neu_det", "docs/neu_det_eval.json"),
+}
+
+
+def _readme_figures() -> dict[tuple[str, str], str]:
+    """{(model, figure): value} of the README's "Results beside the reference figures" table."""
+    text = (ROOT / "README.md").read_text()
+    table = text.split("### Results beside the reference figures", 1)[1].split("\n\n|", 1)[1]
+    rows = {}
+    for line in ("|" + table).split("\n\n", 1)[0].splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[(cells[0], cells[1])] = cells[2]
+    return rows
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_the_split_file_is_the_one_on_the_card(name):
+    """The committed split: disjoint sides, the counts the card's split names, images that exist."""
+    split = json.loads((ROOT / "models" / f"{name}.split.json").read_text())
+    card = read_card(ROOT / "models" / f"{name}.onnx")
+    train, val = split["train"], split["val"]
+    assert not set(train) & set(val) and len(set(val)) == len(val)
+    assert split["description"] == card.training.split
+    assert re.match(rf"by group: {len(train)} train / {len(val)} validation images", card.training.split)
+    data = shared_data(SHIPPED[name][1])
+    assert all((data / key).is_file() for key in train + val)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_the_eval_command_reproduces_docs_card_and_readme(name, tmp_path):
+    module, dataset, committed = SHIPPED[name]
+    data = shared_data(dataset)
+    out, png = tmp_path / "eval.json", tmp_path / "eval.png"
+    proc = subprocess.run([sys.executable, "-m", module, "eval", "--data", str(data), "--no-card", "--json", str(out),
+                           "--report", str(png)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got, shipped = json.loads(out.read_text()), json.loads((ROOT / committed).read_text())
+    assert png.stat().st_size > 0
+    assert got["card_figures"] == pytest.approx(shipped["card_figures"], abs=1e-9)
+    assert got["counts"] == shipped["counts"]
+
+    figures = read_card(ROOT / "models" / f"{name}.onnx").training.figures
+    table = _readme_figures()
+    if name == "magnetic_tile_unet":
+        seg = got["segmentation"]["all_defects"]
+        assert figures["eval_iou"] == round(seg["iou"], 4)
+        assert figures["eval_grade_agreement_pct"] == round(got["grades"]["agreement_pct"], 4)
+        assert table[("magnetic-tile U-Net", "defect IoU")] == f"{seg['iou']:.3f}"
+        assert table[("magnetic-tile U-Net", "grade agreement")] == f"{got['grades']['agreement_pct']:.1f} %"
+    else:
+        det = got["detection"]
+        assert figures["eval_ap50"] == round(det["ap50"], 4) and figures["eval_map"] == round(det["map"], 4)
+        assert table[("NEU-DET detector", "AP50")] == f"{det['ap50']:.3f}"
+        assert table[("NEU-DET detector", "COCO mAP")] == f"{det['map']:.3f}"
