@@ -47,7 +47,7 @@ import numpy as np
 from keras import layers
 
 from . import ExportError
-from .train_detector import LEVEL_STRIDES, check_strides
+from .train_detector import LEVEL_STRIDES, check_strides, check_tta
 from .unet import set_bn_momentum
 
 log = logging.getLogger(__name__)
@@ -218,17 +218,73 @@ class DecodeNms(layers.Layer):
                 keras.KerasTensor((n, k), "float32"), keras.KerasTensor((n,), "int32")]
 
 
+FLIPS: dict[str, tuple[int, ...]] = {"h": (2,), "v": (1,), "hv": (1, 2)}  # test-time flips → NHWC axes reversed
+
+
+class FlipImage(layers.Layer):
+    """An NHWC batch mirrored left-right ("h"), top-bottom ("v") or both ("hv")."""
+
+    def __init__(self, flip: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.flip = flip
+
+    def call(self, x):
+        import tensorflow as tf
+
+        return tf.reverse(x, axis=list(FLIPS[self.flip]))
+
+
+class UnflipCells(layers.Layer):
+    """Raw head outputs (N, cells, C + 5) of a mirrored input → those of the input itself:
+    each level's grid mirrored back, and the side distances swapped (left ↔ right for a
+    left-right flip, top ↔ bottom for a top-bottom one)."""
+
+    def __init__(self, in_h: int, in_w: int, num_classes: int, strides: Sequence[int], flip: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.grids = [(in_h // s, in_w // s) for s in strides]
+        self.flip, self.num_classes = flip, num_classes
+        c = num_classes
+        order = list(range(c + 5))
+        if "h" in flip:
+            order[c], order[c + 2] = c + 2, c
+        if "v" in flip:
+            order[c + 1], order[c + 3] = c + 3, c + 1
+        self.order = order
+
+    def call(self, raw):
+        import tensorflow as tf
+
+        k = self.num_classes + 5
+        parts = tf.split(raw, [gh * gw for gh, gw in self.grids], axis=1)
+        back = [tf.reshape(tf.reverse(tf.reshape(part, [-1, gh, gw, k]), axis=list(FLIPS[self.flip])), [-1, gh * gw, k])
+                for part, (gh, gw) in zip(parts, self.grids)]
+        out = back[0] if len(back) == 1 else tf.concat(back, axis=1)
+        return tf.gather(out, self.order, axis=-1)
+
+
 def build_inference(model: keras.Model, num_classes: int, score_threshold: float = 0.05, iou_threshold: float = 0.5,
-                    max_per_class: int = 50, max_total: int = 100, strides: Sequence[int] = STRIDES) -> keras.Model:
+                    max_per_class: int = 50, max_total: int = 100, strides: Sequence[int] = STRIDES,
+                    tta: Sequence[str] = ()) -> keras.Model:
     """``model`` (sharing its weights; built with these ``strides``) followed by decoding
-    and in-graph NMS; outputs in the order of :data:`OUTPUT_NAMES`."""
+    and in-graph NMS; outputs in the order of :data:`OUTPUT_NAMES`.
+
+    tta: test-time flips ("h", "v", "hv"): the model also runs on each mirrored copy of
+    the input, its raw outputs are mirrored back (:class:`UnflipCells`) and all are
+    averaged — class and centre-ness logits, log side distances — before one decoding
+    and NMS. The model was trained on all 8 symmetries of the square, so each copy is
+    an image of its training distribution; the cost is one more model run per flip."""
     h, w = model.input.shape[1:3]
     cells = cell_grid(h, w, strides)[0].size
     if model.output.shape[1] != cells:
         raise ExportError(f"the model has {model.output.shape[1]} cells, levels {tuple(strides)} at {h}x{w} have {cells}")
     inputs = keras.Input(model.input.shape[1:], name=INPUT_NAME)
+    raw = model(inputs, training=False)
+    if tta:
+        runs = [raw] + [UnflipCells(h, w, num_classes, strides, f, name=f"unflip_{f}")(
+            model(FlipImage(f, name=f"flip_{f}")(inputs), training=False)) for f in check_tta(tta)]
+        raw = layers.Average(name="tta_mean")(runs)
     outs = DecodeNms(h, w, num_classes, score_threshold, iou_threshold, max_per_class, max_total, strides,
-                     name="decode_nms")(model(inputs, training=False))
+                     name="decode_nms")(raw)
     return keras.Model(inputs, outs, name=model.name + "_nms")
 
 

@@ -87,6 +87,17 @@ def check_strides(strides: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
+TTA_FLIPS: tuple[str, ...] = ("h", "v", "hv")  # test-time flips: left-right, top-bottom, both (export.detector)
+
+
+def check_tta(flips: Sequence[str]) -> tuple[str, ...]:
+    """``flips`` as a tuple, or ExportError: each of h, v, hv at most once."""
+    out = tuple(flips)
+    if any(f not in TTA_FLIPS for f in out) or len(set(out)) != len(out):
+        raise ExportError(f"--tta {' '.join(out)}: each of {', '.join(TTA_FLIPS)} at most once")
+    return out
+
+
 @dataclass(frozen=True)
 class DetTrainConfig:
     """Everything a detector run depends on. size: (height, width) of the model input, pixels."""
@@ -99,6 +110,7 @@ class DetTrainConfig:
     width: int = 96
     head_depth: int = 2
     levels: tuple[int, ...] = (8,)  # FPN strides the head reads (check_strides)
+    tta: tuple[str, ...] = ()  # test-time flips in the exported graph ("h", "v", "hv"; export.detector.build_inference)
     weights: Path | None = None
     epochs: int = 60
     batch: int = 16
@@ -478,6 +490,10 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
         log.info("initial weights: %s", cfg.init_weights)
     infer_model = build_inference(model, len(classes), cfg.score_threshold, cfg.nms_iou,
                                   max_total=cfg.max_detections, strides=cfg.levels)
+    # the exported graph: the same weights, with the test-time flips (the epochs are watched without them)
+    export_model_ = build_inference(model, len(classes), cfg.score_threshold, cfg.nms_iou,
+                                    max_total=cfg.max_detections, strides=cfg.levels, tta=cfg.tta) if cfg.tta \
+        else infer_model
     steps = math.ceil(len(train_a) / cfg.batch)
     warmup = int(round(cfg.warmup_epochs * steps))
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -512,7 +528,7 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
                                  else rows[-1]["epoch"])
     seconds = time.perf_counter() - t0 if cfg.export_from is None else sum(r["seconds"] for r in rows)
 
-    metrics = score_detections(detect(infer_model, val_a, draft), val_a, classes)
+    metrics = score_detections(detect(export_model_, val_a, draft), val_a, classes)
     figures = {"val_ap50": round(float(metrics["ap50"] or 0.0), 4), "val_map": round(float(metrics["map"] or 0.0), 4),
                "val_ap75": round(float(metrics["ap75"] or 0.0), 4), "kept_epoch": float(kept_epoch),
                "epochs_run": float(len(rows))}
@@ -534,10 +550,11 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
         evaluated_by=f"station eval {val_images} --det-model {onnx_path} (validation split; "
                      + ("best-mAP epoch chosen on the same split" if cfg.keep == "best" else
                         "weights of the last epoch, chosen before training")
-                     + f"; score threshold {cfg.score_threshold:g})",
+                     + f"; score threshold {cfg.score_threshold:g}"
+                     + (f"; test-time flips {'/'.join(cfg.tta)} in the graph" if cfg.tta else "") + ")",
     )
     card = draft.model_copy(update={"training": training})
-    card = export_model(infer_model, card, onnx_path, val_a.x[: max(1, cfg.parity_count)], opset=cfg.opset)
+    card = export_model(export_model_, card, onnx_path, val_a.x[: max(1, cfg.parity_count)], opset=cfg.opset)
     (cfg.out_dir / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
     return DetTrainResult(card, onnx_path, kept_epoch, seconds, rows)
 
@@ -556,6 +573,8 @@ def command_of(cfg: DetTrainConfig) -> str:
             "--opset", str(cfg.opset)]
     if cfg.levels != (8,):
         argv += ["--levels", *map(str, cfg.levels)]
+    if cfg.tta:
+        argv += ["--tta", *cfg.tta]
     if cfg.limit is not None:
         argv += ["--limit", str(cfg.limit)]
     if cfg.max_minutes is not None:
@@ -581,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-depth", type=int, default=2, help="conv layers per head tower")
     p.add_argument("--levels", type=int, nargs="+", default=[8], metavar="STRIDE",
                    help="FPN strides the head reads: 8 (one map) or e.g. 8 16 32 (boxes assigned to a level by size)")
+    p.add_argument("--tta", nargs="+", default=[], choices=TTA_FLIPS, metavar="FLIP",
+                   help="test-time flips in the exported graph: h (left-right), v (top-bottom), hv (both); the "
+                        "outputs of all copies are averaged before NMS, one more model run per flip")
     p.add_argument("--weights", type=Path, help="local MobileNetV2 include_top=False weights (never downloaded)")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch", type=int, default=16)
@@ -631,7 +653,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> DetTrainConfig:
     return DetTrainConfig(
         data_dir=args.data_dir, out_dir=args.out, preprocess=tuple(preprocess_ops(opts)), size=size,
         alpha=args.alpha, width=args.width, head_depth=args.head_depth, levels=check_strides(args.levels),
-        weights=args.weights, epochs=args.epochs,
+        tta=check_tta(args.tta), weights=args.weights, epochs=args.epochs,
         batch=args.batch, lr=args.lr, crop_min=args.crop_min, jitter=args.jitter, seed=args.seed,
         val_fraction=args.val_fraction,
         duplicate_ncc=args.duplicate_ncc, limit=args.limit, max_minutes=args.max_minutes, keep=args.keep,

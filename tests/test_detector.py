@@ -267,6 +267,53 @@ def test_three_level_detector_decodes_each_level_and_exports(tmp_path: Path) -> 
     assert outs["boxes"].shape == (1, 100, 4) and int(outs["count"][0]) > 0
 
 
+@pytest.mark.slow
+def test_test_time_flips_mirror_back_and_export(tmp_path: Path) -> None:
+    import keras
+
+    from export.detector import FlipImage, UnflipCells, build_detector, build_inference, encode_targets, make_loss
+    from export.onnx_export import export_model
+    from station.infer import OnnxModel
+
+    keras.utils.set_random_seed(1)
+    strides = (8, 16, 32)
+    model = build_detector((64, 96, 1), 2, alpha=0.35, width=16, head_depth=1, strides=strides)
+    x = np.random.default_rng(1).normal(0, 0.5, (2, 64, 96, 1)).astype(np.float32)
+    # a few steps towards one off-centre box, so that the outputs depend on where things are
+    y = np.stack([encode_targets(np.array([[4, 6, 40, 30]], np.float32), np.array([1]), 64, 96, 2, strides)] * 2)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=make_loss(2, 64, 96, strides=strides))
+    for _ in range(5):
+        model.train_on_batch(x, y)
+    # a raw output of a mirrored image, mirrored back, is that of the image: each level's grid, and l↔r / t↔b
+    raw = np.random.default_rng(2).normal(0, 1, (1, 8 * 12 + 4 * 6 + 2 * 3, 7)).astype(np.float32)
+    level8 = raw[0, :96].reshape(8, 12, 7)
+    for flip, mirrored in (("h", level8[:, ::-1][..., [0, 1, 4, 3, 2, 5, 6]]),
+                           ("v", level8[::-1][..., [0, 1, 2, 5, 4, 3, 6]]),
+                           ("hv", level8[::-1, ::-1][..., [0, 1, 4, 5, 2, 3, 6]])):
+        back = np.asarray(UnflipCells(64, 96, 2, strides, flip)(raw))
+        np.testing.assert_array_equal(back[0, :96].reshape(8, 12, 7), mirrored)
+        np.testing.assert_array_equal(np.asarray(UnflipCells(64, 96, 2, strides, flip)(back)), raw)  # an involution
+    # the averaged graph sees a mirrored image as the mirror of the image (its raw outputs, before NMS)
+    infer = build_inference(model, 2, score_threshold=0.001, strides=strides, tta=("h", "v", "hv"))
+    averaged = keras.Model(infer.input, infer.get_layer("tta_mean").output)
+
+    def plain(t):
+        return model(t, training=False)
+
+    for flip in ("h", "v", "hv"):
+        mirrored_x = np.asarray(FlipImage(flip)(x))
+        unflip = UnflipCells(64, 96, 2, strides, flip)
+        np.testing.assert_allclose(np.asarray(unflip(averaged(mirrored_x))), np.asarray(averaged(x)), atol=1e-4)
+        # the model alone is not (so the check above can fail)
+        assert np.abs(np.asarray(unflip(plain(mirrored_x))) - np.asarray(plain(x))).max() > 1e-2
+    n = int(np.asarray(infer(x[:1])[3])[0])
+    card = export_model(infer, _card((64, 96)), tmp_path / "tta.onnx", x)
+    assert card.export.parity["count_agreement"] == 1.0 and card.export.parity["detection_match"] > 0.99
+    assert int(OnnxModel(tmp_path / "tta.onnx", providers=("cpu",)).run(x[:1])["count"][0]) == n
+    with pytest.raises(ExportError, match="--tta h h"):
+        build_inference(model, 2, strides=strides, tta=("h", "h"))
+
+
 @pytest.fixture(scope="module")
 def tiny_det_run(tmp_path_factory):
     from export.train_detector import DetTrainConfig, train
@@ -275,7 +322,7 @@ def tiny_det_run(tmp_path_factory):
     data = write_voc_dataset(root / "data", 12)
     cfg = DetTrainConfig(data_dir=data, out_dir=root / "run", size=(64, 64), alpha=0.35, width=16, head_depth=1,
                          epochs=2, batch=6, seed=3, val_fraction=0.25, score_threshold=0.001, name="tinydet",
-                         eager=True, parity_count=3, crop_min=0.6, jitter=0.1, keep="last")
+                         eager=True, parity_count=3, crop_min=0.6, jitter=0.1, keep="last", tta=("h",))
     return cfg, train(cfg)
 
 
@@ -293,6 +340,8 @@ def test_detector_export_round_trip(tiny_det_run, tmp_path: Path) -> None:
     card = read_card(result.onnx_path)
     assert card == result.card and card.task == "detection" and card.classes == list(CLASSES)
     assert card.output.boxes == "boxes" and card.output.score_threshold == 0.001
+    # the left-right flip is in the graph, and the card's command and figures say so
+    assert "--tta h" in card.training.command and "test-time flips h in the graph" in card.training.evaluated_by
     model = onnx.load(str(result.onnx_path))
     assert io_mismatches(model, card) == [] and card.export.opset <= 18 and model.ir_version <= 10
     assert {"NonMaxSuppression"} <= {n.op_type for n in model.graph.node}
