@@ -4,6 +4,7 @@
 
     python -m export.neu_det train [--data DIR] [--run RUN_DIR] [--epochs N]
     python -m export.neu_det eval  [--data DIR] [--split FILE] [--model FILE]
+    python -m export.neu_det tta   [--data DIR] [--run RUN_DIR] [--split FILE]
 
 ``train`` runs :func:`export.train_detector.train` with the recipe below
 (fixed seed: split, initialisation and augmentation), copies the exported
@@ -14,9 +15,13 @@ epoch, so the validation split chose nothing about the model.
 
 ``eval`` runs ``station eval`` — the line's own ``Inspector`` with the ONNX
 model — on the validation images of the committed split file (their VOC
-annotations in the sibling ``annotations/`` folder), writes ``docs/neu_det_eval.json`` and
-``docs/neu_det_eval.png``, and records the figures (AP50, COCO mAP, AP per
-class) in the model's card.
+annotations in the sibling ``annotations/`` folder), writes
+``docs/neu_det_eval.json`` and ``docs/neu_det_eval.png``, and records the
+figures (AP50, COCO mAP, AP per class) in the model's card.
+
+``tta`` compares the test-time flip sets of :data:`TTA_CHOICES` with the
+run's last weights on the *training* images of the split, which is where the
+recipe's ``tta`` was chosen.
 
 Data: the NEU surface defect database, detection version (Song & Yan 2013;
 He et al., IEEE TIM 2020), split so that near-duplicate images stay on one
@@ -35,7 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from . import run_commands, run_station_eval
+from . import ExportError, run_commands, run_station_eval
 from .data import read_split_file
 from .onnx_export import embed_card_file, read_card
 from .train_detector import DetTrainConfig, command_of, train
@@ -111,10 +116,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# The test-time flip sets `tta` compares: none, the left-right mirror, all three mirrors.
+TTA_CHOICES: tuple[tuple[str, ...], ...] = ((), ("h",), ("h", "v", "hv"))
+
+
+def cmd_tta(args: argparse.Namespace) -> int:
+    """Test-time flips chosen on the *training* split (never on validation): the run's last
+    weights in the inference graph with each flip set of :data:`TTA_CHOICES`, AP50 and mAP on
+    the training images of the split file (the decoding and scoring of ``train``)."""
+    import keras
+
+    from station.evaluate import parse_voc
+    from station.modelcard import TrainingInfo
+
+    from .detector import build_detector, build_inference
+    from .train_detector import detect, draft_detection_card, score_detections
+    from .voc import class_names, find_voc_samples, load_box_arrays
+
+    cfg = recipe(args.data, args.run)
+    weights = args.run / "last.weights.h5"
+    if not weights.is_file():
+        raise ExportError(f"{weights}: no weights; train first")
+    samples = find_voc_samples(cfg.data_dir)
+    classes = class_names(parse_voc(s.annotation) for s in samples)
+    card = draft_detection_card(cfg, classes, TrainingInfo(data="(pending)"))
+    keys = {p.relative_to(args.data).as_posix() for p in read_split_file(args.split, args.data, "train")}
+    arrays = load_box_arrays([s for s in samples if s.key in keys], card, progress=True)
+    h, w = cfg.size
+    model = build_detector((h, w, card.input.channels), len(classes), alpha=cfg.alpha, width=cfg.width,
+                           head_depth=cfg.head_depth, strides=cfg.levels)
+    model.load_weights(weights)
+    for flips in TTA_CHOICES:
+        infer = build_inference(model, len(classes), cfg.score_threshold, cfg.nms_iou, max_total=cfg.max_detections,
+                                strides=cfg.levels, tta=flips)
+        m = score_detections(detect(infer, arrays, card), arrays, classes)
+        log.info("training split (%d images), flips %-8s: AP50 %.4f, mAP %.4f", len(arrays),
+                 "/".join(flips) or "none", m["ap50"], m["map"])
+    keras.backend.clear_session()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.neu_det", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train with the fixed recipe, export, copy to models/ and docs/")
+    f = sub.add_parser("tta", help="compare test-time flip sets on the training split (the run's last weights)")
+    f.add_argument("--data", type=Path, default=DEFAULT_DATA, help="neu_det folder (images/, annotations/)")
+    f.add_argument("--run", type=Path, default=DEFAULT_RUN, help="run directory (last.weights.h5)")
+    f.add_argument("--split", type=Path, default=SPLIT_PATH, help="split file whose training images to use")
     e = sub.add_parser("eval", help="station eval on the validation side of the split file; figures into the card")
     for s in (t, e):
         s.add_argument("--data", type=Path, default=DEFAULT_DATA, help="neu_det folder (images/, annotations/)")
@@ -129,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_commands(build_parser(), {"train": cmd_train, "eval": cmd_eval}, argv)
+    return run_commands(build_parser(), {"train": cmd_train, "eval": cmd_eval, "tta": cmd_tta}, argv)
 
 
 if __name__ == "__main__":

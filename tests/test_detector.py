@@ -423,3 +423,37 @@ def test_neu_det_eval_writes_reports_and_card_figures(tiny_det_run, tmp_path: Pa
     assert "none.json: cannot read the split" in caplog.text
     assert main(["eval", "--data", str(tmp_path), "--split", str(split), "--model", str(model)]) == 2
     assert f"{split}: 3 of its 3 val images are not under {tmp_path}" in caplog.text
+
+
+@pytest.mark.slow
+def test_neu_det_tta_compares_flip_sets_on_the_training_side(tmp_path: Path, caplog) -> None:
+    """`python -m export.neu_det tta`: the recipe's model with a run's last weights, each flip set
+    of TTA_CHOICES scored on the split's training images (never its validation ones)."""
+    import logging
+
+    import keras
+
+    from export.data import write_split_file
+    from export.detector import build_detector
+    from export.neu_det import RECIPE, TTA_CHOICES, main
+
+    caplog.set_level(logging.INFO)
+    data = write_voc_dataset(tmp_path / "data", 12)
+    keys = sorted(p.relative_to(data).as_posix() for p in (data / "images").iterdir())
+    split = tmp_path / "split.json"
+    write_split_file(split, "test", keys[:8], keys[8:])
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["tta", "--data", str(data), "--run", str(run), "--split", str(split)]) == 2
+    assert f"{run / 'last.weights.h5'}: no weights; train first" in caplog.text
+    keras.utils.set_random_seed(0)
+    size = RECIPE["size"]
+    model = build_detector((size[0], size[1], 1), len(CLASSES), alpha=RECIPE["alpha"], width=RECIPE["width"],
+                           head_depth=RECIPE["head_depth"], strides=RECIPE["levels"])
+    model.save_weights(run / "last.weights.h5")
+    caplog.clear()
+    assert main(["tta", "--data", str(data), "--run", str(run), "--split", str(split)]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training split")]
+    assert [line.split("flips ")[1].split(":")[0].strip() for line in lines] == \
+        ["/".join(f) or "none" for f in TTA_CHOICES]
+    assert all("training split (8 images)" in line for line in lines)
