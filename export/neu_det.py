@@ -61,8 +61,8 @@ SEED = 0
 # jitter 0.1. One cosine schedule over all epochs; the last epoch's weights are kept.
 # No test-time flips in the shipped graph (`--tta` is off): with all three mirror images
 # (`--tta h v hv`, chosen on the training split by `python -m export.neu_det tta`) the
-# detector gained 0.005 AP50 and 0.014 mAP on validation but ran 4 times per frame, and
-# on two cores the station then fell below 0.90 of its bare throughput (docs/benchmarks.md).
+# detector gained 0.005 AP50 and 0.014 mAP on validation but ran 4 times per frame: the
+# station's throughput on two cores fell from 76 to 44-45 frames/s (docs/benchmarks.md).
 RECIPE = dict(size=(192, 192), alpha=0.5, width=64, head_depth=2, levels=(8, 16, 32), epochs=160,
               batch=16, lr=2e-3, crop_min=0.6, jitter=0.1, keep="last", seed=SEED, val_fraction=0.2)
 
