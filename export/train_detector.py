@@ -491,7 +491,7 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
     infer_model = build_inference(model, len(classes), cfg.score_threshold, cfg.nms_iou,
                                   max_total=cfg.max_detections, strides=cfg.levels)
     # the exported graph: the same weights, with the test-time flips (the epochs are watched without them)
-    export_model_ = build_inference(model, len(classes), cfg.score_threshold, cfg.nms_iou,
+    shipped_graph = build_inference(model, len(classes), cfg.score_threshold, cfg.nms_iou,
                                     max_total=cfg.max_detections, strides=cfg.levels, tta=cfg.tta) if cfg.tta \
         else infer_model
     steps = math.ceil(len(train_a) / cfg.batch)
@@ -528,7 +528,7 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
                                  else rows[-1]["epoch"])
     seconds = time.perf_counter() - t0 if cfg.export_from is None else sum(r["seconds"] for r in rows)
 
-    metrics = score_detections(detect(export_model_, val_a, draft), val_a, classes)
+    metrics = score_detections(detect(shipped_graph, val_a, draft), val_a, classes)
     figures = {"val_ap50": round(float(metrics["ap50"] or 0.0), 4), "val_map": round(float(metrics["map"] or 0.0), 4),
                "val_ap75": round(float(metrics["ap75"] or 0.0), 4), "kept_epoch": float(kept_epoch),
                "epochs_run": float(len(rows))}
@@ -554,7 +554,7 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
                      + (f"; test-time flips {'/'.join(cfg.tta)} in the graph" if cfg.tta else "") + ")",
     )
     card = draft.model_copy(update={"training": training})
-    card = export_model(export_model_, card, onnx_path, val_a.x[: max(1, cfg.parity_count)], opset=cfg.opset)
+    card = export_model(shipped_graph, card, onnx_path, val_a.x[: max(1, cfg.parity_count)], opset=cfg.opset)
     (cfg.out_dir / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
     return DetTrainResult(card, onnx_path, kept_epoch, seconds, rows)
 
