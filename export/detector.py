@@ -24,8 +24,11 @@ box wins where several qualify, and a box left without a cell takes the
 finest level's cell nearest its centre.
 Loss (:func:`make_loss`): sigmoid focal loss (α 0.25, γ 2) over all cells,
 GIoU on positive cells weighted by the centre-ness target, BCE on the
-centre-ness of positive cells; the first two normalised by the number of
-positives, as in FCOS.
+quality logit of positive cells; the first two normalised by the number of
+positives, as in FCOS. The quality logit learns the cell's centre-ness
+(FCOS) or, with ``quality="iou"``, the IoU of its predicted box with the
+truth (IoU-aware detectors: the score then favours the better-placed box,
+which matters for mAP at IoU 0.75 and above).
 
 Inference (``build_inference``): boxes ``(x − l, y − t, x + r, y + b)``,
 score = √(σ(class) · σ(centre-ness)), then ``tf.image.combined_non_max_suppression``
@@ -47,7 +50,7 @@ import numpy as np
 from keras import layers
 
 from . import ExportError
-from .train_detector import LEVEL_STRIDES, check_strides, check_tta
+from .train_detector import LEVEL_STRIDES, QUALITY_TARGETS, check_strides, check_tta
 from .unet import set_bn_momentum
 
 log = logging.getLogger(__name__)
@@ -338,8 +341,16 @@ def encode_targets(boxes: np.ndarray, labels: np.ndarray, in_h: int, in_w: int, 
 
 
 def make_loss(num_classes: int, in_h: int, in_w: int, alpha: float = 0.25, gamma: float = 2.0,
-              box_weight: float = 1.0, strides: Sequence[int] = STRIDES):
-    """FCOS loss on (N, cells, C + 6) targets and (N, cells, C + 5) raw outputs (see the module docstring)."""
+              box_weight: float = 1.0, strides: Sequence[int] = STRIDES, quality: str = "centreness"):
+    """FCOS loss on (N, cells, C + 6) targets and (N, cells, C + 5) raw outputs (see the module docstring).
+
+    quality: what the quality logit (the last channel) learns on positive cells — ``"centreness"``
+    (FCOS: the cell's geometric centre-ness in its box) or ``"iou"`` (IoU-aware: the IoU of the
+    cell's predicted box with its truth box, gradient stopped), so that the score ranks the
+    better-placed of overlapping boxes first.
+    """
+    if quality not in QUALITY_TARGETS:
+        raise ExportError(f"quality {quality!r}: choose one of {', '.join(QUALITY_TARGETS)}")
     ops = keras.ops
     c = num_classes
     cx, cy, cell_stride = cell_grid(in_h, in_w, strides)
@@ -379,7 +390,7 @@ def make_loss(num_classes: int, in_h: int, in_w: int, alpha: float = 0.25, gamma
             box = ops.sum(w_ctr * (1.0 - giou)) / ops.maximum(ops.sum(w_ctr), 1e-6)
             # centre-ness BCE on positives
             z = y_pred[..., c + 4]
-            ct = y_true[..., c + 4]
+            ct = y_true[..., c + 4] if quality == "centreness" else ops.stop_gradient(ops.clip(iou, 0.0, 1.0) * pos)
             bce = ops.maximum(z, 0.0) - z * ct + ops.log1p(ops.exp(-ops.abs(z)))
             centre = ops.sum(bce * pos) / npos
             # Keras divides by the batch size ("sum_over_batch_size" of a scalar is the scalar).

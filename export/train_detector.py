@@ -90,6 +90,9 @@ def check_strides(strides: Sequence[int]) -> tuple[int, ...]:
 TTA_FLIPS: tuple[str, ...] = ("h", "v", "hv")  # test-time flips: left-right, top-bottom, both (export.detector)
 
 
+QUALITY_TARGETS: tuple[str, ...] = ("centreness", "iou")  # what the quality logit learns (detector.make_loss)
+
+
 def check_tta(flips: Sequence[str]) -> tuple[str, ...]:
     """``flips`` as a tuple, or ExportError: each of h, v, hv at most once."""
     out = tuple(flips)
@@ -110,6 +113,7 @@ class DetTrainConfig:
     width: int = 96
     head_depth: int = 2
     levels: tuple[int, ...] = (8,)  # FPN strides the head reads (check_strides)
+    quality: str = "centreness"  # what the quality logit learns: "centreness" or "iou" (export.detector.make_loss)
     tta: tuple[str, ...] = ()  # test-time flips in the exported graph ("h", "v", "hv"; export.detector.build_inference)
     weights: Path | None = None
     epochs: int = 60
@@ -500,7 +504,7 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
         cfg.lr / 10 if warmup else cfg.lr, decay_steps=max(1, steps * cfg.epochs - warmup), alpha=0.02,
         warmup_target=cfg.lr if warmup else None, warmup_steps=warmup)
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, clipnorm=10.0),
-                  loss=make_loss(len(classes), h, w, strides=cfg.levels), run_eagerly=cfg.eager)
+                  loss=make_loss(len(classes), h, w, strides=cfg.levels, quality=cfg.quality), run_eagerly=cfg.eager)
     log.info("%s; %d train / %d val images; %d epochs of %d steps", describe(model), len(train_a), len(val_a),
              cfg.epochs, steps)
 
@@ -573,6 +577,8 @@ def command_of(cfg: DetTrainConfig) -> str:
             "--opset", str(cfg.opset)]
     if cfg.levels != (8,):
         argv += ["--levels", *map(str, cfg.levels)]
+    if cfg.quality != "centreness":
+        argv += ["--quality", cfg.quality]
     if cfg.tta:
         argv += ["--tta", *cfg.tta]
     if cfg.limit is not None:
@@ -600,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-depth", type=int, default=2, help="conv layers per head tower")
     p.add_argument("--levels", type=int, nargs="+", default=[8], metavar="STRIDE",
                    help="FPN strides the head reads: 8 (one map) or e.g. 8 16 32 (boxes assigned to a level by size)")
+    p.add_argument("--quality", choices=QUALITY_TARGETS, default="centreness",
+                   help="what the score's quality logit learns on positive cells: FCOS centre-ness, or the IoU of "
+                        "the cell's predicted box with its truth box (IoU-aware)")
     p.add_argument("--tta", nargs="+", default=[], choices=TTA_FLIPS, metavar="FLIP",
                    help="test-time flips in the exported graph: h (left-right), v (top-bottom), hv (both); the "
                         "outputs of all copies are averaged before NMS, one more model run per flip")
@@ -653,7 +662,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> DetTrainConfig:
     return DetTrainConfig(
         data_dir=args.data_dir, out_dir=args.out, preprocess=tuple(preprocess_ops(opts)), size=size,
         alpha=args.alpha, width=args.width, head_depth=args.head_depth, levels=check_strides(args.levels),
-        tta=check_tta(args.tta), weights=args.weights, epochs=args.epochs,
+        quality=args.quality, tta=check_tta(args.tta), weights=args.weights, epochs=args.epochs,
         batch=args.batch, lr=args.lr, crop_min=args.crop_min, jitter=args.jitter, seed=args.seed,
         val_fraction=args.val_fraction,
         duplicate_ncc=args.duplicate_ncc, limit=args.limit, max_minutes=args.max_minutes, keep=args.keep,

@@ -268,6 +268,56 @@ def test_three_level_detector_decodes_each_level_and_exports(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+def test_iou_quality_target_is_the_predicted_box_iou() -> None:
+    """``quality="iou"``: the quality logit learns the IoU of each positive cell's predicted
+    box with its truth (no gradient into the box); "centreness" the cell's centre-ness."""
+    import tensorflow as tf
+
+    from export.detector import cell_grid, encode_targets, make_loss
+
+    strides = (8, 16, 32)
+    cx, cy, stride = cell_grid(64, 64, strides)
+    y = encode_targets(np.array([[4, 4, 60, 60], [30, 30, 38, 38]], np.float32), np.array([0, 1]), 64, 64, 2,
+                       strides)[None]
+    pos = y[0, :, 7] > 0
+    t = y[0, :, 2:6]  # the assigned truth box of each positive cell
+    truth_d = np.stack([cx - t[:, 0], cy - t[:, 1], t[:, 2] - cx, t[:, 3] - cy], -1)
+    z = np.where(pos, 3.0, -3.0).astype(np.float32)  # quality logits
+
+    def raw(scale: float) -> np.ndarray:
+        out = np.full((1, cx.size, 7), -20.0, np.float32)
+        out[0, :, [0, 1]] = np.where(y[0, :, :2].T > 0, 20.0, -20.0)  # the right class, sure
+        out[0, :, 2:6] = np.log(np.maximum(truth_d * scale, 1e-3) / stride[:, None])
+        out[0, :, 6] = z
+        return out
+
+    def bce(logit, target):
+        return np.maximum(logit, 0) - logit * target + np.log1p(np.exp(-np.abs(logit)))
+
+    centre, iou = make_loss(2, 64, 64, strides=strides), make_loss(2, 64, 64, strides=strides, quality="iou")
+    for scale in (1.0, 1.5):  # boxes 1.5 times the truth's distances: IoU 1/2.25 where no side is clipped
+        d = truth_d[pos] * scale
+        px1, py1, px2, py2 = cx[pos] - d[:, 0], cy[pos] - d[:, 1], cx[pos] + d[:, 2], cy[pos] + d[:, 3]
+        tb = t[pos]
+        inter = (np.clip(np.minimum(px2, tb[:, 2]) - np.maximum(px1, tb[:, 0]), 0, None)
+                 * np.clip(np.minimum(py2, tb[:, 3]) - np.maximum(py1, tb[:, 1]), 0, None))
+        union = (px2 - px1) * (py2 - py1) + (tb[:, 2] - tb[:, 0]) * (tb[:, 3] - tb[:, 1]) - inter
+        want = (bce(z[pos], inter / union).sum() - bce(z[pos], y[0, pos, 6]).sum()) / pos.sum()
+        got = float(iou(y, raw(scale))) - float(centre(y, raw(scale)))
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert (inter / union).max() < 0.5  # the scaled case did test IoUs below 1
+    # the quality target carries no gradient into the box distances: only the box loss moves them
+    r = tf.Variable(raw(1.5))
+    with tf.GradientTape(persistent=True) as tape:
+        gi, gc = iou(y, r), centre(y, r)
+    d_iou, d_centre = tape.gradient(gi, r).numpy(), tape.gradient(gc, r).numpy()
+    np.testing.assert_allclose(d_iou[..., 2:6], d_centre[..., 2:6], atol=1e-7)
+    assert not np.allclose(d_iou[..., 6], d_centre[..., 6])
+    with pytest.raises(ExportError, match="quality 'area'"):
+        make_loss(2, 64, 64, quality="area")
+
+
+@pytest.mark.slow
 def test_test_time_flips_mirror_back_and_export(tmp_path: Path) -> None:
     import keras
 
