@@ -9,11 +9,11 @@ named by ``strides``: (8,) (one stride-8 map, the default) or several of 8,
 16, 32, as in FCOS. Head: two towers of ``head_depth`` separable 3×3 conv →
 BN → ReLU, one for classification (``C`` sigmoid logits, bias at prior 0.01)
 and one for the box (4 distances to the left/top/right/bottom sides,
-``stride · exp(t)``) and centre-ness (one logit); the convolutions are shared
+``stride · exp(t)``) and quality (one logit: centre-ness, or IoU); the convolutions are shared
 by the levels, each level has its own BatchNorm statistics.
 
 Training output (``build_detector``): ``(N, cells, C + 5)`` raw
-[class logits | ltrb log-distances | centre-ness logit], the cells of every
+[class logits | ltrb log-distances | quality logit], the cells of every
 level row by row, finest level first (:func:`cell_grid`).
 
 Targets (:func:`encode_targets`, numpy): a cell whose centre lies inside a box
@@ -31,7 +31,7 @@ truth (IoU-aware detectors: the score then favours the better-placed box,
 which matters for mAP at IoU 0.75 and above).
 
 Inference (``build_inference``): boxes ``(x − l, y − t, x + r, y + b)``,
-score = √(σ(class) · σ(centre-ness)), then ``tf.image.combined_non_max_suppression``
+score = √(σ(class) · σ(quality logit)), then ``tf.image.combined_non_max_suppression``
 (hard NMS per class, ``clip_boxes``) in the graph. Outputs, the card's
 :class:`station.modelcard.DetectionOutputs` layout: ``boxes`` (1, K, 4)
 [y1, x1, y2, x2] normalised to the input tensor, ``scores`` (1, K),
@@ -388,7 +388,7 @@ def make_loss(num_classes: int, in_h: int, in_w: int, alpha: float = 0.25, gamma
             giou = iou - (enc - union) / ops.maximum(enc, 1e-6)
             w_ctr = y_true[..., c + 4] * pos
             box = ops.sum(w_ctr * (1.0 - giou)) / ops.maximum(ops.sum(w_ctr), 1e-6)
-            # centre-ness BCE on positives
+            # quality BCE on positives (centre-ness or predicted-box IoU target)
             z = y_pred[..., c + 4]
             ct = y_true[..., c + 4] if quality == "centreness" else ops.stop_gradient(ops.clip(iou, 0.0, 1.0) * pos)
             bce = ops.maximum(z, 0.0) - z * ct + ops.log1p(ops.exp(-ops.abs(z)))
