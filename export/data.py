@@ -110,12 +110,12 @@ def find_samples(root: str | Path, missing_mask_is_free: bool = False) -> Listin
     return Listing(root, tuple(samples), skipped)
 
 
-def _read_json(path: Path, label: str, what: str):
-    """``path`` parsed as JSON, or an ExportError starting with ``label``."""
+def _read_json(path: Path, label: str):
+    """``path`` parsed as JSON, or an ExportError naming it by ``label``."""
     try:
         return json.loads(path.read_text())
     except OSError as exc:
-        raise ExportError(f"{label}: cannot read{what} ({exc.strerror or exc})") from exc
+        raise ExportError(f"{label}: cannot read ({exc.strerror or exc})") from exc
     except json.JSONDecodeError as exc:
         raise ExportError(f"{label}: not JSON (line {exc.lineno}: {exc.msg})") from exc
 
@@ -123,7 +123,7 @@ def _read_json(path: Path, label: str, what: str):
 def load_groups(path: str | Path) -> dict[str, str]:
     """Read a groups file: JSON object {image key: group id}, both strings."""
     path = Path(path)
-    data = _read_json(path, f"--groups {path}", "")
+    data = _read_json(path, f"--groups {path}")
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
         raise ExportError(f"--groups {path}: expected a JSON object of \"image path\": \"group id\" strings")
     return data
@@ -189,7 +189,7 @@ def write_split_file(path: Path, description: str, train_keys: Sequence[str], va
 
 def read_split_file(path: Path, data: Path, side: str = "val") -> list[Path]:
     """The images of one side of a split file, as paths under ``data``; every one must exist."""
-    split = _read_json(path, str(path), " the split")
+    split = _read_json(path, f"split file {path}")
     keys = split.get(side) if isinstance(split, dict) else None
     if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
         raise ExportError(f"{path}: expected a JSON object whose \"{side}\" is a non-empty list of image paths")
