@@ -295,10 +295,14 @@ def build_inference(model: keras.Model, num_classes: int, score_threshold: float
 
 
 def encode_targets(boxes: np.ndarray, labels: np.ndarray, in_h: int, in_w: int, num_classes: int,
-                   strides: Sequence[int] = STRIDES) -> np.ndarray:
+                   strides: Sequence[int] = STRIDES, centre_radius: float | None = None) -> np.ndarray:
     """One image's boxes → (cells, C + 6) float32 targets, cells as :func:`cell_grid`.
 
     boxes: (n, 4) [x1, y1, x2, y2] input pixels; labels: (n,) class index.
+    centre_radius: FCOS centre sampling — a cell is positive only within ``centre_radius``
+    × its level's stride of the box centre (both axes, clipped to the box), so that the
+    cells near a box's edges, whose predictions are poor, are not taught it; None: every
+    cell inside the box.
     Channels: one-hot class (C) | assigned box x1 y1 x2 y2 (4) | centre-ness
     target (1) | positive flag (1). Negative cells are all zero.
     """
@@ -319,6 +323,10 @@ def encode_targets(boxes: np.ndarray, labels: np.ndarray, in_h: int, in_w: int, 
     for s_, (a, z) in zip(strides, size_ranges(strides)):
         lo[stride == s_], hi[stride == s_] = a, z
     ok = inside & (reach > lo[:, None]) & (reach <= hi[:, None])
+    if centre_radius is not None:
+        r = centre_radius * stride[:, None]
+        mx, my = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        ok &= (np.abs(cx[:, None] - mx) < r) & (np.abs(cy[:, None] - my) < r)
     finest = int(np.count_nonzero(stride == strides[0]))
     gw = in_w // strides[0]
     for k in range(len(b)):  # a box left without a cell takes the finest level's cell nearest its centre

@@ -114,6 +114,8 @@ class DetTrainConfig:
     head_depth: int = 2
     levels: tuple[int, ...] = (8,)  # FPN strides the head reads (check_strides)
     quality: str = "centreness"  # what the quality logit learns: "centreness" or "iou" (export.detector.make_loss)
+    centre_radius: float | None = None  # FCOS centre sampling radius in strides (export.detector.encode_targets)
+    box_weight: float = 1.0  # weight of the GIoU term against the focal one (export.detector.make_loss)
     tta: tuple[str, ...] = ()  # test-time flips in the exported graph ("h", "v", "hv"; export.detector.build_inference)
     weights: Path | None = None
     epochs: int = 60
@@ -234,7 +236,7 @@ def zoom_crop(x: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.rand
 
 
 def make_batches(arrays: BoxArrays, num_classes: int, batch: int, seed: int, crop_min: float = 1.0,
-                 jitter: float = 0.0, strides: Sequence[int] = (8,)):
+                 jitter: float = 0.0, strides: Sequence[int] = (8,), centre_radius: float | None = None):
     """A ``keras.utils.PyDataset`` of shuffled, augmented (x, targets) batches; order and
     transforms are functions of (seed, epoch, batch index) only.
 
@@ -277,7 +279,7 @@ def make_batches(arrays: BoxArrays, num_classes: int, batch: int, seed: int, cro
                     gain, offset = rng.uniform(1 - jitter, 1 + jitter), rng.uniform(-jitter, jitter)
                     xi = xi * np.float32(gain) + np.float32(offset)
                 xb[i] = xi
-                yb.append(encode_targets(b, labels, in_h, in_w, num_classes, strides))
+                yb.append(encode_targets(b, labels, in_h, in_w, num_classes, strides, centre_radius))
             return xb, np.stack(yb)
 
     return Batches()
@@ -434,6 +436,10 @@ def _check(cfg: DetTrainConfig) -> None:
         raise ExportError(f"--crop-min {cfg.crop_min}: must be between 0.2 and 1 (1 turns zoom crops off)")
     if not 0.0 <= cfg.jitter < 1.0:
         raise ExportError(f"--jitter {cfg.jitter}: must be in [0, 1)")
+    if cfg.centre_radius is not None and not cfg.centre_radius > 0:
+        raise ExportError(f"--centre-radius {cfg.centre_radius}: must be positive (omit it to use every cell in a box)")
+    if not cfg.box_weight > 0:
+        raise ExportError(f"--box-weight {cfg.box_weight}: must be positive")
     if any(v < 32 or v % 32 for v in cfg.size):
         raise ExportError(f"--size {cfg.size[0]} {cfg.size[1]}: height and width must be multiples of 32")
     if not 0 < cfg.alpha <= 1.4:
@@ -504,7 +510,8 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
         cfg.lr / 10 if warmup else cfg.lr, decay_steps=max(1, steps * cfg.epochs - warmup), alpha=0.02,
         warmup_target=cfg.lr if warmup else None, warmup_steps=warmup)
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, clipnorm=10.0),
-                  loss=make_loss(len(classes), h, w, strides=cfg.levels, quality=cfg.quality), run_eagerly=cfg.eager)
+                  loss=make_loss(len(classes), h, w, box_weight=cfg.box_weight, strides=cfg.levels,
+                                 quality=cfg.quality), run_eagerly=cfg.eager)
     log.info("%s; %d train / %d val images; %d epochs of %d steps", describe(model), len(train_a), len(val_a),
              cfg.epochs, steps)
 
@@ -513,7 +520,8 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
     kept_epoch = 0
     if cfg.export_from is None:
         callback = _epoch_callback(cfg, infer_model, val_a, draft, rows, t0)
-        model.fit(make_batches(train_a, len(classes), cfg.batch, cfg.seed, cfg.crop_min, cfg.jitter, cfg.levels),
+        model.fit(make_batches(train_a, len(classes), cfg.batch, cfg.seed, cfg.crop_min, cfg.jitter, cfg.levels,
+                               cfg.centre_radius),
                   epochs=cfg.epochs, shuffle=False, callbacks=[callback], verbose=1 if sys.stdout.isatty() else 2)
         kept_epoch = callback.best_epoch
         plot_curves(rows, cfg.out_dir / "curves.png", f"{cfg.name}: {len(train_a)} train / {len(val_a)} val "
@@ -579,6 +587,10 @@ def command_of(cfg: DetTrainConfig) -> str:
         argv += ["--levels", *map(str, cfg.levels)]
     if cfg.quality != "centreness":
         argv += ["--quality", cfg.quality]
+    if cfg.centre_radius is not None:
+        argv += ["--centre-radius", f"{cfg.centre_radius:g}"]
+    if cfg.box_weight != 1.0:
+        argv += ["--box-weight", f"{cfg.box_weight:g}"]
     if cfg.tta:
         argv += ["--tta", *cfg.tta]
     if cfg.limit is not None:
@@ -609,6 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", choices=QUALITY_TARGETS, default="centreness",
                    help="what the score's quality logit learns on positive cells: FCOS centre-ness, or the IoU of "
                         "the cell's predicted box with its truth box (IoU-aware)")
+    p.add_argument("--centre-radius", type=float, metavar="R",
+                   help="FCOS centre sampling: a cell learns a box only within R x its stride of the box centre "
+                        "(1.5 in FCOS; default: every cell inside the box)")
+    p.add_argument("--box-weight", type=float, default=1.0, help="weight of the GIoU box loss against the focal loss")
     p.add_argument("--tta", nargs="+", default=[], choices=TTA_FLIPS, metavar="FLIP",
                    help="test-time flips in the exported graph: h (left-right), v (top-bottom), hv (both); the "
                         "outputs of all copies are averaged before NMS, one more model run per flip")
@@ -662,7 +678,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> DetTrainConfig:
     return DetTrainConfig(
         data_dir=args.data_dir, out_dir=args.out, preprocess=tuple(preprocess_ops(opts)), size=size,
         alpha=args.alpha, width=args.width, head_depth=args.head_depth, levels=check_strides(args.levels),
-        quality=args.quality, tta=check_tta(args.tta), weights=args.weights, epochs=args.epochs,
+        quality=args.quality, centre_radius=args.centre_radius, box_weight=args.box_weight, tta=check_tta(args.tta), weights=args.weights, epochs=args.epochs,
         batch=args.batch, lr=args.lr, crop_min=args.crop_min, jitter=args.jitter, seed=args.seed,
         val_fraction=args.val_fraction,
         duplicate_ncc=args.duplicate_ncc, limit=args.limit, max_minutes=args.max_minutes, keep=args.keep,

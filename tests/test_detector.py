@@ -215,6 +215,18 @@ def test_encode_targets_assigns_boxes_to_levels_by_size() -> None:
     assert pos.sum() == 81 and not (pos & (stride == 32)).any()
     np.testing.assert_array_equal(t[big][0, 2:6], boxes[0])
 
+    # centre sampling: of the whole-input box only the cells within 1.5 strides of its centre (64, 64):
+    # the stride-16 centres 56 and 72 on each axis; the 32 px box keeps its 4 stride-8 cells within 12 px
+    # of (24, 24); the 2 px box, which holds no cell centre, still takes its nearest cell
+    c = encode_targets(boxes, np.array([0, 1, 1]), 128, 128, 2, (8, 16, 32), centre_radius=1.5)
+    cpos = c[:, -1] > 0
+    assert not (cpos & ~pos).any()  # a subset of the cells without sampling
+    big = cpos & (c[:, 0] == 1)
+    assert big.sum() == 4 and set(stride[big]) == {16} and set(cx[big]) == set(cy[big]) == {56, 72}
+    small = cpos & (c[:, 2] == 8)
+    assert small.sum() == 4 and set(cx[small]) == set(cy[small]) == {20, 28}
+    assert (cpos & (c[:, 2] == 100)).sum() == 1 and cpos.sum() == 9
+
     from export.train_detector import check_strides
 
     assert check_strides([8, 16, 32]) == (8, 16, 32)
@@ -451,9 +463,15 @@ def test_neu_det_recipe_is_the_command_on_its_card() -> None:
 
     from export.train_detector import command_of
 
-    trial = replace(cfg, quality="iou", tta=("h",), command="")
+    trial = replace(cfg, quality="iou", centre_radius=1.5, box_weight=2.0, tta=("h",), command="")
     argv = shlex.split(command_of(trial))[3:]
-    assert "--quality" in argv and config_from_args(build_parser().parse_args(argv), "") == trial
+    assert {"--quality", "--centre-radius", "--box-weight"} <= set(argv)
+    assert config_from_args(build_parser().parse_args(argv), "") == trial
+    from export.train_detector import _check
+
+    for bad, flag in ((dict(centre_radius=0.0), "--centre-radius 0.0"), (dict(box_weight=-1.0), "--box-weight -1.0")):
+        with pytest.raises(ExportError, match=flag):
+            _check(replace(cfg, **bad))
 
 
 @pytest.mark.slow
