@@ -322,4 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from .alloc import reexec_under_jemalloc
+
+    reexec_under_jemalloc("export.magnetic_tile")
     sys.exit(main())

@@ -235,4 +235,7 @@ def run(work: Path, epochs: int = EPOCHS) -> ModelCard:
 
 
 if __name__ == "__main__":
+    from .alloc import reexec_under_jemalloc
+
+    reexec_under_jemalloc("export.make_demo")
     sys.exit(main())

@@ -66,6 +66,7 @@ from station.modelcard import (
 )
 
 from . import ExportError
+from .alloc import loaded_allocator
 from .card import DEFAULT_OPSET, MAX_OPSET, NORMALIZATIONS, PreprocessOptions, clahe_arg, draft_card, preprocess_ops
 from .data import Arrays, find_samples, load_arrays, load_groups, split_samples, write_split_file
 
@@ -563,6 +564,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Load data, train, keep the best-validation-IoU weights and export them (see the module docstring)."""
     _check(cfg)
     command = cfg.command or command_of(cfg)
+    log.info("memory allocator: %s (export/alloc.py)", loaded_allocator())
     draft = draft_card(name=cfg.name, version=cfg.version, size=cfg.size, preprocess=cfg.preprocess,
                        training=TrainingInfo(data="(pending)"), threshold=cfg.threshold,
                        description=cfg.description, opset=cfg.opset)
@@ -886,4 +888,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from .alloc import reexec_under_jemalloc
+
+    reexec_under_jemalloc("export.train")
     sys.exit(main())

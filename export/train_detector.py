@@ -61,6 +61,7 @@ from station.modelcard import DetectionOutputs, ExportInfo, InputSpec, ModelCard
 from station.postprocess import detection_defects
 
 from . import ExportError
+from .alloc import loaded_allocator
 from .card import DEFAULT_OPSET, MAX_OPSET, PreprocessOptions, clahe_arg, package_version, preprocess_ops
 from .data import split_samples, write_split_file
 from .voc import BoxArrays, class_names, find_voc_samples, load_box_arrays, near_duplicate_groups
@@ -456,6 +457,7 @@ def train(cfg: DetTrainConfig) -> DetTrainResult:
     """Load data, split, train, keep the best-validation-mAP weights and export them."""
     _check(cfg)
     command = cfg.command or command_of(cfg)
+    log.info("memory allocator: %s (export/alloc.py)", loaded_allocator())
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     samples = _spread(find_voc_samples(cfg.data_dir), cfg.limit)
 
@@ -707,4 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from .alloc import reexec_under_jemalloc
+
+    reexec_under_jemalloc("export.train_detector")
     sys.exit(main())
