@@ -8,6 +8,7 @@ Run the modules as ``python -m export.<module>`` from the repository root:
 * ``export.make_demo``   reproduce ``station/assets/demo_seg.onnx`` and ``samples/``
 * ``export.train_detector`` train the FCOS-style box detector and export it with its card
 * ``export.magnetic_tile`` / ``export.neu_det``  the shipped models' recipes: ``train``, ``eval``
+* ``export.alloc``      the memory allocator training runs get (they restart under jemalloc where installed)
 
 Library modules: ``card`` (model-card drafts, preprocessing flags → ops),
 ``data`` (image/mask pairs → arrays through ``station.preprocess``), ``unet``
