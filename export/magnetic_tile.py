@@ -11,7 +11,8 @@
 split, initialisation and augmentation all from ``SEED``), copies the
 exported model to ``models/magnetic_tile_unet.onnx``, its split (the image
 paths of each side) to ``models/magnetic_tile_unet.split.json`` and its
-training curves to ``docs/magnetic_tile_training.png``.
+training curves to ``docs/magnetic_tile_training.png`` — unless ``--epochs`` or
+``--stop-after`` makes it a trial, whose model stays in its run directory.
 
 ``eval`` runs ``station eval`` — the line's own ``Inspector`` with the ONNX
 model and ``config/magnetic_tile.yaml`` — on exactly the validation images of
@@ -115,6 +116,11 @@ def _train_equivalent(cfg: TrainConfig) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = recipe(args.data, args.run, args.epochs, args.stop_after)
     result = train(cfg)
+    if args.epochs is not None or args.stop_after is not None:  # a trial: the shipped files stay
+        log.info("trial run (--epochs/--stop-after): %s left as it is; this run's model is %s (val IoU %.4f); "
+                 "export-checkpoint ships a stopped run", MODEL_PATH, result.onnx_path,
+                 result.card.training.figures["val_iou"])
+        return 0
     MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.onnx_path, MODEL_PATH)
     shutil.copyfile(cfg.out_dir / "split.json", SPLIT_PATH)
@@ -303,9 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--run", type=Path, default=DEFAULT_RUN, help="run directory")
     for s in (e, u):
         s.add_argument("--split", type=Path, default=SPLIT_PATH, help="split file (image paths of each side)")
-    t.add_argument("--epochs", type=int, help="override the recipe's epochs (trials only)")
+    t.add_argument("--epochs", type=int, help="override the recipe's epochs (a trial: the shipped model, split and "
+                   "curves are left as they are)")
     t.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs (learning-rate schedule of "
-                   "the recipe's epochs)")
+                   "the recipe's epochs; a trial, like --epochs)")
     e.add_argument("--model", type=Path, default=MODEL_PATH)
     e.add_argument("--config", type=Path, default=CONFIG_PATH)
     e.add_argument("--json", type=Path, default=DOCS / "magnetic_tile_eval.json", help="station eval JSON report")

@@ -10,7 +10,8 @@
 (fixed seed: split, initialisation and augmentation), copies the exported
 model to ``models/neu_det_detector.onnx``, its split (the image paths of
 each side) to ``models/neu_det_detector.split.json`` and its training curves
-to ``docs/neu_det_training.png``. The weights exported are those of the last
+to ``docs/neu_det_training.png`` (a trial, ``--epochs N``, leaves them as they
+are: its model stays in its run directory). The weights exported are those of the last
 epoch, so the validation split chose nothing about the model.
 
 ``eval`` runs ``station eval`` — the line's own ``Inspector`` with the ONNX
@@ -79,6 +80,11 @@ def recipe(data: Path, run: Path, epochs: int | None = None) -> DetTrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = recipe(args.data, args.run, args.epochs)
     result = train(cfg)
+    if args.epochs is not None:  # a trial: the shipped files stay
+        f = result.card.training.figures
+        log.info("trial run (--epochs): %s left as it is; this run's model is %s (validation AP50 %.4f, mAP %.4f)",
+                 MODEL_PATH, result.onnx_path, f["val_ap50"], f["val_map"])
+        return 0
     MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.onnx_path, MODEL_PATH)
     shutil.copyfile(cfg.out_dir / "split.json", SPLIT_PATH)
@@ -172,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     for s in (t, e):
         s.add_argument("--data", type=Path, default=DEFAULT_DATA, help="neu_det folder (images/, annotations/)")
     t.add_argument("--run", type=Path, default=DEFAULT_RUN, help="run directory")
-    t.add_argument("--epochs", type=int, help="override the recipe's epochs (trials only)")
+    t.add_argument("--epochs", type=int, help="override the recipe's epochs (a trial: the shipped model, split and "
+                   "curves are left as they are)")
     e.add_argument("--model", type=Path, default=MODEL_PATH)
     e.add_argument("--split", type=Path, default=SPLIT_PATH, help="split file whose validation images to evaluate")
     e.add_argument("--json", type=Path, default=DOCS / "neu_det_eval.json", help="station eval JSON report")

@@ -451,3 +451,32 @@ def test_unet_shapes_momentum_and_local_weights(tmp_path: Path) -> None:
     assert gray.input.shape[1:] == (64, 64, 1)
     loaded = gray.get_layer("encoder").get_layer("Conv1").get_weights()[0]
     assert loaded.shape[2] == 3 and np.array_equal(loaded, base.get_layer("Conv1").get_weights()[0])
+
+
+@pytest.mark.parametrize("module, trial", [("magnetic_tile", ["--stop-after", "3"]), ("magnetic_tile", ["--epochs", "3"]),
+                                           ("neu_det", ["--epochs", "3"])])
+def test_a_trial_of_a_shipped_recipe_leaves_the_shipped_files(module, trial, tmp_path: Path, monkeypatch) -> None:
+    """``train --epochs/--stop-after`` is a trial: its model stays in the run directory;
+    only the recipe as it is replaces the shipped model, split file and curves.
+    (The TensorFlow run itself is replaced by one that writes a run directory's files.)"""
+    import importlib
+    from types import SimpleNamespace
+
+    mod = importlib.import_module(f"export.{module}")
+
+    def fake_train(cfg):
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("model.onnx", "split.json", "curves.png"):
+            (cfg.out_dir / name).write_text(name)
+        figures = {"val_iou": 0.5, "val_ap50": 0.5, "val_map": 0.25}
+        return SimpleNamespace(onnx_path=cfg.out_dir / "model.onnx", kept_epoch=3,
+                               card=SimpleNamespace(training=SimpleNamespace(figures=figures)))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mod, "train", fake_train)
+    run = tmp_path / "run"
+    assert mod.main(["train", "--run", str(run), *trial]) == 0
+    assert (run / "model.onnx").is_file() and not mod.MODEL_PATH.exists() and not mod.SPLIT_PATH.exists()
+    assert not mod.DOCS.exists()
+    assert mod.main(["train", "--run", str(run)]) == 0
+    assert mod.MODEL_PATH.read_text() == "model.onnx" and mod.SPLIT_PATH.read_text() == "split.json"
