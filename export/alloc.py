@@ -7,8 +7,8 @@ by a page fault each time (TensorFlow's generator dataset also lowers
 too). On a 2-core host a third of a detector run's CPU time went to the
 kernel's page faults (37 million in 4 short epochs); under jemalloc told
 never to hand freed pages back (``MALLOC_CONF=dirty_decay_ms:-1,
-muzzy_decay_ms:-1``) the run took 1.1 million faults and its epochs half the
-time (docs/neu_det_detector.md, "Training speed"). The losses are the same to
+muzzy_decay_ms:-1``) the run took 1.1 million faults and its epochs about half
+the time (docs/neu_det_detector.md, "Training speed"). The losses are the same to
 the last digit: only the allocator changes. The price is that the process
 keeps its peak memory (about 2 GB for the detector recipe) until it ends.
 
