@@ -58,9 +58,10 @@ def loaded_allocator() -> str:
     return "system"
 
 
-def reexec_under_jemalloc(module: str, argv: Sequence[str] | None = None) -> None:
-    """Start ``python -m module argv…`` again with jemalloc preloaded, if it is installed
-    and neither loaded nor refused (``STATION_TRAIN_MALLOC=system``); otherwise return.
+def reexec_under_jemalloc(module: str | None = None, argv: Sequence[str] | None = None) -> None:
+    """Start ``python -m module argv…`` again (by default the running ``-m`` module with
+    its arguments) with jemalloc preloaded, if it is installed and neither loaded nor
+    refused (``STATION_TRAIN_MALLOC=system``); otherwise return.
 
     Call it only from a ``__main__`` block: it replaces the running process."""
     if os.environ.get(ENV, "").lower() == "system":
@@ -71,6 +72,11 @@ def reexec_under_jemalloc(module: str, argv: Sequence[str] | None = None) -> Non
     lib = find_jemalloc()
     if lib is None:
         return
+    if module is None:
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        if spec is None:  # run as a file, not with -m: nothing to restart
+            return
+        module = spec.name
     args = list(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ, LD_PRELOAD=":".join(p for p in (str(lib), preload) if p))
     env.setdefault("MALLOC_CONF", MALLOC_CONF)
@@ -85,5 +91,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    reexec_under_jemalloc("export.alloc")
+    reexec_under_jemalloc()
     sys.exit(main())

@@ -331,5 +331,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     from .alloc import reexec_under_jemalloc
 
-    reexec_under_jemalloc("export.magnetic_tile")
+    reexec_under_jemalloc()
     sys.exit(main())

@@ -237,5 +237,5 @@ def run(work: Path, epochs: int = EPOCHS) -> ModelCard:
 if __name__ == "__main__":
     from .alloc import reexec_under_jemalloc
 
-    reexec_under_jemalloc("export.make_demo")
+    reexec_under_jemalloc()
     sys.exit(main())

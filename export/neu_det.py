@@ -195,5 +195,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     from .alloc import reexec_under_jemalloc
 
-    reexec_under_jemalloc("export.neu_det")
+    reexec_under_jemalloc()
     sys.exit(main())
