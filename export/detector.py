@@ -19,9 +19,10 @@ level row by row, finest level first (:func:`cell_grid`).
 Targets (:func:`encode_targets`, numpy): a cell whose centre lies inside a box
 is positive for that box when the largest of its four distances to the box's
 sides falls in its level's range (:func:`size_ranges`: up to 64 px at stride
-8, 64–128 px at 16, beyond at 32; one level takes every size); the smallest
-box wins where several qualify, and a box left without a cell takes the
-finest level's cell nearest its centre.
+8, 64–128 px at 16, beyond at 32; one level takes every size) and, with
+centre sampling (``centre_radius``), the cell lies within that many strides of
+the box's centre; the smallest box wins where several qualify, and a box left
+without a cell takes the finest level's cell nearest its centre.
 Loss (:func:`make_loss`): sigmoid focal loss (α 0.25, γ 2) over all cells,
 GIoU on positive cells weighted by the centre-ness target, BCE on the
 quality logit of positive cells; the first two normalised by the number of
@@ -323,17 +324,16 @@ def encode_targets(boxes: np.ndarray, labels: np.ndarray, in_h: int, in_w: int, 
     for s_, (a, z) in zip(strides, size_ranges(strides)):
         lo[stride == s_], hi[stride == s_] = a, z
     ok = inside & (reach > lo[:, None]) & (reach <= hi[:, None])
+    mx, my = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2  # box centres
     if centre_radius is not None:
         r = centre_radius * stride[:, None]
-        mx, my = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
         ok &= (np.abs(cx[:, None] - mx) < r) & (np.abs(cy[:, None] - my) < r)
     finest = int(np.count_nonzero(stride == strides[0]))
     gw = in_w // strides[0]
     for k in range(len(b)):  # a box left without a cell takes the finest level's cell nearest its centre
         if not ok[:, k].any():
-            mx, my = (b[k, 0] + b[k, 2]) / 2, (b[k, 1] + b[k, 3]) / 2
-            i = int(np.clip(my // strides[0], 0, in_h // strides[0] - 1))
-            j = int(np.clip(mx // strides[0], 0, gw - 1))
+            i = int(np.clip(my[k] // strides[0], 0, in_h // strides[0] - 1))
+            j = int(np.clip(mx[k] // strides[0], 0, gw - 1))
             ok[min(i * gw + j, finest - 1), k] = True
     cost = np.where(ok, area[None, :], np.inf)
     best = np.argmin(cost, axis=-1)
