@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,6 +53,7 @@ from .errors import StationError
 from .messages import result_record
 from .outbox import Outbox
 from .pipeline import Inspector, ParallelInfer, Work, open_models
+from .priority import realtime_this_thread
 from .types import Frame
 
 log = logging.getLogger(__name__)
@@ -208,12 +209,34 @@ def wake_latency(n: int = 300, gap_s: float = 0.01) -> dict[str, float]:
     return {"n": len(ms), "gap_ms": gap_s * 1e3, "p50": _pct(ms, 50), "p99": _pct(ms, 99)}
 
 
+BARE_REALTIME_REST = 0.1  # bare runs under SCHED_FIFO: pause after each, as a fraction of its time
+
+
+def _run_on_thread(fn: Callable[[], None], name: str) -> None:
+    """``fn()`` on a new thread, waited for; its exception raised here."""
+    failed: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # handed to the caller
+            failed.append(exc)
+
+    t = threading.Thread(target=target, name=name)
+    t.start()
+    t.join()
+    if failed:
+        raise failed[0]
+
+
 def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, list[float]]:
     """The models alone on prepared tensors, run as the daemon's infer stage runs
-    them (one after the other, or at the same time with ``inference.parallel_models``):
-    the figures (per-frame ms, frames/s) and the per-frame times in the order measured."""
+    them (one after the other, or at the same time with ``inference.parallel_models``,
+    on a thread under ``run.realtime_inference`` as the infer thread is): the figures
+    (per-frame ms, frames/s from the runs' own times) and the per-frame times in the
+    order measured."""
     prepared = [inspector.prepare(f) for f in frames]
-    infer = ParallelInfer("bare")
+    infer = ParallelInfer("bare", inspector.cfg.run.realtime_inference)
 
     def one_frame(i: int) -> Work:
         w = prepared[i % len(prepared)]
@@ -221,20 +244,32 @@ def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, li
 
     per_model: dict[str, list[float]] = {role: [] for role in inspector.models}
     per_frame: list[float] = []
-    try:
+    timing: dict = {}
+
+    def measure() -> None:  # on a thread of its own, under the infer stage's policy
+        realtime = realtime_this_thread(inspector.cfg.run.realtime_inference)
         for i in range(4):  # warm-up beyond the load-time one
             one_frame(i)
-        t_start = time.perf_counter()
         for i in range(runs):
             t0 = time.perf_counter()
             work = one_frame(i)
-            per_frame.append((time.perf_counter() - t0) * 1e3)
+            took = time.perf_counter() - t0
+            per_frame.append(took * 1e3)
             for role in per_model:
                 per_model[role].append(work.latency[f"infer.{role}"])
-        elapsed = time.perf_counter() - t_start
+            if realtime:
+                # Back-to-back SCHED_FIFO runs would use 100 % of a core, and the kernel
+                # stops such threads for 50 ms a second (kernel.sched_rt_runtime_us):
+                # a pause of a tenth of each run keeps them under that limit, as a
+                # line's pace does. The pauses are not counted.
+                time.sleep(took * BARE_REALTIME_REST)
+        timing["parallel"] = "infer" in work.latency
+
+    try:
+        _run_on_thread(measure, "bare")
     finally:
         infer.close()
-    parallel = "infer" in work.latency
+    elapsed, parallel = sum(per_frame) / 1e3, timing["parallel"]
     return {
         "runs": runs,
         "parallel_models": parallel,
@@ -399,7 +434,8 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
         "station": __version__,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "onnxruntime": __import__("onnxruntime").__version__,
-                    "nice": os.getpriority(os.PRIO_PROCESS, 0)},  # the bench's own priority (`nice -n`)
+                    "nice": os.getpriority(os.PRIO_PROCESS, 0),  # the bench's own priority (`nice -n`)
+                    "realtime_inference": cfg.run.realtime_inference},
         "frame": {"height": cam.height, "width": cam.width},
         "models": {r: {"name": m.card.name, "input": [m.card.input.height, m.card.input.width],
                        "providers": m.providers, "sha256": m.sha256} for r, m in models.items()},
@@ -487,7 +523,8 @@ def format_report(r: dict) -> str:
     b, p, o = r["bare"], r["pipeline"], r["outbox"]
     lines = [
         f"station bench — {r['machine']['cpus']} CPUs, onnxruntime {r['machine']['onnxruntime']}, "
-        f"frames {r['frame']['width']}x{r['frame']['height']}, nice {r['machine']['nice']}",
+        f"frames {r['frame']['width']}x{r['frame']['height']}, nice {r['machine']['nice']}"
+        + (f", models under SCHED_FIFO {r['machine']['realtime_inference']}" if r["machine"].get("realtime_inference") else ""),
     ]
     for role, m in r["models"].items():
         lines.append(f"  {role}: {m['name']} {m['input'][1]}x{m['input'][0]} on {', '.join(m['providers'])}: "

@@ -237,6 +237,11 @@ class RunConfig(_Strict):
         description="nice increment of every thread but inference (capture, pre/postprocessing, outbox, MQTT), "
                     "so that the models keep the cores; 0: all threads at the process's priority",
     )
+    realtime_inference: int = Field(
+        0, ge=0, le=99,
+        description="SCHED_FIFO priority of the threads that run the models, so that no other process of the "
+                    "machine stretches a run (needs CAP_SYS_NICE or LimitRTPRIO=); 0: the ordinary policy",
+    )
 
     @model_validator(mode="after")
     def _backoff_ordered(self) -> "RunConfig":

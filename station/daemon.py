@@ -16,7 +16,9 @@ A background thread copies the outbox's write-ahead log into its file every
 
 Every thread but infer (and ONNX Runtime's own) runs ``run.nice_non_inference``
 steps below the process's priority, so the models keep the cores and the rest
-of a frame's work fills the time they leave (station/priority.py).
+of a frame's work fills the time they leave (station/priority.py); with
+``run.realtime_inference`` the threads that run the models are under
+``SCHED_FIFO``, so that no other process of the machine stretches a run.
 
 The main thread handles signals, the systemd notifications (READY after the
 models are warm, WATCHDOG only while frames make progress), periodic stats,
@@ -53,7 +55,7 @@ from .messages import error_record, result_record, stats_record, topics_for
 from .metrics import Metrics
 from .outbox import Outbox, OutboxFull
 from .pipeline import Inspector, ParallelInfer, Work, open_models
-from .priority import adopt_opencv_pool, lower_this_thread
+from .priority import adopt_opencv_pool, lower_this_thread, realtime_this_thread
 from .publish import MqttPublisher
 from .types import Frame, FrameError, InspectionResult
 
@@ -370,7 +372,9 @@ class Daemon:
 
     def _stage_loop(self, name: str, inq: FrameQueue, upstream: threading.Event, step: Callable,
                     outq: FrameQueue | None, done: threading.Event) -> None:
-        if name != "infer":  # the models keep the cores (station/priority.py)
+        if name == "infer":  # the models keep the cores (station/priority.py)
+            realtime_this_thread(self.cfg.run.realtime_inference)
+        else:
             lower_this_thread(self.cfg.run.nice_non_inference)
         try:
             while True:
@@ -565,7 +569,7 @@ class Daemon:
             faulthandler.register(signal.SIGUSR1, all_threads=True)
         if self.outbox is not None:
             self.outbox.take_over_checkpoints()
-        self._parallel_infer = ParallelInfer("infer")
+        self._parallel_infer = ParallelInfer("infer", cfg.run.realtime_inference)
         # A few synthetic parts through the models and post-processing, so that their
         # first, slower runs are not the line's first parts' (Inspector.warm_up).
         self.inspector.warm_up(self._parallel_infer)

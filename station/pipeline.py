@@ -27,6 +27,7 @@ from .grade import grade
 from .infer import OnnxModel
 from .modelcard import DetectionOutputs, MaskOutput
 from .preprocess import Geometry, preprocess, to_tensor
+from .priority import realtime_this_thread
 from .types import Defects, Frame, InspectionResult
 
 log = logging.getLogger(__name__)
@@ -192,10 +193,13 @@ class ParallelInfer:
     """The infer stage with ``inference.parallel_models``: a frame's first model runs
     on the calling thread and each other model on a helper thread of its own, at
     the same time (ONNX Runtime releases the GIL). Without the setting, or with one
-    model, it is ``Inspector.infer``. The Inspector itself starts no threads."""
+    model, it is ``Inspector.infer``. The Inspector itself starts no threads. The
+    helpers run under ``SCHED_FIFO`` at ``realtime`` when it is set (the calling
+    thread's policy is its own: station/priority.py)."""
 
-    def __init__(self, name: str = "infer"):
+    def __init__(self, name: str = "infer", realtime: int = 0):
         self._name = name
+        self._realtime = realtime
         self._pool: ThreadPoolExecutor | None = None
 
     def __call__(self, work: "Work") -> "Work":
@@ -204,7 +208,8 @@ class ParallelInfer:
         if len(roles) < 2 or not inspector.cfg.inference.parallel_models:
             return inspector.infer(work)
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(len(ROLES) - 1, thread_name_prefix=self._name)
+            self._pool = ThreadPoolExecutor(len(ROLES) - 1, thread_name_prefix=self._name,
+                                            initializer=realtime_this_thread, initargs=(self._realtime,))
         t = time.perf_counter()
         others = [self._pool.submit(inspector.infer, work, (role,)) for role in roles[1:]]
         try:

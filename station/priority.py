@@ -14,6 +14,19 @@ it starts (paho's network thread). OpenCV starts its worker pool once, from
 the first thread that needs it, so the preprocessing thread re-creates the
 pool after lowering itself (:func:`adopt_opencv_pool`). Raising a nice value
 back needs privileges: a lowered thread stays lowered until it ends.
+
+Nice values share the cores out among this process's threads, but a model run
+still yields its core to any other process of the machine at nice 0 (a broker,
+a database, the kernel's workers), and a stretched run delays every frame
+queued behind it. ``run.realtime_inference`` puts the threads that run the
+models under ``SCHED_FIFO`` at that priority (:func:`realtime_this_thread`):
+no ordinary thread of the machine preempts them, and they give their core up
+only when a run ends. They wait for their next frame in between, and the
+kernel keeps 5 % of every second for ordinary threads
+(``kernel.sched_rt_runtime_us``), so the rest of the station still runs. It
+needs ``CAP_SYS_NICE`` or an ``RLIMIT_RTPRIO`` of at least that priority
+(systemd: ``LimitRTPRIO=``); where both are missing the threads keep their
+ordinary policy, and the log says so.
 """
 
 from __future__ import annotations
@@ -45,6 +58,24 @@ def lower_this_thread(increment: int) -> int | None:
         log.warning("thread %s keeps its priority: %s", threading.current_thread().name, exc)
         return None
     return nice
+
+
+def realtime_this_thread(priority: int) -> bool:
+    """Run the calling thread under ``SCHED_FIFO`` at ``priority`` (1-99).
+
+    Returns True when the policy was set; False for ``priority`` 0 (off), or for a
+    platform or process that refuses it (no privilege, no ``RLIMIT_RTPRIO``: logged).
+    """
+    if priority <= 0:
+        return False
+    try:
+        # pid 0: the calling thread (Linux keeps a scheduling policy per thread)
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except (AttributeError, OSError) as exc:
+        log.warning("thread %s keeps its ordinary scheduling policy (run.realtime_inference %d refused: %s)",
+                    threading.current_thread().name, priority, exc)
+        return False
+    return True
 
 
 def adopt_opencv_pool() -> None:

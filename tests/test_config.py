@@ -24,6 +24,7 @@ def test_bundled_default_loads():
         ("grading:\n  classes:\n    crack:\n      count: {discount: -1}\n", "x.yaml:4: grading.classes.crack.count.discount: Input should be greater than or equal to 0"),
         ("inference:\n  providers: [cuda, gpu]\n", "x.yaml:2: inference.providers.1: Input should be 'tensorrt', 'cuda' or 'cpu'"),
         ("postprocess:\n  min_area_px: many\n", "x.yaml:2: postprocess.min_area_px: Input should be a valid integer"),
+        ("run:\n  realtime_inference: 100\n", "x.yaml:2: run.realtime_inference: Input should be less than or equal to 99"),
         ("station: {id: a}\nstation: {id: b}\n", "x.yaml:2: station: duplicate key (first at line 1)"),
         ("grading: [\n", "x.yaml:2: invalid YAML"),
         ("- a\n- b\n", "x.yaml:1: (top level): expected a mapping"),

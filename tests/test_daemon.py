@@ -438,6 +438,56 @@ def test_threads_but_inference_run_at_the_lower_priority(tmp_path, broker, incre
     assert _nice(threading.get_native_id()) == base  # the caller's thread is left alone
 
 
+def _fifo_refused() -> str | None:
+    """Why this process cannot put a thread under SCHED_FIFO, or None when it can."""
+    import threading
+
+    out: list[str | None] = []
+
+    def probe():
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            out.append(None)
+        except OSError as exc:
+            out.append(f"SCHED_FIFO refused here ({exc}): no CAP_SYS_NICE and no RLIMIT_RTPRIO")
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return out[0]
+
+
+@pytest.mark.skipif(_fifo_refused() is not None, reason=str(_fifo_refused()))
+def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broker):
+    """run.realtime_inference: the infer thread and the helper that runs the second model
+    at the same time (inference.parallel_models) are under SCHED_FIFO at that priority,
+    every other thread keeps the ordinary policy."""
+    import threading
+
+    from station.config import parse_config
+    from station.daemon import Daemon
+
+    seen: dict[str, tuple[int, int]] = {}
+
+    def sink(record: dict) -> None:  # on the finish thread, with every other thread alive
+        for t in threading.enumerate():
+            if t.native_id is not None and t.is_alive():
+                seen.setdefault(t.name.split("-station")[0],
+                                (os.sched_getscheduler(t.native_id), os.sched_getparam(t.native_id).sched_priority))
+
+    text = (f"models: {{segmentation: {ROOT / 'models/magnetic_tile_unet.onnx'}, "
+            f"detection: {ROOT / 'models/neu_det_detector.onnx'}}}\n"
+            "inference: {parallel_models: true}\n"
+            "camera: {type: fake, frames: 4, height: 96, width: 128}\n"
+            f"run: {{realtime_inference: 3, state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
+    daemon = Daemon(parse_config(text), sink=sink)
+    assert daemon.run(install_signals=False) == 0
+    realtime = {name for name, policy in seen.items() if policy == (os.SCHED_FIFO, 3)}
+    assert realtime == {"infer", "infer_0"}, seen
+    assert {policy for name, policy in seen.items() if name not in realtime} == {(os.SCHED_OTHER, 0)}, seen
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is left alone
+
+
 def test_the_outbox_is_checkpointed_by_its_own_thread(tmp_path, broker, monkeypatch):
     """No result's put or ack copies the WAL (SQLite's automatic checkpoint is off);
     a background thread checkpoints every outbox.checkpoint_s, and the outbox holds

@@ -1,4 +1,4 @@
-"""station.priority: per-thread nice values."""
+"""station.priority: per-thread nice values and the models' real-time policy."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from station.priority import MAX_NICE, adopt_opencv_pool, lower_this_thread
+from station.priority import MAX_NICE, adopt_opencv_pool, lower_this_thread, realtime_this_thread
 
 
 def thread_nice() -> int:
@@ -77,3 +77,38 @@ def test_opencv_workers_are_re_created_at_the_lowered_priority():
     new = {tid: nice for tid, nice in after.items() if tid not in before and tid != me}
     assert new and set(new.values()) == {min(MAX_NICE, base + 4)}
     assert cv2.getNumThreads() >= 2  # the pool keeps its size
+
+
+def _may_use_fifo() -> str | None:
+    """Why this process cannot put a thread under SCHED_FIFO, or None when it can."""
+    def probe():
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        except (AttributeError, OSError) as exc:
+            return f"SCHED_FIFO refused here ({exc}): no CAP_SYS_NICE and no RLIMIT_RTPRIO"
+        return None
+
+    return _in_thread(probe)
+
+
+@pytest.mark.skipif(_may_use_fifo() is not None, reason=str(_may_use_fifo()))
+def test_realtime_applies_to_the_calling_thread_only():
+    def body():
+        ok = realtime_this_thread(7)
+        return ok, os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+
+    assert _in_thread(body) == (True, os.SCHED_FIFO, 7)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # this thread and the process keep theirs
+
+
+def test_realtime_zero_changes_nothing():
+    assert _in_thread(lambda: (realtime_this_thread(0), os.sched_getscheduler(0))) == (False, os.SCHED_OTHER)
+
+
+def test_a_refused_realtime_policy_is_logged_and_the_thread_goes_on(monkeypatch, caplog):
+    def refuse(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    assert _in_thread(lambda: (realtime_this_thread(5), os.sched_getscheduler(0))) == (False, os.SCHED_OTHER)
+    assert "run.realtime_inference 5 refused: [Errno 1] Operation not permitted" in caplog.text

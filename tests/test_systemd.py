@@ -107,11 +107,12 @@ def traced_syscalls(trace: str) -> set[str]:
     return set(re.findall(r"^\d+\s+([a-z0-9_]+)\(", trace, re.M))
 
 
-# Both shipped models at once, one ONNX Runtime thread each; the embedded default (the demo model,
-# ONNX Runtime's own thread pool, which pins its threads to cores).
+# Both shipped models at once, one ONNX Runtime thread each, under SCHED_FIFO; the embedded default
+# (the demo model, ONNX Runtime's own thread pool, which pins its threads to cores).
 MODEL_SETUPS = {
     "shipped-parallel": "models: {{segmentation: {repo}/models/magnetic_tile_unet.onnx, "
-                        "detection: {repo}/models/neu_det_detector.onnx}}\ninference: {{parallel_models: true}}\n",
+                        "detection: {repo}/models/neu_det_detector.onnx}}\ninference: {{parallel_models: true}}\n"
+                        "run: {{realtime_inference: 5}}\n",
     "embedded-default": "",
 }
 
@@ -180,6 +181,8 @@ metrics: {{enabled: true, port: {metrics_port}}}
             notify.close()
     used = traced_syscalls(trace.read_text())
     assert {"setpriority", "sendto", "accept4"} <= used, sorted(used)  # the paths ran
+    if setup == "shipped-parallel":
+        assert "sched_setscheduler" in used  # the models' threads asked for SCHED_FIFO
     if setup == "embedded-default" and (os.cpu_count() or 1) > 1:
         assert "sched_setaffinity" in used  # ONNX Runtime's own pool pinned its threads
     unit_texts = {unit.name: unit.read_text() for unit in sorted(UNITS.glob("*.service"))}
