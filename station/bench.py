@@ -264,6 +264,7 @@ def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, li
                 # line's pace does. The pauses are not counted.
                 time.sleep(took * BARE_REALTIME_REST)
         timing["parallel"] = "infer" in work.latency
+        timing["realtime"] = realtime
 
     try:
         _run_on_thread(measure, "bare")
@@ -273,6 +274,7 @@ def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, li
     return {
         "runs": runs,
         "parallel_models": parallel,
+        "realtime": timing["realtime"],  # whether the models' threads were under SCHED_FIFO
         "fps": runs / elapsed,
         "median_ms": _pct(per_frame, 50),
         "p99_ms": _pct(per_frame, 99),
@@ -519,12 +521,21 @@ def _host_text(d: dict) -> str:
     return f"   host steal {d['host_steal_pct']:.0f} %, other processes {d['others_cpu_pct']:.0f} % CPU"
 
 
+def _realtime_text(r: dict) -> str:
+    asked = r["machine"].get("realtime_inference", 0)
+    if not asked:
+        return ""
+    if r["bare"].get("realtime"):
+        return f", models under SCHED_FIFO {asked}"
+    return f", SCHED_FIFO {asked} refused here: models under the ordinary policy"
+
+
 def format_report(r: dict) -> str:
     b, p, o = r["bare"], r["pipeline"], r["outbox"]
     lines = [
         f"station bench — {r['machine']['cpus']} CPUs, onnxruntime {r['machine']['onnxruntime']}, "
         f"frames {r['frame']['width']}x{r['frame']['height']}, nice {r['machine']['nice']}"
-        + (f", models under SCHED_FIFO {r['machine']['realtime_inference']}" if r["machine"].get("realtime_inference") else ""),
+        + _realtime_text(r),
     ]
     for role, m in r["models"].items():
         lines.append(f"  {role}: {m['name']} {m['input'][1]}x{m['input'][0]} on {', '.join(m['providers'])}: "

@@ -26,7 +26,10 @@ kernel keeps 5 % of every second for ordinary threads
 (``kernel.sched_rt_runtime_us``), so the rest of the station still runs. It
 needs ``CAP_SYS_NICE`` or an ``RLIMIT_RTPRIO`` of at least that priority
 (systemd: ``LimitRTPRIO=``); where both are missing the threads keep their
-ordinary policy, and the log says so.
+ordinary policy, and the log says so. A model given more than one ONNX Runtime
+thread also runs on ONNX Runtime's own pool, whose threads keep the ordinary
+policy: the setting serves models of one thread each (``inference.parallel_models``
+on a small CPU, or ``inference.intra_op_threads: 1``).
 """
 
 from __future__ import annotations

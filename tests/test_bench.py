@@ -108,3 +108,36 @@ def test_other_processes_cpu_counts_every_process_but_the_bench_and_its_broker()
     b = _host_ticks()
     assert 100.0 * cpus * (b.ours - a.ours) / (b.total - a.total) >= 30.0
     assert _host_figures(None, a) == {"host_steal_pct": None, "others_cpu_pct": None}
+
+
+def _fifo_refused() -> str | None:
+    from test_daemon import _fifo_refused as refused
+
+    return refused()
+
+
+@pytest.mark.skipif(not have_mosquitto(), reason="mosquitto binary not installed")
+@pytest.mark.parametrize("allowed", [True, False])
+def test_bench_says_whether_the_models_ran_under_sched_fifo(tmp_path, capsys, monkeypatch, allowed):
+    """run.realtime_inference: the bare phase runs the models under SCHED_FIFO as the infer
+    thread does, and the report says whether the policy was granted or refused."""
+    if allowed and _fifo_refused():
+        pytest.skip(_fifo_refused())
+    if not allowed:
+        def refuse(*args):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text("run: {realtime_inference: 3}\n")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "-c", str(cfg), "--frames", "40", "--latency-frames", "10", "--size", "240", "320",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["machine"]["realtime_inference"] == 3
+    assert report["bare"]["realtime"] is allowed
+    printed = capsys.readouterr().out
+    if allowed:
+        assert "models under SCHED_FIFO 3" in printed
+    else:
+        assert "SCHED_FIFO 3 refused here: models under the ordinary policy" in printed
