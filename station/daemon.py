@@ -373,7 +373,9 @@ class Daemon:
     def _stage_loop(self, name: str, inq: FrameQueue, upstream: threading.Event, step: Callable,
                     outq: FrameQueue | None, done: threading.Event) -> None:
         if name == "infer":  # the models keep the cores (station/priority.py)
-            realtime_this_thread(self.cfg.run.realtime_inference)
+            if realtime_this_thread(self.cfg.run.realtime_inference):
+                log.info("the models' threads run under SCHED_FIFO %d (run.realtime_inference)",
+                         self.cfg.run.realtime_inference)
         else:
             lower_this_thread(self.cfg.run.nice_non_inference)
         try:

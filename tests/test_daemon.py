@@ -458,7 +458,7 @@ def _fifo_refused() -> str | None:
 
 
 @pytest.mark.skipif(_fifo_refused() is not None, reason=str(_fifo_refused()))
-def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broker):
+def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broker, caplog):
     """run.realtime_inference: the infer thread and the helper that runs the second model
     at the same time (inference.parallel_models) are under SCHED_FIFO at that priority,
     every other thread keeps the ordinary policy."""
@@ -467,6 +467,7 @@ def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broke
     from station.config import parse_config
     from station.daemon import Daemon
 
+    caplog.set_level("INFO", logger="station.daemon")
     seen: dict[str, tuple[int, int]] = {}
 
     def sink(record: dict) -> None:  # on the finish thread, with every other thread alive
@@ -486,6 +487,7 @@ def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broke
     assert realtime == {"infer", "infer_0"}, seen
     assert {policy for name, policy in seen.items() if name not in realtime} == {(os.SCHED_OTHER, 0)}, seen
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is left alone
+    assert "the models' threads run under SCHED_FIFO 3 (run.realtime_inference)" in caplog.text
 
 
 def test_the_outbox_is_checkpointed_by_its_own_thread(tmp_path, broker, monkeypatch):
