@@ -41,7 +41,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -212,23 +213,6 @@ def wake_latency(n: int = 300, gap_s: float = 0.01) -> dict[str, float]:
 BARE_REALTIME_REST = 0.1  # bare runs under SCHED_FIFO: pause after each, as a fraction of its time
 
 
-def _run_on_thread(fn: Callable[[], None], name: str) -> None:
-    """``fn()`` on a new thread, waited for; its exception raised here."""
-    failed: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # handed to the caller
-            failed.append(exc)
-
-    t = threading.Thread(target=target, name=name)
-    t.start()
-    t.join()
-    if failed:
-        raise failed[0]
-
-
 def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, list[float]]:
     """The models alone on prepared tensors, run as the daemon's infer stage runs
     them (one after the other, or at the same time with ``inference.parallel_models``,
@@ -244,9 +228,8 @@ def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, li
 
     per_model: dict[str, list[float]] = {role: [] for role in inspector.models}
     per_frame: list[float] = []
-    timing: dict = {}
 
-    def measure() -> None:  # on a thread of its own, under the infer stage's policy
+    def measure() -> tuple[bool, bool]:  # on a thread of its own, under the infer stage's policy
         realtime = realtime_this_thread(inspector.cfg.run.realtime_inference)
         for i in range(4):  # warm-up beyond the load-time one
             one_frame(i)
@@ -263,18 +246,18 @@ def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, li
                 # a pause of a tenth of each run keeps them under that limit, as a
                 # line's pace does. The pauses are not counted.
                 time.sleep(took * BARE_REALTIME_REST)
-        timing["parallel"] = "infer" in work.latency
-        timing["realtime"] = realtime
+        return "infer" in work.latency, realtime
 
     try:
-        _run_on_thread(measure, "bare")
+        with ThreadPoolExecutor(1, thread_name_prefix="bare-runs") as pool:
+            parallel, realtime = pool.submit(measure).result()
     finally:
         infer.close()
-    elapsed, parallel = sum(per_frame) / 1e3, timing["parallel"]
+    elapsed = sum(per_frame) / 1e3
     return {
         "runs": runs,
         "parallel_models": parallel,
-        "realtime": timing["realtime"],  # whether the models' threads were under SCHED_FIFO
+        "realtime": realtime,  # whether the models' threads were under SCHED_FIFO
         "fps": runs / elapsed,
         "median_ms": _pct(per_frame, 50),
         "p99_ms": _pct(per_frame, 99),
