@@ -10,6 +10,7 @@ import time
 
 import pytest
 from mosquitto import have_mosquitto
+from test_priority import FIFO_REFUSED
 
 from station.cli import main
 
@@ -110,19 +111,13 @@ def test_other_processes_cpu_counts_every_process_but_the_bench_and_its_broker()
     assert _host_figures(None, a) == {"host_steal_pct": None, "others_cpu_pct": None}
 
 
-def _fifo_refused() -> str | None:
-    from test_daemon import _fifo_refused as refused
-
-    return refused()
-
-
 @pytest.mark.skipif(not have_mosquitto(), reason="mosquitto binary not installed")
 @pytest.mark.parametrize("allowed", [True, False])
 def test_bench_says_whether_the_models_ran_under_sched_fifo(tmp_path, capsys, monkeypatch, allowed):
     """run.realtime_inference: the bare phase runs the models under SCHED_FIFO as the infer
     thread does, and the report says whether the policy was granted or refused."""
-    if allowed and _fifo_refused():
-        pytest.skip(_fifo_refused())
+    if allowed and FIFO_REFUSED:
+        pytest.skip(FIFO_REFUSED)
     if not allowed:
         def refuse(*args):
             raise PermissionError(1, "Operation not permitted")

@@ -16,6 +16,7 @@ import cv2
 import jsonschema
 import pytest
 from mosquitto import Mosquitto, Subscriber, have_mosquitto
+from test_priority import FIFO_REFUSED
 
 from station.messages import load_schema
 
@@ -438,26 +439,7 @@ def test_threads_but_inference_run_at_the_lower_priority(tmp_path, broker, incre
     assert _nice(threading.get_native_id()) == base  # the caller's thread is left alone
 
 
-def _fifo_refused() -> str | None:
-    """Why this process cannot put a thread under SCHED_FIFO, or None when it can."""
-    import threading
-
-    out: list[str | None] = []
-
-    def probe():
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-            out.append(None)
-        except OSError as exc:
-            out.append(f"SCHED_FIFO refused here ({exc}): no CAP_SYS_NICE and no RLIMIT_RTPRIO")
-
-    t = threading.Thread(target=probe)
-    t.start()
-    t.join()
-    return out[0]
-
-
-@pytest.mark.skipif(_fifo_refused() is not None, reason=str(_fifo_refused()))
+@pytest.mark.skipif(FIFO_REFUSED is not None, reason=str(FIFO_REFUSED))
 def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broker, caplog):
     """run.realtime_inference: the infer thread and the helper that runs the second model
     at the same time (inference.parallel_models) are under SCHED_FIFO at that priority,

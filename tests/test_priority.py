@@ -79,7 +79,7 @@ def test_opencv_workers_are_re_created_at_the_lowered_priority():
     assert cv2.getNumThreads() >= 2  # the pool keeps its size
 
 
-def _may_use_fifo() -> str | None:
+def _fifo_refused() -> str | None:
     """Why this process cannot put a thread under SCHED_FIFO, or None when it can."""
     def probe():
         try:
@@ -91,7 +91,10 @@ def _may_use_fifo() -> str | None:
     return _in_thread(probe)
 
 
-@pytest.mark.skipif(_may_use_fifo() is not None, reason=str(_may_use_fifo()))
+FIFO_REFUSED = _fifo_refused()  # also read by test_daemon and test_bench
+
+
+@pytest.mark.skipif(FIFO_REFUSED is not None, reason=str(FIFO_REFUSED))
 def test_realtime_applies_to_the_calling_thread_only():
     def body():
         ok = realtime_this_thread(7)
