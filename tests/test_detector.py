@@ -458,14 +458,15 @@ def test_neu_det_recipe_is_the_command_on_its_card() -> None:
     argv = shlex.split(equivalent)[3:]
     again = config_from_args(build_parser().parse_args(argv), cfg.command)
     assert again == cfg
-    # so does a command with the options the recipe leaves at their defaults
+    assert {"--quality", "--centre-radius", "--box-weight", "--nms-iou", "--tta"} <= set(argv)
+    # so does a command with those options at their defaults (left off the command line)
     from dataclasses import replace
 
     from export.train_detector import command_of
 
-    trial = replace(cfg, quality="iou", centre_radius=1.5, box_weight=2.0, tta=("h",), command="")
+    trial = replace(cfg, quality="centreness", centre_radius=None, box_weight=1.0, tta=(), command="")
     argv = shlex.split(command_of(trial))[3:]
-    assert {"--quality", "--centre-radius", "--box-weight"} <= set(argv)
+    assert not {"--quality", "--centre-radius", "--box-weight", "--tta"} & set(argv)
     assert config_from_args(build_parser().parse_args(argv), "") == trial
     from export.train_detector import _check
 
@@ -499,6 +500,36 @@ def test_neu_det_eval_writes_reports_and_card_figures(tiny_det_run, tmp_path: Pa
     assert "split file" in caplog.text and "none.json: cannot read" in caplog.text
     assert main(["eval", "--data", str(tmp_path), "--split", str(split), "--model", str(model)]) == 2
     assert f"{split}: 3 of its 3 val images are not under {tmp_path}" in caplog.text
+
+
+@pytest.mark.slow
+def test_neu_det_export_ships_a_runs_last_weights_under_the_recipe(tmp_path: Path, monkeypatch, caplog) -> None:
+    """`python -m export.neu_det export`: no training; the run's last weights in the recipe's
+    graph (its test-time flips, its NMS), copied to models/ with the recipe's train command on
+    the card."""
+    import keras
+
+    from export.detector import build_detector
+    from export.neu_det import MODEL_PATH, RECIPE, SPLIT_PATH, main
+    from export.onnx_export import read_card
+
+    data = write_voc_dataset(tmp_path / "data", 12)
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--data", str(data), "--run", str(run)]) == 2
+    assert f"{run / 'last.weights.h5'}: no weights; train first" in caplog.text
+    keras.utils.set_random_seed(0)
+    size = RECIPE["size"]
+    model = build_detector((size[0], size[1], 1), len(CLASSES), alpha=RECIPE["alpha"], width=RECIPE["width"],
+                           head_depth=RECIPE["head_depth"], strides=RECIPE["levels"])
+    model.save_weights(run / "last.weights.h5")
+    assert main(["export", "--data", str(data), "--run", str(run)]) == 0
+    card = read_card(tmp_path / MODEL_PATH)
+    assert card.training.command.startswith(f"python -m export.neu_det train --data {data} --run {run}")
+    assert f"--tta {' '.join(RECIPE['tta'])}" in card.training.command
+    assert f"test-time flips {'/'.join(RECIPE['tta'])} in the graph" in card.training.evaluated_by
+    assert (tmp_path / SPLIT_PATH).is_file()
 
 
 @pytest.mark.slow
