@@ -502,14 +502,25 @@ def test_neu_det_eval_writes_reports_and_card_figures(tiny_det_run, tmp_path: Pa
     assert f"{split}: 3 of its 3 val images are not under {tmp_path}" in caplog.text
 
 
+def _save_recipe_weights(path: Path) -> None:
+    """Random weights of the shipped recipe's detector, saved as a run's weights file."""
+    import keras
+
+    from export.detector import build_detector
+    from export.neu_det import RECIPE
+
+    keras.utils.set_random_seed(0)
+    size = RECIPE["size"]
+    model = build_detector((size[0], size[1], 1), len(CLASSES), alpha=RECIPE["alpha"], width=RECIPE["width"],
+                           head_depth=RECIPE["head_depth"], strides=RECIPE["levels"])
+    model.save_weights(path)
+
+
 @pytest.mark.slow
 def test_neu_det_export_ships_a_runs_last_weights_under_the_recipe(tmp_path: Path, monkeypatch, caplog) -> None:
     """`python -m export.neu_det export`: no training; the run's last weights in the recipe's
     graph (its test-time flips, its NMS), copied to models/ with the recipe's train command on
     the card."""
-    import keras
-
-    from export.detector import build_detector
     from export.neu_det import MODEL_PATH, RECIPE, SPLIT_PATH, main
     from export.onnx_export import read_card
 
@@ -519,11 +530,7 @@ def test_neu_det_export_ships_a_runs_last_weights_under_the_recipe(tmp_path: Pat
     monkeypatch.chdir(tmp_path)
     assert main(["export", "--data", str(data), "--run", str(run)]) == 2
     assert f"{run / 'last.weights.h5'}: no weights; train first" in caplog.text
-    keras.utils.set_random_seed(0)
-    size = RECIPE["size"]
-    model = build_detector((size[0], size[1], 1), len(CLASSES), alpha=RECIPE["alpha"], width=RECIPE["width"],
-                           head_depth=RECIPE["head_depth"], strides=RECIPE["levels"])
-    model.save_weights(run / "last.weights.h5")
+    _save_recipe_weights(run / "last.weights.h5")
     assert main(["export", "--data", str(data), "--run", str(run)]) == 0
     card = read_card(tmp_path / MODEL_PATH)
     assert card.training.command.startswith(f"python -m export.neu_det train --data {data} --run {run}")
@@ -538,11 +545,8 @@ def test_neu_det_tta_compares_flip_sets_on_the_training_side(tmp_path: Path, cap
     of TTA_CHOICES scored on the split's training images (never its validation ones)."""
     import logging
 
-    import keras
-
     from export.data import write_split_file
-    from export.detector import build_detector
-    from export.neu_det import RECIPE, TTA_CHOICES, main
+    from export.neu_det import TTA_CHOICES, main
 
     caplog.set_level(logging.INFO)
     data = write_voc_dataset(tmp_path / "data", 12)
@@ -553,11 +557,7 @@ def test_neu_det_tta_compares_flip_sets_on_the_training_side(tmp_path: Path, cap
     run.mkdir()
     assert main(["tta", "--data", str(data), "--run", str(run), "--split", str(split)]) == 2
     assert f"{run / 'last.weights.h5'}: no weights; train first" in caplog.text
-    keras.utils.set_random_seed(0)
-    size = RECIPE["size"]
-    model = build_detector((size[0], size[1], 1), len(CLASSES), alpha=RECIPE["alpha"], width=RECIPE["width"],
-                           head_depth=RECIPE["head_depth"], strides=RECIPE["levels"])
-    model.save_weights(run / "last.weights.h5")
+    _save_recipe_weights(run / "last.weights.h5")
     caplog.clear()
     assert main(["tta", "--data", str(data), "--run", str(run), "--split", str(split)]) == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training split")]
