@@ -49,7 +49,7 @@ from typing import Sequence
 from . import ExportError, run_commands, run_station_eval
 from .data import read_split_file
 from .onnx_export import embed_card_file, read_card
-from .train_detector import DetTrainConfig, command_of, train
+from .train_detector import DetTrainConfig, DetTrainResult, command_of, train
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ship(cfg: DetTrainConfig, result) -> None:
+def _ship(cfg: DetTrainConfig, result: DetTrainResult) -> None:
+    """The run's model and split to models/, its curves to docs/ (what the shipped files are)."""
     MODEL_PATH.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.onnx_path, MODEL_PATH)
     shutil.copyfile(cfg.out_dir / "split.json", SPLIT_PATH)
@@ -217,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_commands(build_parser(), {"train": cmd_train, "export": cmd_export, "eval": cmd_eval, "tta": cmd_tta}, argv)
+    commands = {"train": cmd_train, "export": cmd_export, "eval": cmd_eval, "tta": cmd_tta}
+    return run_commands(build_parser(), commands, argv)
 
 
 if __name__ == "__main__":
