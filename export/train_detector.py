@@ -337,7 +337,7 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path, title: str = ""
     fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     ax_loss.plot(epochs, [h["loss"] for h in history], "o-", ms=3, label="train")
     ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss (focal + GIoU + centre-ness)")
+    ax_loss.set_ylabel("loss (focal + GIoU + quality BCE)")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
     ax_ap.plot(epochs, [h["val_ap50"] for h in history], "o-", ms=3, label="validation AP50")
