@@ -69,7 +69,7 @@ SEED = 0
 # twice the focal loss's weight, and a quality score trained on the predicted box's IoU;
 # NMS at IoU 0.6 (chosen on the training split). The exported graph averages the model
 # over the image and its left-right mirror (`--tta h`, chosen on the training split by
-# `python -m export.neu_det tta`): +0.016 mAP on validation at two detector runs a frame,
+# `python -m export.neu_det tta`): +0.015 mAP on validation at two detector runs a frame,
 # which still end before the U-Net's beside them (docs/neu_det_detector.md).
 RECIPE = dict(size=(192, 192), alpha=0.5, width=64, head_depth=2, levels=(8, 16, 32), epochs=160,
               batch=16, lr=2e-3, crop_min=0.6, jitter=0.1, keep="last", seed=SEED, val_fraction=0.2,
