@@ -146,8 +146,7 @@ def cmd_export_checkpoint(args: argparse.Namespace) -> int:
     from .card import draft_card
     from .data import find_samples, load_arrays, load_groups, split_samples
     from .onnx_export import export_model
-    from .train import finish_kept, kept_weights, make_iou_metric, make_loss
-    from .unet import build_unet
+    from .train import finish_kept, kept_weights, load_served, make_iou_metric, make_loss
 
     cfg = recipe(args.data, args.run, args.epochs)
     weights = cfg.out_dir / f"{cfg.keep}.weights.h5"
@@ -167,9 +166,7 @@ def cmd_export_checkpoint(args: argparse.Namespace) -> int:
     split = split_samples(listing.samples, cfg.val_fraction, cfg.seed, load_groups(cfg.groups))
     train_arrays = load_arrays(split.train, draft)
     val_arrays = load_arrays(split.val, draft)
-    model = build_unet((cfg.size[0], cfg.size[1], draft.input.channels), num_classes=1, alpha=cfg.alpha,
-                       decoder_filters=cfg.decoder_filters, dropout=cfg.dropout, name=cfg.name.replace("-", "_"))
-    model.load_weights(weights)
+    model = load_served(cfg, draft.input.channels, 1, weights)
     model.compile(loss=make_loss(cfg.dice_weight, kind=cfg.loss, gamma=cfg.focal_gamma),
                   metrics=[make_iou_metric(cfg.threshold)])
     stopped = len(rows) < cfg.epochs

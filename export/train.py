@@ -24,7 +24,9 @@ on masks thresholded at 0.5, accumulated over the epoch (intersection and
 union summed over all pixels of all batches, so batches without any defect
 count; with no defect and no prediction in a whole epoch it is 1.0).
 
-Optional: windows cut at random scales (``--zoom``), and an exponential
+Optional: windows cut at random scales (``--zoom``), the network run at
+further input scales and their masks merged by a pixel-wise maximum
+(``--multiscale 2``: also at half size; validated and exported so), an exponential
 moving average of the weights (``--ema``: validated each epoch and exported
 instead of the raw weights), and BatchNorm statistics re-measured after
 training on the whole training images (``--recompute-bn``: those training
@@ -109,6 +111,7 @@ class TrainConfig:
     crop: int | None = None  # train on crop×crop windows of the input-size images (None: whole images)
     crop_defect: float = 0.5  # share of crops placed over a defect pixel (crop training)
     zoom: float = 1.0  # crop training: windows cut at a scale drawn log-uniformly from [1/zoom, zoom] (1: off)
+    multiscale: tuple[int, ...] = ()  # the served network also runs at 1/k size for each k, masks merged by maximum
     ema: float = 0.0  # exponential moving average of the weights, momentum per step (0: off); validated and exported
     keep: str = "best"  # "best": the best validation IoU epoch's weights; "last": the final epoch's
     recompute_bn: bool = False  # BatchNorm statistics of the kept weights re-measured on whole training images
@@ -423,8 +426,9 @@ def _stop_after(epochs: int):
     return StopAfter()
 
 
-def _keep_best(monitor: str = "val_iou", path: Path | None = None, last: bool = False):
+def _keep_best(monitor: str = "val_iou", path: Path | None = None, last: bool = False, save=None):
     keras = _keras()
+    save = save or (lambda model, to: model.save_weights(to))
 
     class KeepBest(keras.callbacks.Callback):
         """Keeps a copy of the weights of the epoch with the highest ``monitor`` (the
@@ -444,7 +448,7 @@ def _keep_best(monitor: str = "val_iou", path: Path | None = None, last: bool = 
                 self.best, self.epoch = float(value), epoch + 1
                 self.weights = self.model.get_weights()
                 if path is not None:
-                    self.model.save_weights(path)
+                    save(self.model, path)
 
     return KeepBest()
 
@@ -528,6 +532,9 @@ def _check(cfg: TrainConfig) -> None:
         raise ExportError(f"--crop-defect {cfg.crop_defect}: must be in [0, 1]")
     if not 1.0 <= cfg.zoom <= 4.0:
         raise ExportError(f"--zoom {cfg.zoom}: must be in [1, 4] (1: off)")
+    if any(k < 2 or cfg.size[0] % (32 * k) or cfg.size[1] % (32 * k) for k in cfg.multiscale):
+        raise ExportError(f"--multiscale {' '.join(map(str, cfg.multiscale))}: each factor must be an integer >= 2 "
+                          f"that leaves the input {cfg.size[0]}x{cfg.size[1]} a multiple of 32")
     if cfg.zoom != 1.0 and not cfg.crop:
         raise ExportError(f"--zoom {cfg.zoom}: only with --crop (windows are cut at random scales)")
     if not (cfg.ema == 0 or 0 < cfg.ema < 1):
@@ -587,20 +594,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     import tensorflow as tf
 
     from .onnx_export import export_model
-    from .unet import build_unet
 
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
-    def build(height: int, width: int):
-        return build_unet((height, width, draft.input.channels), num_classes=len(draft.classes), alpha=cfg.alpha,
-                          weights=cfg.weights, decoder_filters=cfg.decoder_filters, dropout=cfg.dropout,
-                          name=cfg.name.replace("-", "_"))
-
+    channels, classes = draft.input.channels, len(draft.classes)
     loss = make_loss(cfg.dice_weight, kind=cfg.loss, gamma=cfg.focal_gamma)
-    model = build(cfg.size[0], cfg.size[1])  # the exported network, at the input size
+    model = build_served(cfg, channels, classes)  # the exported network, at the input size
     if cfg.crop:
         # Crop training: the same layers at crop size learn; `model` validates and is exported.
-        learner = build(cfg.crop, cfg.crop)
+        learner = build_network(cfg, channels, classes, cfg.crop, cfg.crop)
         learner.set_weights(model.get_weights())
         steps = cfg.steps or math.ceil(len(train_arrays.x) / cfg.batch)
         train_data = make_crops(train_arrays.x, train_arrays.y, cfg.batch, cfg.seed, cfg.crop, steps,
@@ -621,7 +623,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     best_path = cfg.out_dir / f"{cfg.keep}.weights.h5"
     rows: list[dict[str, float]] = []
-    keep_best = _keep_best("val_iou", best_path, last=cfg.keep == "last")
+    keep_best = _keep_best("val_iou", best_path, last=cfg.keep == "last",
+                           save=lambda net, to: save_network_weights(net, cfg, channels, classes, to))
     callbacks = [_history_callback(cfg.out_dir / "history.csv", rows), keep_best]
     if cfg.crop:
         callbacks.insert(0, _validate_whole(model, val_arrays.x, val_arrays.y, cfg.batch))
@@ -640,7 +643,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     model.set_weights(keep_best.weights)
     best = rows[keep_best.epoch - 1]
     figures = finish_kept(model, cfg, train_arrays, val_arrays, rows, best)
-    model.save_weights(best_path)
+    save_network_weights(model, cfg, channels, classes, best_path)
     log.info("%s epoch %d of %d: val IoU %.4f, train IoU %.4f (no augmentation); fit took %.0f s",
              cfg.keep, best["epoch"], cfg.epochs, figures["val_iou"], figures["train_iou"], seconds)
 
@@ -664,6 +667,47 @@ def train(cfg: TrainConfig) -> TrainResult:
                         opset=cfg.opset)
     (cfg.out_dir / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
     return TrainResult(card, cfg.out_dir / "model.onnx", int(best["epoch"]), seconds, rows)
+
+
+def build_network(cfg: TrainConfig, channels: int, classes: int, height: int | None, width: int | None):
+    """The U-Net of ``cfg`` at one input size (None, None: any size)."""
+    from .unet import build_unet
+
+    return build_unet((height, width, channels), num_classes=classes, alpha=cfg.alpha, weights=cfg.weights,
+                      decoder_filters=cfg.decoder_filters, dropout=cfg.dropout, name=cfg.name.replace("-", "_"))
+
+
+def build_served(cfg: TrainConfig, channels: int, classes: int):
+    """The network the run validates and exports, at ``cfg.size``: the U-Net, or with
+    ``cfg.multiscale`` the U-Net at full and reduced scales merged (:func:`export.unet.multiscale`).
+    Either way its weights are the U-Net's, in the same order as :func:`build_network`'s."""
+    from .unet import multiscale
+
+    if not cfg.multiscale:
+        return build_network(cfg, channels, classes, *cfg.size)
+    core = build_network(cfg, channels, classes, None, None)
+    return multiscale(core, cfg.size, cfg.multiscale, name=cfg.name.replace("-", "_") + "_multiscale")
+
+
+def save_network_weights(served, cfg: TrainConfig, channels: int, classes: int, path: Path) -> None:
+    """Save ``served``'s weights as the plain U-Net's (the layout the training checkpoints have,
+    which :func:`load_served` reads), whether or not it is multi-scale."""
+    net = served
+    if any(layer.name.startswith("shrink") for layer in served.layers):  # the multi-scale wrapper
+        net = build_network(cfg, channels, classes, *cfg.size)
+        net.set_weights(served.get_weights())
+    net.save_weights(path)
+
+
+def load_served(cfg: TrainConfig, channels: int, classes: int, path: Path):
+    """:func:`build_served` with the weights of a checkpoint ``path`` (a plain U-Net's)."""
+    net = build_network(cfg, channels, classes, *cfg.size)
+    net.load_weights(path)
+    if not cfg.multiscale:
+        return net
+    served = build_served(cfg, channels, classes)
+    served.set_weights(net.get_weights())
+    return served
 
 
 def finish_kept(model, cfg: TrainConfig, train_arrays: Arrays, val_arrays: Arrays, rows: Sequence[dict[str, float]],
@@ -733,6 +777,8 @@ def command_of(cfg: TrainConfig) -> str:
         argv += ["--jitter", f"{cfg.jitter:g}"]
     if cfg.zoom != 1.0:
         argv += ["--zoom", f"{cfg.zoom:g}"]
+    if cfg.multiscale:
+        argv += ["--multiscale", *map(str, cfg.multiscale)]
     if cfg.ema:
         argv += ["--ema", f"{cfg.ema:g}"]
     if cfg.keep != "best":
@@ -808,6 +854,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="augmentation: per-image gain 1±J and offset ±J on the normalised input (0: off)")
     p.add_argument("--zoom", type=float, default=1.0, metavar="Z",
                    help="with --crop: cut windows at a scale drawn log-uniformly from [1/Z, Z] (1: off)")
+    p.add_argument("--multiscale", type=int, nargs="+", default=(), metavar="K",
+                   help="also run the network on the input shrunk K times (area) and keep the pixel-wise maximum of "
+                        "the masks scaled back (validated and exported so; K: integers >= 2, input/K a multiple of 32)")
     p.add_argument("--ema", type=float, default=0.0, metavar="M",
                    help="validate and export the exponential moving average of the weights, momentum M per step "
                         "(0: off)")
@@ -862,7 +911,8 @@ def config_from_args(args: argparse.Namespace, command: str) -> TrainConfig:
         decoder_filters=tuple(args.decoder_filters) if args.decoder_filters else None, dropout=args.dropout,
         weights=args.weights, epochs=args.epochs, batch=args.batch, lr=args.lr, dice_weight=args.dice_weight,
         loss=args.loss, focal_gamma=args.focal_gamma, defect_repeat=args.defect_repeat, jitter=args.jitter,
-        crop=args.crop, crop_defect=args.crop_defect, steps=args.steps, zoom=args.zoom, ema=args.ema, keep=args.keep,
+        crop=args.crop, crop_defect=args.crop_defect, steps=args.steps, zoom=args.zoom,
+        multiscale=tuple(args.multiscale), ema=args.ema, keep=args.keep,
         recompute_bn=args.recompute_bn,
         seed=args.seed, val_fraction=args.val_fraction, missing_mask_is_free=args.missing_mask_is_free,
         name=args.name, version=args.version, description=args.description,

@@ -8,8 +8,15 @@ stride 32 from ``block_16_project``. Decoder: four pix2pix upsample blocks
 followed by concatenation with the skip of the same stride, and a last
 Conv2DTranspose stride 2 to ``num_classes`` channels with a sigmoid.
 
-Input ``image``: (N, H, W, C) float32, H and W multiples of 32, C 1 or 3.
+Input ``image``: (N, H, W, C) float32, H and W multiples of 32 (or None: any
+such size at run time), C 1 or 3.
 Output ``mask``: (N, H, W, num_classes) float32 probabilities (NHWC).
+
+:func:`multiscale` wraps such a network (built with H = W = None) into one
+of a fixed input size that also runs it on the input shrunk by whole factors
+(area averaging), scales each result back up (bilinear) and keeps the
+pixel-wise maximum: a defect larger than the encoder's view at full scale
+fits it at half scale, a small one is still seen at full scale.
 
 Every BatchNormalization (encoder included) uses momentum 0.9 rather than
 MobileNetV2's 0.999, whose moving statistics would still be near their
@@ -102,7 +109,9 @@ def build_unet(
     decoder_filters: four values, deepest first (default: scaled with alpha).
     """
     h, w, c = input_shape
-    if h % 32 or w % 32 or h < 32 or w < 32:
+    if (h is None) != (w is None):
+        raise ExportError(f"--size {h} {w}: both or neither of height and width may be left open")
+    if h is not None and (h % 32 or w % 32 or h < 32 or w < 32):
         raise ExportError(f"--size {h} {w}: height and width must be multiples of 32 (MobileNetV2 has stride 32)")
     if c not in (1, 3):
         raise ExportError(f"input channels {c}: must be 1 (gray) or 3 (colour)")
@@ -143,3 +152,24 @@ def build_unet(
     log.debug("U-Net %s: %d parameters, %d BatchNorm layers at momentum %g", input_shape, model.count_params(),
               n_bn, bn_momentum)
     return model
+
+
+def multiscale(core: keras.Model, size: tuple[int, int], factors: Sequence[int], name: str) -> keras.Model:
+    """``core`` (a :func:`build_unet` network of open height and width) at full scale
+    and at 1/k of ``size`` for each k of ``factors``: the input averaged over k×k
+    blocks, the mask scaled back up by k (bilinear), the pixel-wise maximum of all
+    scales. The model's weights are ``core``'s (shared, same order)."""
+    h, w = size
+    factors = tuple(int(k) for k in factors)
+    bad = [k for k in factors if k < 2 or h % (32 * k) or w % (32 * k)]
+    if bad:
+        raise ExportError(f"--multiscale {' '.join(map(str, factors))}: each factor must be an integer >= 2 that "
+                          f"leaves the input {h}x{w} a multiple of 32 (bad: {bad})")
+    channels = core.input.shape[-1]
+    inputs = keras.Input((h, w, channels), name=INPUT_NAME)
+    masks = [core(inputs)]
+    for k in factors:
+        small = layers.AveragePooling2D(k, name=f"shrink{k}")(inputs)
+        masks.append(layers.UpSampling2D(k, interpolation="bilinear", name=f"grow{k}")(core(small)))
+    outputs = layers.Maximum(name=OUTPUT_NAME)(masks) if factors else masks[0]
+    return keras.Model(inputs, outputs, name=name)

@@ -301,6 +301,42 @@ def test_crop_training_validates_and_exports_at_the_input_size(tiny_run, tmp_pat
 
 
 @pytest.mark.slow
+def test_multiscale_network_is_the_maximum_of_its_scales_and_exports_so(tiny_run, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from export.train import build_network, load_served, train
+
+    cfg, _ = tiny_run
+    ms_cfg = replace(cfg, out_dir=tmp_path / "ms", crop=32, crop_defect=0.5, steps=2, epochs=2, zoom=2.0,
+                     multiscale=(2,))
+    result = train(ms_cfg)
+    assert "--zoom 2 --multiscale 2" in result.card.training.command
+    # the checkpoint is the plain U-Net's; the served network is rebuilt from it
+    plain = build_network(ms_cfg, 1, 1, 64, 64)
+    plain.load_weights(tmp_path / "ms" / "best.weights.h5")
+    served = load_served(ms_cfg, 1, 1, tmp_path / "ms" / "best.weights.h5")
+    half = build_network(ms_cfg, 1, 1, 32, 32)
+    half.set_weights(plain.get_weights())
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 1)).astype(np.float32)
+    shrunk = x.reshape(2, 32, 2, 32, 2, 1).mean(axis=(2, 4))
+    grown = tf.image.resize(half(shrunk), (64, 64), "bilinear").numpy()
+    want = np.maximum(plain(x).numpy(), grown)
+    np.testing.assert_allclose(served(x).numpy(), want, atol=1e-5)
+    session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x[:1]})[0]
+    np.testing.assert_allclose(got, want[:1], atol=1e-4)
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(result.onnx_path)).graph.node}
+    assert {"AveragePool", "Resize", "Max"} <= ops
+    with pytest.raises(ExportError, match="--multiscale 3: each factor"):
+        train(replace(ms_cfg, multiscale=(3,)))
+
+
+@pytest.mark.slow
 def test_recompute_bn_measures_the_average_over_all_inputs() -> None:
     import keras
 
