@@ -76,3 +76,20 @@ def test_the_eval_command_reproduces_docs_card_and_readme(name, tmp_path):
         assert figures["eval_ap50"] == round(det["ap50"], 4) and figures["eval_map"] == round(det["map"], 4)
         assert table[("NEU-DET detector", "AP50")] == f"{det['ap50']:.3f}"
         assert table[("NEU-DET detector", "COCO mAP")] == f"{det['map']:.3f}"
+
+
+def test_the_two_uneven_images_the_readme_names_have_nearly_empty_masks():
+    """The README counts two over-graded validation images against their masks, not the model:
+    each shows an uneven patch its mask marks with 1 and 3 pixels, so its truth grade is PASS."""
+    import cv2
+
+    data = shared_data("magnetic_tile")
+    readme = (ROOT / "README.md").read_text()
+    report = {im["source"].rsplit("magnetic_tile/", 1)[1]: im
+              for im in json.loads((ROOT / "docs/magnetic_tile_eval.json").read_text())["images"]}
+    for name, pixels in (("Uneven/exp3_num_24829", 1), ("Uneven/exp4_num_24843", 3)):
+        assert f"`{name}`" in readme
+        mask = cv2.imread(str(data / f"{name}.png"), cv2.IMREAD_GRAYSCALE)
+        assert int((mask >= 128).sum()) == pixels
+        im = report[f"{name}.jpg"]
+        assert (im["true_grade"], im["grade"]) == ("PASS", "REJECT")
