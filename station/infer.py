@@ -7,7 +7,9 @@ outputs by name, never by position.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -103,6 +105,63 @@ def _provider_options(provider: str, settings: InferenceConfig) -> dict:
     return {}
 
 
+_GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+_preloaded: bool = False
+
+
+def preload_gpu_libraries() -> None:
+    """Load CUDA and cuDNN from the NVIDIA wheels (``pip install station[cuda]``) before the
+    first GPU session: onnxruntime-gpu finds them there only through ``preload_dlls``, and
+    otherwise only on the system's library path. Once per process; what it cannot load is
+    logged (at debug: on a machine without a GPU that is the normal case) and the provider
+    check below reports the fallback."""
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded = True
+    said = io.StringIO()  # preload_dlls prints; keep stdout for the commands' own output
+    try:
+        with contextlib.redirect_stdout(said):
+            ort.preload_dlls()
+    except Exception as exc:  # noqa: BLE001 — a failed preload only means no GPU here
+        log.debug("onnxruntime.preload_dlls: %s", exc)
+    for line in said.getvalue().splitlines():
+        log.debug("onnxruntime.preload_dlls: %s", line)
+
+
+def _open_session(path: Path, options: ort.SessionOptions, wanted: list[str],
+                  settings: InferenceConfig) -> ort.InferenceSession:
+    """An InferenceSession on the first of ``wanted`` that starts, the others after it.
+
+    A provider whose libraries are missing (CUDA on a machine without a GPU)
+    makes ONNX Runtime log loading errors and leave it out; we report the
+    providers really in use instead. One that fails at session creation
+    (TensorRT without its libraries) makes ONNX Runtime's Python API print an
+    "EP Error" banner and retry on CUDA and CPU with *default* options: we keep
+    the banner out of stdout, log it, and retry ourselves without that provider,
+    so the CUDA options (device, cuDNN search) still apply. Real failures raise.
+    """
+    where = str(path)
+    while True:
+        said = io.StringIO()
+        ort.set_default_logger_severity(4)
+        try:
+            with contextlib.redirect_stdout(said):
+                session = ort.InferenceSession(
+                    str(path), sess_options=options, providers=[(p, _provider_options(p, settings)) for p in wanted]
+                )
+        except Exception as exc:  # onnxruntime raises its own untyped exceptions
+            raise ModelError(f"{where}: ONNX Runtime cannot load the model: {exc}") from exc
+        finally:
+            ort.set_default_logger_severity(2)
+        banner = said.getvalue()
+        if "EP Error" not in banner or len(wanted) == 1:
+            return session
+        reason = next((line for line in banner.splitlines() if line.startswith("EP Error")), banner.strip())
+        log.warning("%s: %s cannot start here (%s); trying %s", where, wanted[0], reason[:300], wanted[1:])
+        wanted = wanted[1:]
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -140,6 +199,8 @@ class OnnxModel:
         wanted = [PROVIDERS[p] for p in providers if PROVIDERS[p] in available]
         if "CPUExecutionProvider" not in wanted:
             wanted.append("CPUExecutionProvider")
+        if _GPU_PROVIDERS & set(wanted):
+            preload_gpu_libraries()
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -148,18 +209,7 @@ class OnnxModel:
             # Idle intra-op threads would busy-wait for the next run and take the
             # cores that pre/postprocessing of neighbouring frames need.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # A provider that cannot start (onnxruntime-gpu without a GPU) makes ONNX
-        # Runtime print library-loading errors and fall back to CPU; we report
-        # the providers really in use below instead. Real failures still raise.
-        ort.set_default_logger_severity(4)
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=[(p, _provider_options(p, settings)) for p in wanted]
-            )
-        except Exception as exc:  # onnxruntime raises its own untyped exceptions
-            raise ModelError(f"{where}: ONNX Runtime cannot load the model: {exc}") from exc
-        finally:
-            ort.set_default_logger_severity(2)
+        self.session = _open_session(self.path, options, wanted, settings)
         self.card = read_card(self.session, where)
         check_card(self.session, self.card, where)
         self.providers: list[str] = list(self.session.get_providers())

@@ -105,3 +105,20 @@ def test_provider_options_from_config():
     assert trt["trt_fp16_enable"] is True and trt["trt_engine_cache_path"] == "/var/cache/station/trt" and trt["device_id"] == 1
     assert _provider_options("CUDAExecutionProvider", inf)["device_id"] == 1
     assert _provider_options("CPUExecutionProvider", inf) == {}
+
+
+def test_a_provider_that_cannot_start_is_skipped_quietly(threshold_model, capfd, caplog):
+    """TensorRT without its libraries fails at session creation; ONNX Runtime's Python API then
+    prints an "EP Error" banner and retries with default CUDA options. OnnxModel keeps the
+    banner off stdout (a command's own output), logs why, and retries itself with the next
+    providers and their options; CUDA without a GPU is left out silently; CPU runs."""
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no TensorRT provider (CPU-only package)")
+    model = OnnxModel(threshold_model, providers=("tensorrt", "cuda", "cpu"))
+    assert model.providers == ["CPUExecutionProvider"]
+    out = capfd.readouterr().out
+    assert "EP Error" not in out and "Failed to load" not in out
+    assert "TensorrtExecutionProvider cannot start here" in caplog.text
+    assert model.run(np.ones((1, 64, 64, 1), np.float32))["mask"].shape == (1, 64, 64, 1)
