@@ -14,6 +14,16 @@ CLI::
 
     python -m export.onnx_export show MODEL.onnx
     python -m export.onnx_export embed MODEL.onnx CARD.json [-o OUT.onnx]
+    python -m export.onnx_export symmetric-pads MODEL.onnx [-o OUT.onnx]
+
+Keras' ``padding="same"`` transposed convolutions become ONNX ``ConvTranspose``
+nodes with asymmetric pads, which ONNX Runtime's CUDA provider cannot run: it
+moves each to the CPU with copies around it (20 in the U-Net), several times
+the model's GPU time. :func:`symmetric_conv_transpose` rewrites them as an
+unpadded ``ConvTranspose`` and a ``Slice`` that drops the same rows and columns
+— the same values, on the GPU. ``convert`` applies it to every export;
+``symmetric-pads`` applies it to a file exported before, checking on the CPU
+that the outputs stay the same.
 """
 
 from __future__ import annotations
@@ -172,6 +182,80 @@ def _fix_names(model: onnx.ModelProto, input_name: str, output_names: Sequence[s
             _rename_value(graph, old, new)
 
 
+def symmetric_conv_transpose(model: onnx.ModelProto) -> int:
+    """Rewrite, in place, each 2-D ``ConvTranspose`` with asymmetric ``pads`` as one without
+    pads followed by a ``Slice`` that crops what the pads cropped; return how many.
+
+    ConvTranspose pads remove output rows/columns (begin at the start, end at
+    the end of each spatial axis), so the unpadded output sliced
+    ``[begin : size - end]`` is the padded output exactly.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    count = 0
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        pads = list(attrs.get("pads", []))
+        auto = attrs.get("auto_pad", b"NOTSET")
+        if (node.op_type != "ConvTranspose" or node.domain not in ("", "ai.onnx") or len(pads) != 4
+                or auto not in (b"NOTSET", "NOTSET") or "output_shape" in attrs or pads[:2] == pads[2:]):
+            nodes.append(node)
+            continue
+        begin, end = pads[:2], pads[2:]
+        count += 1
+        full = f"{node.output[0]}__unpadded"
+        starts, ends, axes = (f"{node.name}__slice_{k}" for k in ("starts", "ends", "axes"))
+        big = np.iinfo(np.int64).max
+        for name, values in ((starts, begin), (ends, [-e if e else big for e in end]), (axes, [2, 3])):
+            graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+        del node.attribute[:]
+        node.attribute.extend(helper.make_attribute(k, [0, 0, 0, 0] if k == "pads" else v)
+                              for k, v in attrs.items())
+        out = node.output[0]
+        node.output[0] = full
+        nodes += [node, helper.make_node("Slice", [full, starts, ends, axes], [out], name=f"{node.name}__crop")]
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
+
+
+def symmetric_pads_file(path: Path, out_path: Path | None = None, seed: int = 0) -> tuple[int, float]:
+    """Apply :func:`symmetric_conv_transpose` to an ONNX file (card kept) after checking on the
+    CPU that the outputs do not change on random inputs; return (nodes rewritten, max |diff|)."""
+    import onnxruntime as ort
+
+    model = _load(path)
+    before = model.SerializeToString()
+    count = symmetric_conv_transpose(model)
+    if count == 0:
+        log.info("%s: no ConvTranspose with asymmetric pads; unchanged", path)
+        return 0, 0.0
+    onnx.checker.check_model(model)
+    card = card_of(model, str(path))
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    old = ort.InferenceSession(before, providers=["CPUExecutionProvider"])
+    new = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for _ in range(4):
+        x = (rng.random(card.input.shape(1), dtype=np.float32) if card.input.dtype == "float32"
+             else rng.integers(0, 256, card.input.shape(1), dtype=np.uint8))
+        a = old.run(None, {card.input.name: x})
+        b = new.run(None, {card.input.name: x})
+        for u, v in zip(a, b):
+            if u.shape != v.shape:
+                raise ExportError(f"{path}: rewritten graph changes an output shape {u.shape} → {v.shape}")
+            worst = max(worst, float(np.max(np.abs(u.astype(np.float64) - v))) if u.size else 0.0)
+    if worst > 1e-4:
+        raise ExportError(f"{path}: rewritten graph differs from the original by {worst:.2e}; not written")
+    save_model(model, out_path or path)
+    log.info("%s: %d ConvTranspose node(s) rewritten with symmetric pads + Slice; max |diff| %.2e on 4 random "
+             "inputs", out_path or path, count, worst)
+    return count, worst
+
+
 def _as_batch(parity_inputs: np.ndarray | Sequence[np.ndarray], shape: tuple[int, ...], dtype: str) -> np.ndarray:
     arr = np.asarray(parity_inputs, dtype=np.dtype(dtype))
     if arr.shape == shape:
@@ -207,6 +291,7 @@ def convert(keras_model, card: ModelCard, opset: int) -> onnx.ModelProto:
 
     model, _ = tf2onnx.convert.from_function(serve, input_signature=signature, opset=opset)
     _fix_names(model, spec.name, names)
+    symmetric_conv_transpose(model)  # the CUDA provider runs no asymmetric ConvTranspose (module docstring)
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
     return model
@@ -360,11 +445,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     emb.add_argument("model", type=Path)
     emb.add_argument("card", type=Path, help="model card JSON")
     emb.add_argument("-o", "--out", type=Path, help="write here instead of replacing MODEL")
+    sym = sub.add_parser("symmetric-pads", help="rewrite asymmetric ConvTranspose pads as pads 0 + Slice, so the "
+                         "CUDA provider runs them (outputs checked unchanged on the CPU)")
+    sym.add_argument("model", type=Path)
+    sym.add_argument("-o", "--out", type=Path, help="write here instead of replacing MODEL")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     try:
         if args.cmd == "show":
             print(read_card(args.model).model_dump_json(indent=2))
+            return 0
+        if args.cmd == "symmetric-pads":
+            symmetric_pads_file(args.model, args.out)
             return 0
         try:
             card = ModelCard.from_json(args.card.read_text())

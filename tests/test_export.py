@@ -411,6 +411,9 @@ def test_train_export_round_trip(tiny_run) -> None:
     assert card.export.parity["max_abs_diff"] < 1e-4
     assert card.export.parity["mask_agreement"] > 0.999
     assert model.ir_version <= 10
+    # Keras' transposed convolutions export with symmetric pads + Slice: the CUDA provider runs them
+    assert _asymmetric_conv_transposes(model) == []
+    assert any(n.op_type == "ConvTranspose" for n in model.graph.node)
 
     t = card.training
     assert t.epochs == 1 and t.seed == 3 and t.seconds is not None and t.seconds > 0
@@ -516,3 +519,103 @@ def test_a_trial_of_a_shipped_recipe_leaves_the_shipped_files(module, trial, tmp
     assert not mod.DOCS.exists()
     assert mod.main(["train", "--run", str(run)]) == 0
     assert mod.MODEL_PATH.read_text() == "model.onnx" and mod.SPLIT_PATH.read_text() == "split.json"
+
+
+def _asymmetric_conv_transposes(model) -> list[str]:
+    import onnx
+
+    out = []
+    for n in model.graph.node:
+        pads = next((list(onnx.helper.get_attribute_value(a)) for a in n.attribute if a.name == "pads"), [])
+        if n.op_type == "ConvTranspose" and pads and pads[: len(pads) // 2] != pads[len(pads) // 2:]:
+            out.append(n.name)
+    return out
+
+
+def _conv_transpose_model(pads: list[int], size: tuple[int, int] = (5, 7)):
+    """image (1, 2, H, W) → ConvTranspose (3 out channels, kernel 3, stride 2) with ``pads`` → mask."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    h, w = size
+    oh, ow = 2 * (h - 1) + 3 - pads[0] - pads[2], 2 * (w - 1) + 3 - pads[1] - pads[3]
+    weight = np.random.default_rng(1).standard_normal((2, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("ConvTranspose", ["image", "w"], ["mask"], name="up", kernel_shape=[3, 3],
+                          strides=[2, 2], pads=pads)],
+        "ct", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 2, h, w])],
+        [helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 3, oh, ow])],
+        [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+def _down_up_file(path: Path, size: int = 8) -> None:
+    """A U-Net's shape in two nodes, card embedded: Conv stride 2 → ConvTranspose stride 2 with
+    Keras' 'same' pads [0, 0, 1, 1] → a (1, 1, size, size) mask."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx_builders import threshold_card
+
+    from export.onnx_export import embed_card
+
+    rng = np.random.default_rng(2)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "wd"], ["down"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+         helper.make_node("ConvTranspose", ["down", "wu"], ["mask"], name="up", kernel_shape=[3, 3], strides=[2, 2],
+                          pads=[0, 0, 1, 1])],
+        "down_up", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, size, size])],
+        [helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, size, size])],
+        [numpy_helper.from_array(rng.standard_normal((2, 1, 3, 3)).astype(np.float32), "wd"),
+         numpy_helper.from_array(rng.standard_normal((2, 1, 3, 3)).astype(np.float32), "wu")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    card = threshold_card(size, input={"name": "image", "layout": "NCHW", "height": size, "width": size,
+                                       "channels": 1, "dtype": "float32", "colour": "gray"},
+                          output={"type": "mask", "name": "mask", "threshold": 0.5, "layout": "NCHW"})
+    embed_card(model, card)
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("pads", [[0, 0, 1, 1], [1, 0, 0, 1], [1, 1, 2, 0]])
+def test_asymmetric_conv_transpose_becomes_symmetric_with_the_same_outputs(pads) -> None:
+    """The CUDA provider moves asymmetric-pad ConvTranspose to the CPU; the rewrite
+    (no pads, then a Slice) must give the padded node's values exactly."""
+    import onnx
+    import onnxruntime as ort
+
+    from export.onnx_export import symmetric_conv_transpose
+
+    model = _conv_transpose_model(pads)
+    src = model.SerializeToString()
+    assert symmetric_conv_transpose(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    assert _asymmetric_conv_transposes(model) == [] and [n.op_type for n in model.graph.node] == ["ConvTranspose", "Slice"]
+    x = np.random.default_rng(0).standard_normal((1, 2, 5, 7)).astype(np.float32)
+    (want,) = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    (got,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    assert got.shape == want.shape and np.allclose(got, want, atol=1e-6)
+    assert symmetric_conv_transpose(model) == 0  # idempotent
+
+
+def test_symmetric_pads_command_rewrites_a_file_and_keeps_its_card(tmp_path: Path, caplog) -> None:
+    from export.onnx_export import main, read_card
+
+    src, out = tmp_path / "ct.onnx", tmp_path / "ct_gpu.onnx"
+    _down_up_file(src)
+    assert main(["symmetric-pads", str(src), "-o", str(out)]) == 0
+    assert read_card(out) == read_card(src)
+    import onnx
+
+    assert _asymmetric_conv_transposes(onnx.load(str(out))) == []
+    assert _asymmetric_conv_transposes(onnx.load(str(src))) == ["up"]  # -o leaves the source alone
+    assert main(["symmetric-pads", str(tmp_path / "missing.onnx")]) == 2
+    assert "missing.onnx: cannot read" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["magnetic_tile_unet.onnx", "neu_det_detector.onnx"])
+def test_shipped_models_have_no_asymmetric_conv_transpose(name: str) -> None:
+    """Every node of the shipped models can run on ONNX Runtime's CUDA provider's ConvTranspose."""
+    import onnx
+
+    assert _asymmetric_conv_transposes(onnx.load(str(Path(__file__).resolve().parents[1] / "models" / name))) == []
