@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test demo-model clean
+.PHONY: demo test demo-model bench-models clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ test: $(VENV)/.installed-test
 # Retrain the bundled demo model and regenerate the samples (about 3 minutes on 2 cores).
 demo-model: $(VENV)/.installed-test
 	$(PY) -m export.make_demo
+
+# The 512 x 512 timing U-Net of config/bench-gpu.yaml (about 2 minutes on 2 cores).
+BENCH := .make/bench
+bench-models: $(VENV)/.installed-test
+	$(PY) -m export.synth $(BENCH)/plates --count 64 --seed 11 --size 512 512 --overwrite
+	$(PY) -m export.train $(BENCH)/plates --groups $(BENCH)/plates/plate_groups.json --out $(BENCH)/unet512 \
+	    --size 512 512 --alpha 0.35 --multiscale 2 --zoom 2 --epochs 2 --crop 128 --steps 20 --batch 8 --seed 7 \
+	    --name unet512-timing --description "timing model for station bench: the magnetic-tile U-Net architecture at 512 x 512, two short epochs on synthetic plates"
 
 clean:
 	rm -rf out build *.egg-info .pytest_cache
