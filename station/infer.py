@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -107,6 +108,10 @@ def _provider_options(provider: str, settings: InferenceConfig) -> dict:
 
 _GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
 _preloaded: bool = False
+# ONNX Runtime prints (preload_dlls, the "EP Error" banner); sys.stdout is swapped while a
+# session opens, one at a time, so that concurrent opens (a reload beside a start) cannot
+# leave stdout pointing at another one's buffer.
+_quiet = threading.Lock()
 
 
 def preload_gpu_libraries() -> None:
@@ -121,7 +126,7 @@ def preload_gpu_libraries() -> None:
     _preloaded = True
     said = io.StringIO()  # preload_dlls prints; keep stdout for the commands' own output
     try:
-        with contextlib.redirect_stdout(said):
+        with _quiet, contextlib.redirect_stdout(said):
             ort.preload_dlls()
     except Exception as exc:  # noqa: BLE001 — a failed preload only means no GPU here
         log.debug("onnxruntime.preload_dlls: %s", exc)
@@ -146,7 +151,7 @@ def _open_session(path: Path, options: ort.SessionOptions, wanted: list[str],
         said = io.StringIO()
         ort.set_default_logger_severity(4)
         try:
-            with contextlib.redirect_stdout(said):
+            with _quiet, contextlib.redirect_stdout(said):
                 session = ort.InferenceSession(
                     str(path), sess_options=options, providers=[(p, _provider_options(p, settings)) for p in wanted]
                 )
