@@ -193,6 +193,9 @@ def symmetric_conv_transpose(model: onnx.ModelProto) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 10:  # Slice takes its bounds as inputs from opset 10 on
+        return 0
     count = 0
     nodes = []
     for node in graph.node:
@@ -205,8 +208,9 @@ def symmetric_conv_transpose(model: onnx.ModelProto) -> int:
             continue
         begin, end = pads[:2], pads[2:]
         count += 1
+        base = node.name or node.output[0]
         full = f"{node.output[0]}__unpadded"
-        starts, ends, axes = (f"{node.name}__slice_{k}" for k in ("starts", "ends", "axes"))
+        starts, ends, axes = (f"{base}__slice_{k}" for k in ("starts", "ends", "axes"))
         big = np.iinfo(np.int64).max
         for name, values in ((starts, begin), (ends, [-e if e else big for e in end]), (axes, [2, 3])):
             graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
@@ -215,7 +219,7 @@ def symmetric_conv_transpose(model: onnx.ModelProto) -> int:
                               for k, v in attrs.items())
         out = node.output[0]
         node.output[0] = full
-        nodes += [node, helper.make_node("Slice", [full, starts, ends, axes], [out], name=f"{node.name}__crop")]
+        nodes += [node, helper.make_node("Slice", [full, starts, ends, axes], [out], name=f"{base}__crop")]
     if count:
         del graph.node[:]
         graph.node.extend(nodes)

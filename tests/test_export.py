@@ -598,6 +598,25 @@ def test_asymmetric_conv_transpose_becomes_symmetric_with_the_same_outputs(pads)
     assert symmetric_conv_transpose(model) == 0  # idempotent
 
 
+def test_unnamed_conv_transposes_get_distinct_slices() -> None:
+    import onnx
+    from onnx import helper
+
+    from export.onnx_export import symmetric_conv_transpose
+
+    model = _conv_transpose_model([0, 0, 1, 1])
+    first = model.graph.node[0]
+    first.name = ""
+    second = helper.make_node("ConvTranspose", ["image", "w"], ["mask2"], kernel_shape=[3, 3], strides=[2, 2],
+                              pads=[0, 0, 1, 1])
+    model.graph.node.append(second)
+    model.graph.output.append(helper.make_tensor_value_info("mask2", onnx.TensorProto.FLOAT, [1, 3, 10, 14]))
+    assert symmetric_conv_transpose(model) == 2
+    onnx.checker.check_model(model, full_check=True)
+    names = [i.name for i in model.graph.initializer]
+    assert len(names) == len(set(names))
+
+
 def test_symmetric_pads_command_rewrites_a_file_and_keeps_its_card(tmp_path: Path, caplog) -> None:
     from export.onnx_export import main, read_card
 
