@@ -395,6 +395,25 @@ def publisher_throughput(workdir: Path, port: int, record: dict, n: int = 5000) 
             pub.stop(5)
 
 
+def gpu_description(models: dict, device_id: int) -> str | None:
+    """'NAME, driver D, M MiB' of the GPU the models run on (nvidia-smi), or None when no model
+    runs on a GPU provider or nvidia-smi cannot tell."""
+    if not any(m.providers and m.providers[0] != "CPUExecutionProvider" for m in models.values()):
+        return None
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "-i", str(device_id), "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    fields = [f.strip() for f in out.stdout.strip().split(",")]
+    if out.returncode != 0 or len(fields) != 3:
+        return None
+    return f"{fields[0]}, driver {fields[1]}, {fields[2]}"
+
+
 def run_bench(cfg: StationConfig, frames: int, latency_frames: int, latency_loads: tuple[float, ...],
               size: tuple[int, int] | None = None, timeout: float = 3600.0) -> dict:
     with tempfile.TemporaryDirectory(prefix="station-bench-") as tmp:
@@ -420,7 +439,8 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "onnxruntime": __import__("onnxruntime").__version__,
                     "nice": os.getpriority(os.PRIO_PROCESS, 0),  # the bench's own priority (`nice -n`)
-                    "realtime_inference": cfg.run.realtime_inference},
+                    "realtime_inference": cfg.run.realtime_inference,
+                    "gpu": gpu_description(models, cfg.inference.device_id)},
         "frame": {"height": cam.height, "width": cam.width},
         "models": {r: {"name": m.card.name, "input": [m.card.input.height, m.card.input.width],
                        "providers": m.providers, "sha256": m.sha256} for r, m in models.items()},
@@ -518,6 +538,7 @@ def format_report(r: dict) -> str:
     lines = [
         f"station bench — {r['machine']['cpus']} CPUs, onnxruntime {r['machine']['onnxruntime']}, "
         f"frames {r['frame']['width']}x{r['frame']['height']}, nice {r['machine']['nice']}"
+        + (f", GPU {r['machine']['gpu']}" if r["machine"].get("gpu") else "")
         + _realtime_text(r),
     ]
     for role, m in r["models"].items():

@@ -24,6 +24,7 @@ def test_bench_writes_every_figure(tmp_path, capsys):
     for key in ("host", "bare", "pipeline", "latency", "outbox", "ratios", "targets"):
         assert key in report
     assert report["machine"]["nice"] == os.getpriority(os.PRIO_PROCESS, 0)  # runs at another priority show it
+    assert report["machine"]["gpu"] is None  # the demo model runs on the CPU here
     wake = report["host"]["wake_ms"]  # the machine's floor under each hand-over between threads
     assert wake["n"] == 300 and 0 < wake["p50"] <= wake["p99"] and wake["gap_ms"] == 10
     assert report["bare"]["fps"] > 0 and report["pipeline"]["fps"] > 0
@@ -136,3 +137,23 @@ def test_bench_says_whether_the_models_ran_under_sched_fifo(tmp_path, capsys, mo
         assert "models under SCHED_FIFO 3" in printed
     else:
         assert "SCHED_FIFO 3 refused here: models under the ordinary policy" in printed
+
+
+def test_the_gpu_the_models_run_on_is_named(tmp_path, monkeypatch):
+    """On a GPU provider the report names the card (nvidia-smi); on the CPU, or when nvidia-smi
+    is missing or fails, it says nothing rather than guessing."""
+    from types import SimpleNamespace
+
+    from station.bench import gpu_description
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text('#!/bin/sh\n[ "$2" = 1 ] || exit 9\necho "NVIDIA H200, 580.159.04, 143771 MiB"\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    cuda = {"segmentation": SimpleNamespace(providers=["CUDAExecutionProvider", "CPUExecutionProvider"])}
+    cpu = {"segmentation": SimpleNamespace(providers=["CPUExecutionProvider"])}
+    assert gpu_description(cuda, 1) == "NVIDIA H200, driver 580.159.04, 143771 MiB"
+    assert gpu_description(cpu, 1) is None
+    assert gpu_description(cuda, 0) is None  # nvidia-smi failed for that device
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert gpu_description(cuda, 1) is None
