@@ -157,3 +157,27 @@ def test_the_gpu_the_models_run_on_is_named(tmp_path, monkeypatch):
     assert gpu_description(cuda, 0) is None  # nvidia-smi failed for that device
     monkeypatch.setenv("PATH", "/nonexistent")
     assert gpu_description(cuda, 1) is None
+
+
+def test_the_gpu_figures_quoted_are_the_committed_report():
+    """README and docs/benchmarks.md quote the H200 sitting; the figures must be those of
+    docs/bench_gpu_h200.json (the report station bench wrote there), not typed by hand."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = json.loads((root / "docs" / "bench_gpu_h200.json").read_text())
+    assert r["machine"]["cpus"] == 16 and r["machine"]["onnxruntime"] == "1.31.1"
+    assert all(m["providers"][0] == "CUDAExecutionProvider" for m in r["models"].values())
+    assert r["models"]["segmentation"]["input"] == [512, 512]
+    fps = f"{r['pipeline']['fps']:.1f}"
+    ratio = f"{r['ratios']['pipeline_over_bare']:.3f}"
+    bare = f"{r['bare']['fps']:.1f}"
+    p99 = f"{r['latency_by_load'][0]['p99_over_bare_median']:.2f}"
+    assert (fps, ratio, bare, p99) == ("108.6", "0.991", "109.6", "1.74")
+    readme = " ".join((root / "README.md").read_text().split())
+    assert f"{fps} frames/s end to end, {ratio} of bare ONNX Runtime" in readme
+    docs = (root / "docs" / "benchmarks.md").read_text()
+    assert f"| pipeline to PUBACK, frames/s | 41.4 | **{fps}** |" in docs
+    assert f"| **pipeline / bare** (target ≥ 0.95 on a GPU) | 0.907 | **{ratio}** |" in docs
+    assert f"| bare ONNX Runtime, both models at once, frames/s | 45.7 | **{bare}** |" in docs
+    assert f"| p99 / bare median at 80 % load | 2.37 | {p99} |" in docs
