@@ -15,6 +15,7 @@ CLI::
     python -m export.onnx_export show MODEL.onnx
     python -m export.onnx_export embed MODEL.onnx CARD.json [-o OUT.onnx]
     python -m export.onnx_export symmetric-pads MODEL.onnx [-o OUT.onnx]
+    python -m export.onnx_export average A.onnx B.onnx [...] -o OUT.onnx
 
 Keras' ``padding="same"`` transposed convolutions become ONNX ``ConvTranspose``
 nodes with asymmetric pads, which ONNX Runtime's CUDA provider cannot run: it
@@ -24,6 +25,10 @@ unpadded ``ConvTranspose`` and a ``Slice`` that drops the same rows and columns
 — the same values, on the GPU. ``convert`` applies it to every export;
 ``symmetric-pads`` applies it to a file exported before, checking on the CPU
 that the outputs stay the same.
+
+:func:`average_models` joins segmentation models that read the same input the
+same way (same card input and preprocessing) into one graph whose mask is the
+mean of theirs: an ensemble the line runs as one model, one input, one card.
 """
 
 from __future__ import annotations
@@ -439,6 +444,109 @@ def export_model(
 # --- CLI ---------------------------------------------------------------------
 
 
+# --- ensembles ----------------------------------------------------------------
+
+
+def average_models(models: Sequence[onnx.ModelProto], cards: Sequence[ModelCard]) -> onnx.ModelProto:
+    """One graph running every member on the shared input, its mask the members' mean
+    probability (ONNX ``Mean``; a member whose mask is logits gets its ``Sigmoid`` first).
+
+    The members must be segmentation models with the same card input (name, shape,
+    dtype, colour), the same preprocessing and the same mask output name and
+    classes, and the same default-domain opset. The result carries no card: the
+    caller embeds one (its ``output.activation`` is ``none``).
+    """
+    from onnx import compose, helper
+
+    if len(models) < 2 or len(models) != len(cards):
+        raise ExportError(f"average needs two models or more with their cards (got {len(models)})")
+    first = cards[0]
+    if not isinstance(first.output, MaskOutput):
+        raise ExportError(f"{first.name}: only segmentation models (mask output) can be averaged")
+    opsets = []
+    for i, (m, c) in enumerate(zip(models, cards)):
+        what = f"member {i + 1} ({c.name})"
+        if not isinstance(c.output, MaskOutput):
+            raise ExportError(f"{what}: not a segmentation model; only masks can be averaged")
+        if c.input != first.input or c.preprocess != first.preprocess:
+            raise ExportError(f"{what}: its input or preprocessing differs from member 1's "
+                              f"({c.input} {c.preprocess} vs {first.input} {first.preprocess})")
+        if c.output.name != first.output.name or c.output.layout != first.output.layout or c.classes != first.classes:
+            raise ExportError(f"{what}: mask output {c.output.name!r} ({c.output.layout}, classes {c.classes}) "
+                              f"differs from member 1's {first.output.name!r} ({first.output.layout}, {first.classes})")
+        mismatch = io_mismatches(m, c)
+        if mismatch:
+            raise ExportError(f"{what}: graph and card disagree: {'; '.join(mismatch)}")
+        opsets.append(next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0))
+    if len(set(opsets)) != 1:
+        raise ExportError(f"members have different opsets {opsets}; export them with one opset")
+    in_name, out_name = first.input.name, first.output.name
+    nodes, inits, infos, means = [], [], [], []
+    for i, (m, c) in enumerate(zip(models, cards)):
+        prefix = f"m{i + 1}/"
+        g = compose.add_prefix(m, prefix).graph
+        _rename_value(g, prefix + in_name, in_name)
+        nodes += g.node
+        inits += g.initializer
+        infos += [v for v in g.value_info if v.name != in_name]
+        out = prefix + out_name
+        if c.output.activation == "sigmoid":
+            nodes.append(helper.make_node("Sigmoid", [out], [out + "__prob"], name=prefix + "to_probability"))
+            out += "__prob"
+        means.append(out)
+    nodes.append(helper.make_node("Mean", means, [out_name], name="ensemble_mean"))
+    base = models[0].graph
+    graph = helper.make_graph(nodes, "ensemble", [next(v for v in base.input if v.name == in_name)],
+                              [next(v for v in base.output if v.name == out_name)], initializer=inits,
+                              value_info=infos)
+    merged = helper.make_model(graph, opset_imports=list(models[0].opset_import),
+                               producer_name="station export.onnx_export average")
+    merged.ir_version = min(max(m.ir_version for m in models), MAX_IR_VERSION)
+    onnx.checker.check_model(merged)
+    return merged
+
+
+def average_files(paths: Sequence[Path], out_path: Path, card: ModelCard | None = None) -> Path:
+    """:func:`average_models` on files; the result gets ``card`` or member 1's card with
+    ``output.activation`` ``none``, and is checked on the CPU: its mask equals the mean of
+    the members' on a random input."""
+    import onnxruntime as ort
+
+    models = [_load(Path(p)) for p in paths]
+    cards = [card_of(m, str(p)) for m, p in zip(models, paths)]
+    merged = average_models(models, cards)
+    first = cards[0]
+    card = card or first.model_copy(update={"output": first.output.model_copy(update={"activation": "none"})})
+    embed_card(merged, card)
+    x = np.random.default_rng(0).random(first.input.shape(1), dtype=np.float32)
+    if first.input.dtype != "float32":
+        x = (x * 255).astype(np.uint8)
+
+    def prob(session_bytes: bytes, c: ModelCard) -> np.ndarray:
+        s = ort.InferenceSession(session_bytes, providers=["CPUExecutionProvider"])
+        y = s.run([c.output.name], {c.input.name: x})[0].astype(np.float64)
+        return 1 / (1 + np.exp(-y)) if c.output.activation == "sigmoid" else y
+
+    want = np.mean([prob(m.SerializeToString(), c) for m, c in zip(models, cards)], axis=0)
+    got = prob(merged.SerializeToString(), card)
+    worst = float(np.max(np.abs(got - want)))
+    if worst > 1e-5:
+        raise ExportError(f"{out_path}: the averaged graph differs from the mean of its members by {worst:.2e}")
+    save_model(merged, out_path)
+    log.info("%s: mean of %d models (%s); max |diff| to the members' mean %.1e", out_path, len(models),
+             ", ".join(str(p) for p in paths), worst)
+    return Path(out_path)
+
+
+def _card_file(path: Path) -> ModelCard:
+    try:
+        return ModelCard.from_json(path.read_text())
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except (ValidationError, ValueError) as exc:
+        raise ExportError(f"{path}: not a valid model card: {exc}") from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.onnx_export", description="Show or (re)embed the "
                                      "model card of an ONNX file.")
@@ -453,6 +561,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "CUDA provider runs them (outputs checked unchanged on the CPU)")
     sym.add_argument("model", type=Path)
     sym.add_argument("-o", "--out", type=Path, help="write here instead of replacing MODEL")
+    avg = sub.add_parser("average", help="join segmentation models with the same input into one graph whose mask "
+                         "is their mean (card: the first model's, or --card)")
+    avg.add_argument("models", type=Path, nargs="+")
+    avg.add_argument("-o", "--out", type=Path, required=True)
+    avg.add_argument("--card", type=Path, help="model card JSON for the result")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     try:
@@ -462,12 +575,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "symmetric-pads":
             symmetric_pads_file(args.model, args.out)
             return 0
-        try:
-            card = ModelCard.from_json(args.card.read_text())
-        except OSError as exc:
-            raise ExportError(f"{args.card}: cannot read ({exc.strerror or exc})") from exc
-        except (ValidationError, ValueError) as exc:
-            raise ExportError(f"{args.card}: not a valid model card: {exc}") from exc
+        if args.cmd == "average":
+            average_files(args.models, args.out, _card_file(args.card) if args.card else None)
+            return 0
+        card = _card_file(args.card)
         out = embed_card_file(args.model, card, args.out)
         log.info("embedded card %r into %s", card.name, out)
         return 0

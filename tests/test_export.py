@@ -550,7 +550,7 @@ def _conv_transpose_model(pads: list[int], size: tuple[int, int] = (5, 7)):
     return model
 
 
-def _down_up_file(path: Path, size: int = 8) -> None:
+def _down_up_file(path: Path, size: int = 8, seed: int = 2, activation: str = "none") -> None:
     """A U-Net's shape in two nodes, card embedded: Conv stride 2 → ConvTranspose stride 2 with
     Keras' 'same' pads [0, 0, 1, 1] → a (1, 1, size, size) mask."""
     import onnx
@@ -559,7 +559,7 @@ def _down_up_file(path: Path, size: int = 8) -> None:
 
     from export.onnx_export import embed_card
 
-    rng = np.random.default_rng(2)
+    rng = np.random.default_rng(seed)
     graph = helper.make_graph(
         [helper.make_node("Conv", ["image", "wd"], ["down"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
          helper.make_node("ConvTranspose", ["down", "wu"], ["mask"], name="up", kernel_shape=[3, 3], strides=[2, 2],
@@ -572,7 +572,8 @@ def _down_up_file(path: Path, size: int = 8) -> None:
     model.ir_version = 10
     card = threshold_card(size, input={"name": "image", "layout": "NCHW", "height": size, "width": size,
                                        "channels": 1, "dtype": "float32", "colour": "gray"},
-                          output={"type": "mask", "name": "mask", "threshold": 0.5, "layout": "NCHW"})
+                          output={"type": "mask", "name": "mask", "threshold": 0.5, "layout": "NCHW",
+                                  "activation": activation})
     embed_card(model, card)
     onnx.save(model, str(path))
 
@@ -638,3 +639,58 @@ def test_shipped_models_have_no_asymmetric_conv_transpose(name: str) -> None:
     import onnx
 
     assert _asymmetric_conv_transposes(onnx.load(str(Path(__file__).resolve().parents[1] / "models" / name))) == []
+
+
+def test_average_joins_members_into_one_graph_whose_mask_is_their_mean(tmp_path: Path) -> None:
+    """An ensemble runs as one model: one input, one card, the members' mean probability
+    (a member giving logits gets its sigmoid first)."""
+    import onnxruntime as ort
+
+    from export.onnx_export import main, read_card
+
+    a, b, c, out = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "c.onnx", tmp_path / "avg.onnx"
+    _down_up_file(a, seed=2)
+    _down_up_file(b, seed=3)
+    _down_up_file(c, seed=4, activation="sigmoid")
+    assert main(["average", str(a), str(b), str(c), "-o", str(out)]) == 0
+    x = np.random.default_rng(5).standard_normal((1, 1, 8, 8)).astype(np.float32)
+
+    def run(path: Path) -> np.ndarray:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["mask"], {"image": x})[0]
+
+    logits = run(c)
+    want = (run(a) + run(b) + 1 / (1 + np.exp(-logits))) / 3
+    assert np.allclose(run(out), want, atol=1e-6)
+    card = read_card(out)
+    assert card.output.activation == "none" and card.input == read_card(a).input
+
+
+def test_average_refuses_members_that_do_not_share_an_input(tmp_path: Path, caplog) -> None:
+    from export.onnx_export import main
+
+    a, b = tmp_path / "a.onnx", tmp_path / "b16.onnx"
+    _down_up_file(a)
+    _down_up_file(b, size=16)
+    assert main(["average", str(a), str(b), "-o", str(tmp_path / "avg.onnx")]) == 2
+    assert "member 2" in caplog.text and "input or preprocessing differs" in caplog.text
+    assert main(["average", str(a), "-o", str(tmp_path / "one.onnx")]) == 2
+    assert "two models or more" in caplog.text
+    detector = Path(__file__).resolve().parents[1] / "models" / "neu_det_detector.onnx"
+    assert main(["average", str(detector), str(detector), "-o", str(tmp_path / "det.onnx")]) == 2
+    assert "only segmentation models" in caplog.text
+    assert not any(tmp_path.glob("avg.onnx*")) and not (tmp_path / "det.onnx").exists()
+
+
+@pytest.mark.slow
+def test_average_of_an_exported_unet_with_itself_is_that_unet(tiny_run, tmp_path: Path) -> None:
+    """The prefixing keeps a real tf2onnx graph intact: the mean of a model and itself is the model."""
+    import onnxruntime as ort
+
+    from export.onnx_export import average_files
+
+    _, result = tiny_run
+    out = average_files([result.onnx_path, result.onnx_path], tmp_path / "twice.onnx")
+    x = np.random.default_rng(0).random((1, 64, 64, 1), dtype=np.float32)
+    (one,) = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    (two,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    assert np.allclose(one, two, atol=1e-6)
