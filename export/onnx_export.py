@@ -441,9 +441,6 @@ def export_model(
     return card
 
 
-# --- CLI ---------------------------------------------------------------------
-
-
 # --- ensembles ----------------------------------------------------------------
 
 
@@ -516,7 +513,14 @@ def average_files(paths: Sequence[Path], out_path: Path, card: ModelCard | None 
     cards = [card_of(m, str(p)) for m, p in zip(models, paths)]
     merged = average_models(models, cards)
     first = cards[0]
-    card = card or first.model_copy(update={"output": first.output.model_copy(update={"activation": "none"})})
+    if card is None:
+        names = ", ".join(c.name for c in cards)
+        card = first.model_copy(update={
+            "description": f"{first.description} [mean probability of {len(cards)} models: {names}]".lstrip(),
+            "output": first.output.model_copy(update={"activation": "none"})})
+    elif not isinstance(card.output, MaskOutput) or card.output.activation != "none":
+        raise ExportError(f"card {card.name!r}: the averaged mask holds probabilities, so its output must be a mask "
+                          "with activation 'none'")
     embed_card(merged, card)
     x = np.random.default_rng(0).random(first.input.shape(1), dtype=np.float32)
     if first.input.dtype != "float32":
@@ -538,6 +542,9 @@ def average_files(paths: Sequence[Path], out_path: Path, card: ModelCard | None 
     return Path(out_path)
 
 
+# --- CLI ---------------------------------------------------------------------
+
+
 def _card_file(path: Path) -> ModelCard:
     try:
         return ModelCard.from_json(path.read_text())
@@ -549,7 +556,8 @@ def _card_file(path: Path) -> ModelCard:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.onnx_export", description="Show or (re)embed the "
-                                     "model card of an ONNX file.")
+                                     "model card of an ONNX file, rewrite transposed convolutions for the GPU, "
+                                     "average segmentation models.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     show = sub.add_parser("show", help="print the embedded card as JSON")
     show.add_argument("model", type=Path)

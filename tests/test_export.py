@@ -663,6 +663,16 @@ def test_average_joins_members_into_one_graph_whose_mask_is_their_mean(tmp_path:
     assert np.allclose(run(out), want, atol=1e-6)
     card = read_card(out)
     assert card.output.activation == "none" and card.input == read_card(a).input
+    assert "mean probability of 3 models" in card.description
+    # a card given for the result must say the mask holds probabilities
+    logits_card = tmp_path / "card.json"
+    logits_card.write_text(read_card(c).to_json())
+    assert main(["average", str(a), str(b), "--card", str(logits_card), "-o", str(tmp_path / "bad.onnx")]) == 2
+    assert not (tmp_path / "bad.onnx").exists()
+    named = read_card(c).model_copy(update={"name": "tiles-ensemble", "output": read_card(a).output})
+    logits_card.write_text(named.to_json())
+    assert main(["average", str(a), str(b), "--card", str(logits_card), "-o", str(out)]) == 0
+    assert read_card(out).name == "tiles-ensemble"
 
 
 def test_average_refuses_members_that_do_not_share_an_input(tmp_path: Path, caplog) -> None:
