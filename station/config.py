@@ -237,6 +237,12 @@ class RunConfig(_Strict):
         description="nice increment of every thread but inference (capture, pre/postprocessing, outbox, MQTT), "
                     "so that the models keep the cores; 0: all threads at the process's priority",
     )
+    steady_malloc: bool = Field(
+        True,
+        description="keep freed memory in the process (glibc mallopt: mmap threshold 32 MiB, trim threshold "
+                    "128 MiB) so that each frame reuses the last one's buffers instead of mapping new pages "
+                    "(station/memory.py); false: glibc's defaults",
+    )
     realtime_inference: int = Field(
         0, ge=0, le=99,
         description="SCHED_FIFO priority of the threads that run the models, so that no other process of the "

@@ -55,6 +55,7 @@ from .messages import error_record, result_record, stats_record, topics_for
 from .metrics import Metrics
 from .outbox import Outbox, OutboxFull
 from .pipeline import Inspector, ParallelInfer, Work, open_models
+from .memory import steady_malloc
 from .priority import adopt_opencv_pool, lower_this_thread, realtime_this_thread
 from .publish import MqttPublisher
 from .types import Frame, FrameError, InspectionResult
@@ -551,6 +552,8 @@ class Daemon:
     def run(self, install_signals: bool = True) -> int:
         """Run until stopped (signal, end of a finite source, or ``stop_event``)."""
         cfg = self.cfg
+        if cfg.run.steady_malloc:
+            steady_malloc()
         if cfg.mqtt is not None:
             self.outbox = Outbox.from_config(cfg.outbox, self.state_dir)
             self.publisher = MqttPublisher(cfg.mqtt, cfg.station.id, self.outbox, nice=cfg.run.nice_non_inference)

@@ -568,3 +568,17 @@ def test_the_daemon_warms_its_stages_up_before_the_first_frame(tmp_path, monkeyp
     assert threads == set() and before == 0  # before any stage thread, before any frame
     assert len(records) == 3 and all(r["source"] != "warm-up" for r in records)
     assert daemon.stats.snapshot()["grades"] and sum(daemon.stats.snapshot()["grades"].values()) == 3
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_daemon_applies_steady_malloc_when_asked(tmp_path, monkeypatch, on):
+    """run.steady_malloc: the daemon sets glibc's allocator up once at start, before any frame."""
+    from station import daemon as daemon_mod
+    from station.config import parse_config
+
+    calls = []
+    monkeypatch.setattr(daemon_mod, "steady_malloc", lambda: calls.append("set") or True)
+    text = ("camera: {type: fake, frames: 2, height: 64, width: 64}\n"
+            f"run: {{steady_malloc: {str(on).lower()}, state_dir: {tmp_path / 'state'}}}\n")
+    assert daemon_mod.Daemon(parse_config(text), sink=lambda record: None).run(install_signals=False) == 0
+    assert calls == (["set"] if on else [])

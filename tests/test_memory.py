@@ -1,0 +1,57 @@
+"""run.steady_malloc: glibc's mallopt settings for a steady frame loop (station/memory.py)."""
+
+from __future__ import annotations
+
+import logging
+import platform
+
+import pytest
+
+from station import memory
+from station.config import load_config
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's; this machine has another libc")
+def test_glibc_accepts_the_settings(caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="station.memory")
+    assert memory.steady_malloc() is True
+    assert "mmap threshold 32 MiB, trim threshold 128 MiB, top pad 64 MiB" in caplog.text
+    # buffers up to 32 MiB (a float32 map of a 2896 x 2896 frame) now come from the heap
+    assert memory.SETTINGS[memory.M_MMAP_THRESHOLD] == 32 * memory.MIB
+
+
+def test_another_c_library_is_left_alone(monkeypatch, caplog) -> None:
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(memory.ctypes, "CDLL", no_glibc)
+    with caplog.at_level(logging.INFO, logger="station.memory"):
+        assert memory.steady_malloc() is False
+    assert "not glibc" in caplog.text
+
+
+def test_a_refused_setting_is_logged(monkeypatch, caplog) -> None:
+    class Libc:
+        class gnu_get_libc_version:  # noqa: N801 - a C function's name
+            restype = None
+
+            def __new__(cls):
+                return b"2.99"
+
+        class mallopt:  # noqa: N801
+            argtypes = restype = None
+
+            def __new__(cls, param, value):
+                return 0 if param == memory.M_TRIM_THRESHOLD else 1
+
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: Libc)
+    assert memory.steady_malloc() is False
+    assert "glibc 2.99 refused the trim threshold" in caplog.text
+
+
+def test_the_setting_is_on_by_default_and_can_be_turned_off(tmp_path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("station: {id: s}\n")
+    assert load_config(path).run.steady_malloc is True
+    path.write_text("station: {id: s}\nrun: {steady_malloc: false}\n")
+    assert load_config(path).run.steady_malloc is False
