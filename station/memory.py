@@ -9,8 +9,8 @@ memory-map lock, and every page a fresh mapping touches is a page fault that
 takes it too; a thread that holds it while it waits for a core blocks the
 others — the models' runs included. On the 2-core machine of
 docs/benchmarks.md ("A thirteenth sitting") the postprocessing stage's p99
-fell from 14.7 to 1.0-1.3 ms and the pipeline/bare ratio rose from
-0.89-0.95 to 0.95-0.96 once freed memory stayed with the process.
+fell from 14.6-14.9 to 1.0-1.5 ms and the pipeline/bare ratio rose from
+0.891-0.951 to 0.940-0.959 once freed memory stayed with the process.
 
 :func:`steady_malloc` (``run.steady_malloc``, on by default) raises the mmap
 threshold to 32 MiB (the ceiling glibc's own adaptive threshold stops at on
