@@ -51,11 +51,11 @@ from .archive import Archive
 from .camera.live import EndOfSource, LiveSource, make_source
 from .config import StationConfig, load_config
 from .errors import CameraError, PublishError, StationError
+from .memory import steady_malloc
 from .messages import error_record, result_record, stats_record, topics_for
 from .metrics import Metrics
 from .outbox import Outbox, OutboxFull
 from .pipeline import Inspector, ParallelInfer, Work, open_models
-from .memory import steady_malloc
 from .priority import adopt_opencv_pool, lower_this_thread, realtime_this_thread
 from .publish import MqttPublisher
 from .types import Frame, FrameError, InspectionResult

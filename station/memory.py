@@ -15,9 +15,9 @@ fell from 14.6-14.9 to 1.0-1.5 ms and the pipeline/bare ratio rose from
 :func:`steady_malloc` (``run.steady_malloc``, on by default) raises the mmap
 threshold to 32 MiB (the ceiling glibc's own adaptive threshold stops at on
 64-bit) and the trim threshold and top pad, so that the buffers of one frame
-are reused by the next. The cost is
-memory kept after a peak (the process's high-water mark), not growth: RSS
-still levels off after the first frames. Other C libraries are left alone.
+are reused by the next. The cost is memory kept after a peak (the process's
+high-water mark), not growth: RSS still levels off after the first frames
+(+6.6 MB over 10,000 frames, as before). Other C libraries are left alone.
 """
 
 from __future__ import annotations
