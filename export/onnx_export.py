@@ -474,6 +474,9 @@ def average_models(models: Sequence[onnx.ModelProto], cards: Sequence[ModelCard]
         mismatch = io_mismatches(m, c)
         if mismatch:
             raise ExportError(f"{what}: graph and card disagree: {'; '.join(mismatch)}")
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in m.graph.node
+               for a in n.attribute):
+            raise ExportError(f"{what}: has control flow (If/Loop/Scan subgraphs), which average does not join")
         opsets.append(next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0))
     if len(set(opsets)) != 1:
         raise ExportError(f"members have different opsets {opsets}; export them with one opset")

@@ -181,3 +181,38 @@ def test_the_gpu_figures_quoted_are_the_committed_report():
     assert f"| **pipeline / bare** (target ≥ 0.95 on a GPU) | 0.907 | **{ratio}** |" in docs
     assert f"| bare ONNX Runtime, both models at once, frames/s | 45.7 | **{bare}** |" in docs
     assert f"| p99 / bare median at 80 % load | 2.37 | {p99} |" in docs
+
+
+def test_the_thirteenth_cpu_sitting_quoted_is_its_committed_reports():
+    """docs/benchmarks.md's thirteenth sitting (run.steady_malloc before/after) quotes the six
+    reports station bench wrote, committed in docs/bench_cpu_13/; every row checked is
+    recomputed from them, medians included."""
+    import statistics
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    runs = {side: [json.loads((root / "docs" / "bench_cpu_13" / f"{side}_{i}.json").read_text()) for i in (1, 2, 3)]
+            for side in ("before", "after")}
+
+    def row(label, fmt, value):
+        cells = []
+        for side in ("before", "after"):
+            vals = [value(r) for r in runs[side]]
+            cells += [format(v, fmt) for v in vals] + [f"**{format(statistics.median(vals), fmt)}**"]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    def load(r, x):
+        return next(run for run in r["latency_by_load"] if run["load"] == x)["p99_over_bare_median"]
+
+    docs = (root / "docs" / "benchmarks.md").read_text()
+    expected = [
+        row("**pipeline / bare** (target ≥ 0.90)", ".3f", lambda r: r["ratios"]["pipeline_over_bare"]),
+        row("**p99 / bare median at 80 % load** (target ≤ 2)", ".2f", lambda r: load(r, 0.8)),
+        row("**p99 / bare median at 50 % load** (target ≤ 2)", ".2f", lambda r: load(r, 0.5)),
+        row("**RSS growth over 10,000 frames, MB** (target ≤ 10)", "+.1f", lambda r: r["pipeline"]["rss_growth_mb"]),
+        row("**outbox store + ack, results/s** (target ≥ 2,000)", ".0f", lambda r: r["outbox"]["store_ack_per_s"]),
+    ]
+    for line in expected:
+        assert line in docs, line
+    post = [r["pipeline"]["stage_ms"]["postprocess.segmentation"]["p99"] for side in runs.values() for r in side]
+    assert max(post[:3]) > 10 * max(post[3:])  # the finding: postprocessing's tail gone in every "after" run

@@ -685,6 +685,15 @@ def test_average_refuses_members_that_do_not_share_an_input(tmp_path: Path, capl
     assert "member 2" in caplog.text and "input or preprocessing differs" in caplog.text
     assert main(["average", str(a), "-o", str(tmp_path / "one.onnx")]) == 2
     assert "two models or more" in caplog.text
+    import onnx
+    from onnx import helper
+
+    looped = onnx.load(str(a))  # a graph attribute (an If's branches) makes control flow
+    body = helper.make_graph([], "branch", [], [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, None)])
+    looped.graph.node.append(helper.make_node("If", ["image"], ["unused"], then_branch=body, else_branch=body))
+    onnx.save(looped, str(tmp_path / "if.onnx"))
+    assert main(["average", str(a), str(tmp_path / "if.onnx"), "-o", str(tmp_path / "avg.onnx")]) == 2
+    assert "member 2" in caplog.text and "control flow" in caplog.text
     detector = Path(__file__).resolve().parents[1] / "models" / "neu_det_detector.onnx"
     assert main(["average", str(detector), str(detector), "-o", str(tmp_path / "det.onnx")]) == 2
     assert "only segmentation models" in caplog.text

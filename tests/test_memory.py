@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import platform
 
@@ -16,8 +17,25 @@ def test_glibc_accepts_the_settings(caplog) -> None:
     caplog.set_level(logging.DEBUG, logger="station.memory")
     assert memory.steady_malloc() is True
     assert "mmap threshold 32 MiB, trim threshold 128 MiB, top pad 64 MiB" in caplog.text
-    # buffers up to 32 MiB (a float32 map of a 2896 x 2896 frame) now come from the heap
-    assert memory.SETTINGS[memory.M_MMAP_THRESHOLD] == 32 * memory.MIB
+    # what it is for: a frame-sized block (8 MiB: glibc maps anything above 128 KiB at first)
+    # now comes from the heap, not from a fresh mapping of its own
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallinfo2.restype = Mallinfo2
+    mapped = libc.mallinfo2().hblks
+    block = libc.malloc(8 * memory.MIB)
+    try:
+        assert block and libc.mallinfo2().hblks == mapped
+    finally:
+        libc.free(block)
+
+
+class Mallinfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (2.33+): ``hblks`` counts the blocks served by their own mmap."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def test_another_c_library_is_left_alone(monkeypatch, caplog) -> None:
