@@ -54,7 +54,7 @@ from .errors import StationError
 from .messages import result_record
 from .outbox import Outbox
 from .pipeline import Inspector, ParallelInfer, Work, open_models
-from .priority import realtime_this_thread
+from .priority import non_inference_increment, realtime_this_thread
 from .types import Frame
 
 log = logging.getLogger(__name__)
@@ -440,6 +440,9 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
                     "onnxruntime": __import__("onnxruntime").__version__,
                     "nice": os.getpriority(os.PRIO_PROCESS, 0),  # the bench's own priority (`nice -n`)
                     "realtime_inference": cfg.run.realtime_inference,
+                    # the nice increment of the pipeline's threads but inference, as the daemon resolves it
+                    "nice_non_inference": non_inference_increment(cfg.run.nice_non_inference,
+                                                                  cfg.run.realtime_inference),
                     "gpu": gpu_description(models, cfg.inference.device_id)},
         "frame": {"height": cam.height, "width": cam.width},
         "models": {r: {"name": m.card.name, "input": [m.card.input.height, m.card.input.width],
@@ -538,6 +541,7 @@ def format_report(r: dict) -> str:
     lines = [
         f"station bench — {r['machine']['cpus']} CPUs, onnxruntime {r['machine']['onnxruntime']}, "
         f"frames {r['frame']['width']}x{r['frame']['height']}, nice {r['machine']['nice']}"
+        + (f" (+{r['machine']['nice_non_inference']} but inference)" if r["machine"].get("nice_non_inference") is not None else "")
         + (f", GPU {r['machine']['gpu']}" if r["machine"].get("gpu") else "")
         + _realtime_text(r),
     ]

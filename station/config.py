@@ -232,10 +232,11 @@ class RunConfig(_Strict):
     stall_s: float = Field(10.0, gt=0, description="an inspection taking longer than this stops the watchdog pings")
     state_dir: Path | None = Field(None, description="outbox and archive root; default $STATE_DIRECTORY or --state-dir")
     include_mask: bool = Field(False, description="put the defect mask (PNG, base64) into each result payload")
-    nice_non_inference: int = Field(
-        10, ge=0, le=19,
+    nice_non_inference: int | None = Field(
+        None, ge=0, le=19,
         description="nice increment of every thread but inference (capture, pre/postprocessing, outbox, MQTT), "
-                    "so that the models keep the cores; 0: all threads at the process's priority",
+                    "so that the models keep the cores; 0: all threads at the process's priority; "
+                    "default: 10, or 0 when run.realtime_inference is granted (station/priority.py)",
     )
     steady_malloc: bool = Field(
         True,

@@ -18,7 +18,8 @@ Every thread but infer (and ONNX Runtime's own) runs ``run.nice_non_inference``
 steps below the process's priority, so the models keep the cores and the rest
 of a frame's work fills the time they leave (station/priority.py); with
 ``run.realtime_inference`` the threads that run the models are under
-``SCHED_FIFO``, so that no other process of the machine stretches a run.
+``SCHED_FIFO``, so that no other process of the machine stretches a run, and
+the rest then stays at the process's priority unless told otherwise.
 
 The main thread handles signals, the systemd notifications (READY after the
 models are warm, WATCHDOG only while frames make progress), periodic stats,
@@ -56,7 +57,7 @@ from .messages import error_record, result_record, stats_record, topics_for
 from .metrics import Metrics
 from .outbox import Outbox, OutboxFull
 from .pipeline import Inspector, ParallelInfer, Work, open_models
-from .priority import adopt_opencv_pool, lower_this_thread, realtime_this_thread
+from .priority import adopt_opencv_pool, lower_this_thread, non_inference_increment, realtime_this_thread
 from .publish import MqttPublisher
 from .types import Frame, FrameError, InspectionResult
 
@@ -247,6 +248,8 @@ class Daemon:
         self.state_dir = state_dir or cfg.run.state_dir or _env_state_dir()
         self.sink = sink
         self.stop_event = threading.Event()
+        # The nice increment of every thread but inference: as set, or by the models' policy.
+        self.nice_non_inference = non_inference_increment(cfg.run.nice_non_inference, cfg.run.realtime_inference)
         self.source: LiveSource = make_source(cfg.camera)
         self.queue = FrameQueue(cfg.run.queue_size, cfg.run.overflow)
         self.trigger = Trigger(cfg)
@@ -308,7 +311,7 @@ class Daemon:
         opened = False
         # Triggered parts and files waiting in a folder are never dropped.
         must_keep = self.trigger.mode == "mqtt" or self.source.lossless
-        if lower_this_thread(run.nice_non_inference) is not None:
+        if lower_this_thread(self.nice_non_inference) is not None:
             adopt_opencv_pool()  # preprocessing's OpenCV workers at this thread's priority
         try:
             while not self.stop_event.is_set():
@@ -378,7 +381,7 @@ class Daemon:
                 log.info("the models' threads run under SCHED_FIFO %d (run.realtime_inference)",
                          self.cfg.run.realtime_inference)
         else:
-            lower_this_thread(self.cfg.run.nice_non_inference)
+            lower_this_thread(self.nice_non_inference)
         try:
             while True:
                 item = inq.get(0.2)
@@ -403,7 +406,7 @@ class Daemon:
     def _checkpoint_loop(self) -> None:
         """Copies the outbox's WAL into its database file every ``outbox.checkpoint_s``,
         off the path of puts and acks (Outbox.take_over_checkpoints), until the stop."""
-        lower_this_thread(self.cfg.run.nice_non_inference)
+        lower_this_thread(self.nice_non_inference)
         period = self.cfg.outbox.checkpoint_s
         while not self.stop_event.wait(period):
             try:
@@ -554,9 +557,10 @@ class Daemon:
         cfg = self.cfg
         if cfg.run.steady_malloc:
             steady_malloc()
+        log.info("threads but inference at nice +%d (run.nice_non_inference)", self.nice_non_inference)
         if cfg.mqtt is not None:
             self.outbox = Outbox.from_config(cfg.outbox, self.state_dir)
-            self.publisher = MqttPublisher(cfg.mqtt, cfg.station.id, self.outbox, nice=cfg.run.nice_non_inference)
+            self.publisher = MqttPublisher(cfg.mqtt, cfg.station.id, self.outbox, nice=self.nice_non_inference)
             self.publisher.on_ack = self.on_ack
             self.publisher.set_status(camera=self.camera_state, providers=self.providers)
             if self.trigger.mode == "mqtt":

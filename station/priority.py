@@ -30,6 +30,15 @@ ordinary policy, and the log says so. A model given more than one ONNX Runtime
 thread also runs on ONNX Runtime's own pool, whose threads keep the ordinary
 policy: the setting serves models of one thread each (``inference.parallel_models``
 on a small CPU, or ``inference.intra_op_threads: 1``).
+
+With the models under ``SCHED_FIFO`` the nice values no longer protect them (no
+ordinary thread preempts a real-time one), and lowering the rest only puts a
+frame's own Python work behind every other process of the machine: a burst of
+the broker's or a system agent's work at nice 0 then holds a finished frame's
+postprocessing or its PUBACK for the length of that burst. So the default of
+``run.nice_non_inference`` follows the models' policy
+(:func:`non_inference_increment`): 10 under the ordinary policy, 0 once
+``SCHED_FIFO`` is granted (docs/benchmarks.md, fourteenth sitting).
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import cv2
 log = logging.getLogger(__name__)
 
 MAX_NICE = 19
+DEFAULT_INCREMENT = 10  # run.nice_non_inference under the ordinary policy
 
 
 def lower_this_thread(increment: int) -> int | None:
@@ -79,6 +89,34 @@ def realtime_this_thread(priority: int) -> bool:
                     threading.current_thread().name, priority, exc)
         return False
     return True
+
+
+def realtime_allowed(priority: int) -> bool:
+    """Whether this process may run a thread under ``SCHED_FIFO`` at ``priority``:
+    tried on a short-lived thread of its own, so no running thread changes."""
+    if priority <= 0:
+        return False
+    granted: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        except (AttributeError, OSError):
+            return
+        granted.append(True)
+
+    thread = threading.Thread(target=probe, name="realtime-probe")
+    thread.start()
+    thread.join()
+    return bool(granted)
+
+
+def non_inference_increment(nice: int | None, realtime: int) -> int:
+    """``run.nice_non_inference`` as set, or its default: 0 when the models' threads
+    will run under ``SCHED_FIFO`` at ``realtime`` (granted here), else 10."""
+    if nice is not None:
+        return nice
+    return 0 if realtime_allowed(realtime) else DEFAULT_INCREMENT
 
 
 def adopt_opencv_pool() -> None:

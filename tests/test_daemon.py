@@ -410,10 +410,11 @@ def _nice(tid: int) -> int:
     return os.getpriority(os.PRIO_PROCESS, tid)
 
 
-@pytest.mark.parametrize("increment", [7, 0])
+@pytest.mark.parametrize("increment", [7, 0, None])
 def test_threads_but_inference_run_at_the_lower_priority(tmp_path, broker, increment):
     """run.nice_non_inference: capture (which preprocesses), finish and the MQTT threads
-    give the cores to ONNX Runtime; the infer thread keeps the process's priority."""
+    give the cores to ONNX Runtime; the infer thread keeps the process's priority.
+    Unset, with the models under the ordinary policy, the increment is 10."""
     import threading
 
     from station.config import parse_config
@@ -428,10 +429,11 @@ def test_threads_but_inference_run_at_the_lower_priority(tmp_path, broker, incre
                 seen.setdefault(t.name.split("-station")[0], _nice(t.native_id))
 
     text = (f"camera: {{type: fake, frames: 6, height: 96, width: 128}}\n"
-            f"run: {{nice_non_inference: {increment}, state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
+            f"run: {{nice_non_inference: {'null' if increment is None else increment}, "
+            f"state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
     daemon = Daemon(parse_config(text), sink=sink)
     assert daemon.run(install_signals=False) == 0
-    lowered = min(19, base + increment)
+    lowered = min(19, base + (10 if increment is None else increment))
     for name in ("capture", "finish", "mqtt-sender", "paho-mqtt-client", "outbox-checkpoint"):
         assert seen[name] == lowered, (name, seen)
     assert "prepare" not in seen  # preprocessing runs on the capture thread
@@ -443,7 +445,8 @@ def test_threads_but_inference_run_at_the_lower_priority(tmp_path, broker, incre
 def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broker, caplog):
     """run.realtime_inference: the infer thread and the helper that runs the second model
     at the same time (inference.parallel_models) are under SCHED_FIFO at that priority,
-    every other thread keeps the ordinary policy."""
+    every other thread keeps the ordinary policy and, run.nice_non_inference being
+    unset, the process's nice value (docs/benchmarks.md, fourteenth sitting)."""
     import threading
 
     from station.config import parse_config
@@ -451,12 +454,15 @@ def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broke
 
     caplog.set_level("INFO", logger="station.daemon")
     seen: dict[str, tuple[int, int]] = {}
+    nices: dict[str, int] = {}
+    base = _nice(threading.get_native_id())
 
     def sink(record: dict) -> None:  # on the finish thread, with every other thread alive
         for t in threading.enumerate():
             if t.native_id is not None and t.is_alive():
                 seen.setdefault(t.name.split("-station")[0],
                                 (os.sched_getscheduler(t.native_id), os.sched_getparam(t.native_id).sched_priority))
+                nices.setdefault(t.name.split("-station")[0], _nice(t.native_id))
 
     text = (f"models: {{segmentation: {ROOT / 'models/magnetic_tile_unet.onnx'}, "
             f"detection: {ROOT / 'models/neu_det_detector.onnx'}}}\n"
@@ -470,6 +476,9 @@ def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broke
     assert {policy for name, policy in seen.items() if name not in realtime} == {(os.SCHED_OTHER, 0)}, seen
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is left alone
     assert "the models' threads run under SCHED_FIFO 3 (run.realtime_inference)" in caplog.text
+    for name in ("capture", "finish", "mqtt-sender", "paho-mqtt-client", "outbox-checkpoint"):
+        assert nices[name] == base, (name, nices)
+    assert "threads but inference at nice +0 (run.nice_non_inference)" in caplog.text
 
 
 def test_the_outbox_is_checkpointed_by_its_own_thread(tmp_path, broker, monkeypatch):

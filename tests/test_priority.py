@@ -9,7 +9,14 @@ import cv2
 import numpy as np
 import pytest
 
-from station.priority import MAX_NICE, adopt_opencv_pool, lower_this_thread, realtime_this_thread
+from station.priority import (
+    MAX_NICE,
+    adopt_opencv_pool,
+    lower_this_thread,
+    non_inference_increment,
+    realtime_allowed,
+    realtime_this_thread,
+)
 
 
 def thread_nice() -> int:
@@ -115,3 +122,27 @@ def test_a_refused_realtime_policy_is_logged_and_the_thread_goes_on(monkeypatch,
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
     assert _in_thread(lambda: (realtime_this_thread(5), os.sched_getscheduler(0))) == (False, os.SCHED_OTHER)
     assert "run.realtime_inference 5 refused: [Errno 1] Operation not permitted" in caplog.text
+
+
+def test_the_probe_for_realtime_changes_no_running_thread():
+    """realtime_allowed tries the policy on a thread of its own: True exactly where a
+    thread may take it, and the caller's thread keeps the ordinary policy."""
+    assert realtime_allowed(0) is False
+    assert realtime_allowed(4) is (FIFO_REFUSED is None)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def test_the_default_nice_increment_follows_the_models_policy(monkeypatch):
+    """run.nice_non_inference unset: 10 while the models run under the ordinary policy,
+    0 once SCHED_FIFO is granted to them; a value that is set is kept either way."""
+    assert non_inference_increment(None, 0) == 10
+    assert non_inference_increment(7, 0) == 7
+    assert non_inference_increment(None, 3) == (0 if FIFO_REFUSED is None else 10)
+    assert non_inference_increment(5, 3) == 5
+    assert non_inference_increment(0, 0) == 0
+
+    def refuse(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    assert non_inference_increment(None, 3) == 10  # refused: the models are ordinary threads, the rest steps down
