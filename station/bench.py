@@ -443,6 +443,7 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
                     # the nice increment of the pipeline's threads but inference, as the daemon resolves it
                     "nice_non_inference": non_inference_increment(cfg.run.nice_non_inference,
                                                                   cfg.run.realtime_inference),
+                    "helper_yield_ms": cfg.inference.helper_yield_ms,  # inference.helper_yield_ms
                     "gpu": gpu_description(models, cfg.inference.device_id)},
         "frame": {"height": cam.height, "width": cam.width},
         "models": {r: {"name": m.card.name, "input": [m.card.input.height, m.card.input.width],

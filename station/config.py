@@ -90,6 +90,12 @@ class InferenceConfig(_Strict):
         description="run a frame's segmentation and detection models at the same time, each on a thread of its "
         "own; with intra_op_threads 0 each model gets (cores ÷ models) threads instead of all of them",
     )
+    helper_yield_ms: float = Field(
+        0.0, ge=0, le=50,
+        description="with parallel_models: a frame's second model waits up to this long before its run for the "
+        "frames before it to be finished and acknowledged, so that their Python work and PUBACK run before it "
+        "takes a core (it ends before the first model all the same when this is under their difference); 0: off",
+    )
     device_id: int = Field(0, ge=0, description="GPU used by the CUDA and TensorRT providers")
     io_binding: bool = Field(
         True, description="on a GPU: bind fixed-shape input buffers on the device instead of copying per call"

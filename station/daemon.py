@@ -202,6 +202,62 @@ class _Failed:
 Queued = Item | Work | _Failed  # what the pipeline's queues carry
 
 
+class Settling:
+    """The frames whose inference ended and whose result is not yet finished and,
+    when it went to the outbox, acknowledged by the broker: what a frame's second
+    model waits for with ``inference.helper_yield_ms`` (pipeline.ParallelInfer).
+
+    An acknowledgement can arrive before the finish stage has counted its seq
+    (paho's thread takes the PUBACK while the stage returns from the send); it is
+    kept and matched then. Both sets stay bounded: a broker outage leaves results
+    unacknowledged, and the wait is bounded by its timeout all the same."""
+
+    def __init__(self, keep: int = 64):
+        self._cond = threading.Condition()
+        self._finishing = 0
+        self._keep = keep
+        self._unacked: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._early: collections.OrderedDict[int, None] = collections.OrderedDict()
+
+    def _settled(self) -> bool:
+        return self._finishing <= 0 and not self._unacked
+
+    def inferred(self) -> None:
+        """A frame left the infer stage for the finish stage."""
+        with self._cond:
+            self._finishing += 1
+
+    def finished(self, seq: int | None) -> None:
+        """Its finish stage ended; ``seq``: the outbox seq it was stored under (None: not sent)."""
+        with self._cond:
+            self._finishing -= 1
+            if seq is not None and seq in self._early:
+                del self._early[seq]
+            elif seq is not None:
+                self._unacked[seq] = None
+                while len(self._unacked) > self._keep:
+                    self._unacked.popitem(last=False)
+            if self._settled():
+                self._cond.notify_all()
+
+    def acked(self, seq: int) -> None:
+        """The broker acknowledged outbox ``seq``."""
+        with self._cond:
+            if seq in self._unacked:
+                del self._unacked[seq]
+            else:
+                self._early[seq] = None  # before finished() counted it
+                while len(self._early) > self._keep:
+                    self._early.popitem(last=False)
+            if self._settled():
+                self._cond.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """Until every frame before is settled, at most ``timeout`` s; whether they are."""
+        with self._cond:
+            return self._cond.wait_for(self._settled, timeout)
+
+
 class RollingStats:
     """Counters since start and a window of recent latencies (ms) per stage."""
 
@@ -273,6 +329,7 @@ class Daemon:
         # its frame's capture time (UNIX s, unrounded; None for an error without a frame).
         self.on_ack: Callable[[int], None] | None = None
         self.on_published: Callable[[dict, int | None, float | None], None] | None = None
+        self.settling = Settling()  # frames between inference and their acknowledgement
         self.metrics = Metrics()
         self._metrics_server = None
         self.archive = Archive(cfg.archive, self._archive_root(cfg)) if cfg.archive.enabled else None
@@ -425,15 +482,31 @@ class Daemon:
             return _Failed(item, f"inspection failed: {exc}")
 
     def _infer(self, item: "Work | FrameError | _Failed") -> "Work | FrameError | _Failed":
-        if not isinstance(item, Work):
-            return item
         try:
-            return self._parallel_infer(item)
-        except Exception as exc:
-            log.exception("%s: inference failed", item.frame.source)
-            return _Failed(item.frame, f"inspection failed: {exc}")
+            if not isinstance(item, Work):
+                return item
+            try:
+                return self._parallel_infer(item)
+            except Exception as exc:
+                log.exception("%s: inference failed", item.frame.source)
+                return _Failed(item.frame, f"inspection failed: {exc}")
+        finally:
+            self.settling.inferred()  # every item goes on to the finish stage
 
     def _finish(self, item: "Work | FrameError | _Failed") -> None:
+        seq = None
+        try:
+            seq = self._finish_one(item)
+        finally:
+            self.settling.finished(seq)
+
+    def _acked(self, seq: int) -> None:
+        self.settling.acked(seq)
+        if self.on_ack is not None:
+            self.on_ack(seq)
+
+    def _finish_one(self, item: "Work | FrameError | _Failed") -> int | None:
+        """Postprocess, grade, store and archive one item; its outbox seq (None: not stored)."""
         station_id = self.cfg.station.id
         result = None
         if isinstance(item, FrameError):
@@ -451,10 +524,11 @@ class Daemon:
             except Exception as exc:
                 log.exception("%s: postprocessing failed", frame.source)
                 record = error_record(frame.source, f"inspection failed: {exc}", frame.seq, station_id, frame.part_id)
-        stored = self._deliver(record, frame.captured_at if isinstance(frame, Frame) else None)
+        stored, seq = self._deliver(record, frame.captured_at if isinstance(frame, Frame) else None)
         self._archive(frame, result, record)
         if stored:  # a folder file whose result was not stored stays, for the next start to inspect
             self.source.done(frame)
+        return seq
 
     def _archive(self, item: Item, result: InspectionResult | None, record: dict) -> None:
         if self.archive is None:
@@ -465,9 +539,10 @@ class Daemon:
         else:
             self.archive.save_error(record, item.image if isinstance(item, Frame) else None)
 
-    def _deliver(self, record: dict, captured_at: float | None) -> bool:
+    def _deliver(self, record: dict, captured_at: float | None) -> tuple[bool, int | None]:
         """Count, store (outbox) and sink one record; False when MQTT is configured
-        and the outbox did not store it (full, or the disk refused the write)."""
+        and the outbox did not store it (full, or the disk refused the write), with
+        the outbox seq it was stored under (None without MQTT or when not stored)."""
         stored = True
         self.stats.add(record)
         self.metrics.observe_result(record)
@@ -489,7 +564,7 @@ class Daemon:
             self.sink(record)
         if self.on_published is not None:
             self.on_published(record, seq, captured_at)
-        return stored
+        return stored, seq
 
     # --- main thread ------------------------------------------------------------------
 
@@ -561,7 +636,7 @@ class Daemon:
         if cfg.mqtt is not None:
             self.outbox = Outbox.from_config(cfg.outbox, self.state_dir)
             self.publisher = MqttPublisher(cfg.mqtt, cfg.station.id, self.outbox, nice=self.nice_non_inference)
-            self.publisher.on_ack = self.on_ack
+            self.publisher.on_ack = self._acked
             self.publisher.set_status(camera=self.camera_state, providers=self.providers)
             if self.trigger.mode == "mqtt":
                 self.publisher.subscribe(topics_for(cfg.mqtt, cfg.station.id).trigger, self.trigger.on_message)
@@ -578,7 +653,8 @@ class Daemon:
             faulthandler.register(signal.SIGUSR1, all_threads=True)
         if self.outbox is not None:
             self.outbox.take_over_checkpoints()
-        self._parallel_infer = ParallelInfer("infer", cfg.run.realtime_inference)
+        self._parallel_infer = ParallelInfer("infer", cfg.run.realtime_inference, self.settling.wait,
+                                             cfg.inference.helper_yield_ms / 1e3)
         # A few synthetic parts through the models and post-processing, so that their
         # first, slower runs are not the line's first parts' (Inspector.warm_up).
         self.inspector.warm_up(self._parallel_infer)

@@ -195,11 +195,21 @@ class ParallelInfer:
     the same time (ONNX Runtime releases the GIL). Without the setting, or with one
     model, it is ``Inspector.infer``. The Inspector itself starts no threads. The
     helpers run under ``SCHED_FIFO`` at ``realtime`` when it is set (the calling
-    thread's policy is its own: station/priority.py)."""
+    thread's policy is its own: station/priority.py).
 
-    def __init__(self, name: str = "infer", realtime: int = 0):
+    ``yield_to(timeout_s)``, when given, is called by each helper before its run with
+    ``yield_s`` (``inference.helper_yield_ms``): the daemon's wait for the frames
+    before this one to be finished and acknowledged. The first model, a frame's
+    longest, starts at once; a helper model that ends earlier spends part of that
+    margin letting the earlier frames' Python work run first, which a real-time
+    helper would otherwise hold off its core (docs/benchmarks.md, fourteenth sitting)."""
+
+    def __init__(self, name: str = "infer", realtime: int = 0,
+                 yield_to: Callable[[float], object] | None = None, yield_s: float = 0.0):
         self._name = name
         self._realtime = realtime
+        self._yield_to = yield_to if yield_s > 0 else None
+        self._yield_s = yield_s
         self._pool: ThreadPoolExecutor | None = None
 
     def __call__(self, work: "Work") -> "Work":
@@ -211,7 +221,7 @@ class ParallelInfer:
             self._pool = ThreadPoolExecutor(len(ROLES) - 1, thread_name_prefix=self._name,
                                             initializer=realtime_this_thread, initargs=(self._realtime,))
         t = time.perf_counter()
-        others = [self._pool.submit(inspector.infer, work, (role,)) for role in roles[1:]]
+        others = [self._pool.submit(self._helper, work, role) for role in roles[1:]]
         try:
             inspector.infer(work, roles[:1])
         except BaseException:
@@ -221,6 +231,11 @@ class ParallelInfer:
             f.result()  # raises a helper's error
         work.latency["infer"] = (time.perf_counter() - t) * 1e3  # all models, together
         return work
+
+    def _helper(self, work: "Work", role: str) -> "Work":
+        if self._yield_to is not None:
+            self._yield_to(self._yield_s)
+        return work.inspector.infer(work, (role,))
 
     def close(self) -> None:
         """Let the helper threads end (without waiting for a model run still going)."""

@@ -186,20 +186,20 @@ def test_the_gpu_figures_quoted_are_the_committed_report():
     assert f"| p99 / bare median at 80 % load | 2.37 | {p99} |" in docs
 
 
-def _sitting(name: str) -> tuple[dict[str, list[dict]], str, list[str]]:
-    """A before/after sitting of docs/benchmarks.md: its six committed reports
-    (docs/<name>/{before,after}_{1,2,3}.json), the document, and the target rows
+def _sitting(name: str, sides: tuple[str, ...] = ("before", "after")) -> tuple[dict[str, list[dict]], str, list[str]]:
+    """A sitting of docs/benchmarks.md: its committed reports (docs/<name>/<side>_{1,2,3}.json,
+    three runs a side: before and after a change), the document, and the target rows
     recomputed from the reports, medians included."""
     import statistics
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     runs = {side: [json.loads((root / "docs" / name / f"{side}_{i}.json").read_text()) for i in (1, 2, 3)]
-            for side in ("before", "after")}
+            for side in sides}
 
     def row(label, fmt, value):
         cells = []
-        for side in ("before", "after"):
+        for side in sides:
             vals = [value(r) for r in runs[side]]
             cells += [format(v, fmt) for v in vals] + [f"**{format(statistics.median(vals), fmt)}**"]
         return f"| {label} | " + " | ".join(cells) + " |"
@@ -252,3 +252,11 @@ def test_the_fourteenth_cpu_sitting_quoted_is_its_committed_reports():
     assert len(p99["+10"]) == len(p99["+0"]) == 7
     quoted = f"(medians of the pairs' p99s: {statistics.median(p99['+10']):.1f} ms at +10, {statistics.median(p99['+0']):.1f} ms at +0)"
     assert quoted in " ".join(docs.split()), p99
+
+
+def test_the_fourteenth_sittings_helper_yield_runs_quoted_are_their_reports():
+    """The fourteenth sitting's three runs with inference.helper_yield_ms (config/bench.yaml)."""
+    runs, docs, expected = _sitting("bench_cpu_14", ("yield",))
+    for line in expected:
+        assert line in docs, line
+    assert all(r["machine"]["helper_yield_ms"] == 3 and r["machine"]["nice_non_inference"] == 0 for r in runs["yield"])

@@ -591,3 +591,62 @@ def test_the_daemon_applies_steady_malloc_when_asked(tmp_path, monkeypatch, on):
             f"run: {{steady_malloc: {str(on).lower()}, state_dir: {tmp_path / 'state'}}}\n")
     assert daemon_mod.Daemon(parse_config(text), sink=lambda record: None).run(install_signals=False) == 0
     assert calls == (["set"] if on else [])
+
+
+def test_settling_counts_frames_until_finished_and_acknowledged():
+    """Daemon.Settling, what a frame's second model waits for (inference.helper_yield_ms):
+    settled once every inferred frame is finished and each stored one acknowledged, in
+    whichever order the acknowledgement and the finish stage's count arrive."""
+    import threading
+
+    from station.daemon import Settling
+
+    s = Settling(keep=4)
+    assert s.wait(0)
+    s.inferred()
+    assert not s.wait(0.01)  # in the finish stage
+    s.finished(None)  # not stored (no MQTT): settled at once
+    assert s.wait(0)
+    s.inferred()
+    s.finished(5)
+    assert not s.wait(0.01)  # stored, not yet acknowledged
+    s.acked(5)
+    assert s.wait(0)
+    s.inferred()
+    s.acked(7)  # paho's thread took the PUBACK before the finish stage counted the seq
+    s.finished(7)
+    assert s.wait(0)
+    # a waiter wakes when the last frame settles, not at its timeout
+    s.inferred()
+    s.finished(8)
+    threading.Timer(0.05, s.acked, (8,)).start()
+    t0 = time.monotonic()
+    assert s.wait(5.0)
+    assert time.monotonic() - t0 < 2.0
+    # an outage leaves results unacknowledged: the sets stay bounded, the wait times out
+    for seq in range(100, 200):
+        s.inferred()
+        s.finished(seq)
+    assert len(s._unacked) == 4 and not s.wait(0.01)
+    for seq in range(300, 400):
+        s.acked(seq)
+    assert len(s._early) == 4
+
+
+def test_the_daemon_with_helper_yield_delivers_every_result_and_settles(tmp_path, broker):
+    """inference.helper_yield_ms with both shipped models in parallel and MQTT: every frame
+    is published and acknowledged, and no frame is left counted once the daemon stops."""
+    from station.config import parse_config
+    from station.daemon import Daemon
+
+    acked: list[int] = []
+    text = (f"models: {{segmentation: {ROOT / 'models/magnetic_tile_unet.onnx'}, "
+            f"detection: {ROOT / 'models/neu_det_detector.onnx'}}}\n"
+            "inference: {parallel_models: true, helper_yield_ms: 3}\n"
+            "camera: {type: fake, frames: 12, height: 96, width: 128}\n"
+            f"run: {{state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
+    daemon = Daemon(parse_config(text))
+    daemon.on_ack = acked.append
+    assert daemon.run(install_signals=False) == 0
+    assert len(acked) == 12
+    assert daemon.settling.wait(0)

@@ -154,3 +154,40 @@ def test_a_part_that_fails_the_warm_up_is_an_error_naming_it():
 
     with pytest.raises(StationError, match=r"warm-up: a synthetic 256x256 part failed to inspect: .*"):
         inspector.warm_up(infer, parts=1)
+
+
+def test_a_helper_model_yields_before_its_run_and_the_first_model_does_not():
+    """inference.helper_yield_ms: the second model's thread calls the daemon's wait (with
+    the configured timeout) before its run; the first model starts at once; the results
+    are those of the models in turn. Without a timeout the wait is never called."""
+    import threading
+    import time
+
+    cfg = config(parallel_models=True)
+    inspector = Inspector(open_models(cfg), cfg)
+    frame = frames()[0]
+    reference = inspector.finish(inspector.infer(inspector.prepare(frame)))
+    calls: list[tuple[str, float]] = []
+
+    def wait(timeout: float) -> bool:
+        calls.append((threading.current_thread().name, timeout))
+        time.sleep(0.05)
+        return True
+
+    parallel = ParallelInfer("test-yield", yield_to=wait, yield_s=0.004)
+    try:
+        work = parallel(inspector.prepare(frame))
+    finally:
+        parallel.close()
+    assert [(name.split("_")[0], timeout) for name, timeout in calls] == [("test-yield", 0.004)]  # the helper only
+    assert comparable(inspector.finish(work)) == comparable(reference)
+    # the first model ran while the helper waited: the frame took the wait plus about one model, not two
+    assert work.latency["infer"] < 50 + work.latency["infer.segmentation"] + work.latency["infer.detection"]
+
+    calls.clear()
+    off = ParallelInfer("test-no-yield", yield_to=wait, yield_s=0.0)
+    try:
+        off(inspector.prepare(frame))
+    finally:
+        off.close()
+    assert calls == []
