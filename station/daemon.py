@@ -219,6 +219,11 @@ class Settling:
         self._unacked: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._early: collections.OrderedDict[int, None] = collections.OrderedDict()
 
+    def _remember(self, seqs: "collections.OrderedDict[int, None]", seq: int) -> None:
+        seqs[seq] = None
+        while len(seqs) > self._keep:
+            seqs.popitem(last=False)
+
     def _settled(self) -> bool:
         return self._finishing <= 0 and not self._unacked
 
@@ -234,9 +239,7 @@ class Settling:
             if seq is not None and seq in self._early:
                 del self._early[seq]
             elif seq is not None:
-                self._unacked[seq] = None
-                while len(self._unacked) > self._keep:
-                    self._unacked.popitem(last=False)
+                self._remember(self._unacked, seq)
             if self._settled():
                 self._cond.notify_all()
 
@@ -246,9 +249,7 @@ class Settling:
             if seq in self._unacked:
                 del self._unacked[seq]
             else:
-                self._early[seq] = None  # before finished() counted it
-                while len(self._early) > self._keep:
-                    self._early.popitem(last=False)
+                self._remember(self._early, seq)  # before finished() counted it
             if self._settled():
                 self._cond.notify_all()
 
