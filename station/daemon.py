@@ -330,7 +330,10 @@ class Daemon:
         # its frame's capture time (UNIX s, unrounded; None for an error without a frame).
         self.on_ack: Callable[[int], None] | None = None
         self.on_published: Callable[[dict, int | None, float | None], None] | None = None
-        self.settling = Settling()  # frames between inference and their acknowledgement
+        # Frames between inference and their acknowledgement, counted only for
+        # inference.helper_yield_ms (what the second model waits for).
+        inf = cfg.inference
+        self.settling = Settling() if inf.parallel_models and inf.helper_yield_ms > 0 else None
         self.metrics = Metrics()
         self._metrics_server = None
         self.archive = Archive(cfg.archive, self._archive_root(cfg)) if cfg.archive.enabled else None
@@ -492,17 +495,20 @@ class Daemon:
                 log.exception("%s: inference failed", item.frame.source)
                 return _Failed(item.frame, f"inspection failed: {exc}")
         finally:
-            self.settling.inferred()  # every item goes on to the finish stage
+            if self.settling is not None:
+                self.settling.inferred()  # every item goes on to the finish stage
 
     def _finish(self, item: "Work | FrameError | _Failed") -> None:
         seq = None
         try:
             seq = self._finish_one(item)
         finally:
-            self.settling.finished(seq)
+            if self.settling is not None:
+                self.settling.finished(seq)
 
     def _acked(self, seq: int) -> None:
-        self.settling.acked(seq)
+        if self.settling is not None:
+            self.settling.acked(seq)
         if self.on_ack is not None:
             self.on_ack(seq)
 
@@ -654,8 +660,9 @@ class Daemon:
             faulthandler.register(signal.SIGUSR1, all_threads=True)
         if self.outbox is not None:
             self.outbox.take_over_checkpoints()
-        self._parallel_infer = ParallelInfer("infer", cfg.run.realtime_inference, self.settling.wait,
-                                             cfg.inference.helper_yield_ms / 1e3)
+        self._parallel_infer = ParallelInfer(
+            "infer", cfg.run.realtime_inference,
+            self.settling.wait if self.settling is not None else None, cfg.inference.helper_yield_ms / 1e3)
         # A few synthetic parts through the models and post-processing, so that their
         # first, slower runs are not the line's first parts' (Inspector.warm_up).
         self.inspector.warm_up(self._parallel_infer)

@@ -650,3 +650,5 @@ def test_the_daemon_with_helper_yield_delivers_every_result_and_settles(tmp_path
     assert daemon.run(install_signals=False) == 0
     assert len(acked) == 12
     assert daemon.settling.wait(0)
+    # off (the default), nothing is counted on the frames' path
+    assert Daemon(parse_config(text.replace("helper_yield_ms: 3", "helper_yield_ms: 0"))).settling is None
