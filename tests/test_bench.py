@@ -260,3 +260,26 @@ def test_the_fourteenth_sittings_helper_yield_runs_quoted_are_their_reports():
     for line in expected:
         assert line in docs, line
     assert all(r["machine"]["helper_yield_ms"] == 3 and r["machine"]["nice_non_inference"] == 0 for r in runs["yield"])
+    import re
+    import statistics
+    from pathlib import Path
+
+    flat = " ".join(docs.split())
+    seg = [r["bare"]["models"]["segmentation"]["median_ms"] for r in runs["yield"]]
+    det = [r["bare"]["models"]["detection"]["median_ms"] for r in runs["yield"]]
+    assert f"(≈ {statistics.median(seg):.1f} − {statistics.median(det):.1f} ms)" in flat
+    leg = [r["latency"]["legs_ms"]["stored_to_puback"]["p99"] for r in runs["yield"]]
+    assert f"its stored → PUBACK leg {min(leg):.1f}–{max(leg):.1f} ms at p99" in flat
+    before = _sitting("bench_cpu_14")[0]["after"]  # the same sitting without the wait
+    assert sorted(round(r["latency"]["legs_ms"]["stored_to_puback"]["p99"]) for r in before) == [1, 9, 9]
+    assert "(9 ms in two of the three runs without the wait)" in flat
+    # set 4 of the pairs: the first version of the wait against none
+    text = (Path(__file__).resolve().parents[1] / "docs" / "bench_cpu_14" / "pairs.txt").read_text()
+    pairs: dict[int, dict[str, float]] = {}
+    for pair, wait, result in re.findall(r"^(\d+) \| wait (\d+) \| (.*)$", text.split("## set 4")[1], re.M):
+        pairs.setdefault(int(pair), {})[wait] = float(re.findall(r"p50 [\d.]+ p99 ([\d.]+)", result)[-1])  # the latency, after any "waited"
+    waits = [float(w) for w in re.findall(r"waited p50 [\d.]+ p99 ([\d.]+)", text.split("## set 4")[1])]
+    lower = sum(p["3"] < p["0"] for p in pairs.values())
+    assert (f"waits: p99 {min(waits):.2f}–{max(waits):.1f} ms) and the p99 was lower in five of seven pairs, its worst "
+            f"run {max(p['3'] for p in pairs.values()):.1f} ms against {max(p['0'] for p in pairs.values()):.1f}") in flat
+    assert (len(pairs), lower) == (7, 5)
