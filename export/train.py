@@ -110,6 +110,7 @@ class TrainConfig:
     parity_count: int = 8
     crop: int | None = None  # train on crop×crop windows of the input-size images (None: whole images)
     crop_defect: float = 0.5  # share of crops placed over a defect pixel (crop training)
+    crop_content: bool = False  # crop training: the other windows placed over the letterboxed part, not its padding
     zoom: float = 1.0  # crop training: windows cut at a scale drawn log-uniformly from [1/zoom, zoom] (1: off)
     multiscale: tuple[int, ...] = ()  # the served network also runs at 1/k size for each k, masks merged by maximum
     ema: float = 0.0  # exponential moving average of the weights, momentum per step (0: off); validated and exported
@@ -254,7 +255,8 @@ def make_augmented(x: np.ndarray, y: np.ndarray, batch: int, seed: int, defect_r
 
 
 def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, steps: int,
-               defect_share: float = 0.5, jitter: float = 0.0, zoom: float = 1.0):
+               defect_share: float = 0.5, jitter: float = 0.0, zoom: float = 1.0,
+               content: np.ndarray | None = None):
     """A ``keras.utils.PyDataset`` of ``steps`` batches of (batch, crop, crop, C) windows per epoch.
 
     The model is fully convolutional: it learns on windows of the input-size
@@ -262,7 +264,11 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
     runs on whole images. A share ``defect_share`` of the windows is placed so
     that a defect pixel drawn at random lies inside it (at least crop/8 from
     the border), which balances the rare small defects against the defect-free
-    bulk; the others are drawn uniformly from all images. Each window then gets
+    bulk; the others are drawn uniformly from all images — or, given
+    ``content`` (one ``(y0, y1, x0, x1)`` box per image, see
+    :func:`content_boxes`), placed like the defect windows over a pixel drawn
+    from the image's box, so that a letterbox's padding does not take the
+    updates (a tile 115 px wide fills a fifth of a 256 x 512 input). Each window then gets
     one of the 8 symmetries of the square and the gain/offset ``jitter`` (see
     :func:`make_augmented`). With ``zoom`` Z > 1 each window is cut at a scale
     s drawn log-uniformly from [1/Z, Z]: a side of crop/s input pixels (at most
@@ -278,6 +284,8 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
         raise ExportError(f"--crop-defect {defect_share}: must be in [0, 1]")
     if not 1.0 <= zoom <= 4.0:
         raise ExportError(f"--zoom {zoom}: must be in [1, 4] (1: off)")
+    if content is not None and content.shape != (n, 4):
+        raise ExportError(f"content boxes {content.shape}: one (y0, y1, x0, x1) per image expected ({n})")
     import cv2
 
     defect_pixels = [np.argwhere(y[i, ..., 0] >= 0.5) for i in range(n)]
@@ -309,6 +317,12 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
                     cy, cx = defect_pixels[i][rng.integers(len(defect_pixels[i]))]
                     y0 = int(np.clip(cy - rng.integers(margin, side - margin), 0, h - side))
                     x0 = int(np.clip(cx - rng.integers(margin, side - margin), 0, w - side))
+                elif content is not None:
+                    i = int(rng.integers(n))
+                    top, bottom, left, right = (int(v) for v in content[i])
+                    cy, cx = rng.integers(top, bottom), rng.integers(left, right)
+                    y0 = int(np.clip(cy - rng.integers(margin, side - margin), 0, h - side))
+                    x0 = int(np.clip(cx - rng.integers(margin, side - margin), 0, w - side))
                 else:
                     i = int(rng.integers(n))
                     y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
@@ -331,6 +345,33 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
             return xb, yb
 
     return Crops()
+
+
+def content_boxes(x: np.ndarray, pad: float) -> np.ndarray:
+    """(n, 4) int boxes ``(y0, y1, x0, x1)`` (end exclusive) of each image's pixels that are
+    not letterbox padding: the rows and columns holding any value other than ``pad`` (the
+    normalised pad value). An image that is all padding gets its whole plane."""
+    n, h, w = x.shape[:3]
+    boxes = np.empty((n, 4), np.int64)
+    for i in range(n):
+        inside = np.any(x[i] != pad, axis=-1)
+        rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+        boxes[i] = (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) if len(rows) else (0, h, 0, w)
+    return boxes
+
+
+def pad_value_of(preprocess: Sequence[PreprocessOp]) -> float | None:
+    """The value a letterbox's padding has in the model's input (the pad value after the
+    ops that follow the resize), or None when the chain does not letterbox."""
+    from station.preprocess import normalize
+
+    pad: np.ndarray | None = None
+    for op in preprocess:
+        if isinstance(op, ResizeOp) and op.mode == "letterbox":
+            pad = np.full((1, 1), op.pad_value, np.uint8)
+        elif pad is not None and isinstance(op, NormalizeOp):
+            pad = normalize(pad, op.scale, op.mean[:1], op.std[:1])
+    return None if pad is None else float(pad.ravel()[0])
 
 
 # --- run outputs ---------------------------------------------------------------
@@ -605,8 +646,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         learner = build_network(cfg, channels, classes, cfg.crop, cfg.crop)
         learner.set_weights(model.get_weights())
         steps = cfg.steps or math.ceil(len(train_arrays.x) / cfg.batch)
+        content = None
+        if cfg.crop_content:
+            pad = pad_value_of(cfg.preprocess)
+            if pad is None:
+                raise ExportError("--crop-content: the preprocessing does not letterbox (--resize-mode letterbox)")
+            content = content_boxes(train_arrays.x, pad)
         train_data = make_crops(train_arrays.x, train_arrays.y, cfg.batch, cfg.seed, cfg.crop, steps,
-                                cfg.crop_defect, cfg.jitter, cfg.zoom)
+                                cfg.crop_defect, cfg.jitter, cfg.zoom, content)
         model.compile(loss=loss, metrics=[make_iou_metric(cfg.threshold)])
     else:
         learner = model
@@ -771,6 +818,8 @@ def command_of(cfg: TrainConfig) -> str:
         argv += ["--defect-repeat", str(cfg.defect_repeat)]
     if cfg.crop:
         argv += ["--crop", str(cfg.crop), "--crop-defect", f"{cfg.crop_defect:g}"]
+        if cfg.crop_content:
+            argv.append("--crop-content")
     if cfg.steps:
         argv += ["--steps", str(cfg.steps)]
     if cfg.jitter:
@@ -848,6 +897,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on CxC windows of the input-size images (multiple of 32); validate and export whole")
     p.add_argument("--crop-defect", type=float, default=0.5, metavar="P",
                    help="with --crop: share of windows placed over a defect pixel")
+    p.add_argument("--crop-content", action="store_true",
+                   help="with --crop and a letterbox: place the windows not over a defect over the image, "
+                        "not its padding")
     p.add_argument("--steps", type=int, metavar="N",
                    help="with --crop: batches per epoch (default: as many as one pass over the training images)")
     p.add_argument("--jitter", type=float, default=0.0,
@@ -911,7 +963,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> TrainConfig:
         decoder_filters=tuple(args.decoder_filters) if args.decoder_filters else None, dropout=args.dropout,
         weights=args.weights, epochs=args.epochs, batch=args.batch, lr=args.lr, dice_weight=args.dice_weight,
         loss=args.loss, focal_gamma=args.focal_gamma, defect_repeat=args.defect_repeat, jitter=args.jitter,
-        crop=args.crop, crop_defect=args.crop_defect, steps=args.steps, zoom=args.zoom,
+        crop=args.crop, crop_defect=args.crop_defect, crop_content=args.crop_content, steps=args.steps, zoom=args.zoom,
         multiscale=tuple(args.multiscale), ema=args.ema, keep=args.keep,
         recompute_bn=args.recompute_bn,
         seed=args.seed, val_fraction=args.val_fraction, missing_mask_is_free=args.missing_mask_is_free,

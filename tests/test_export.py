@@ -277,6 +277,35 @@ def test_zoomed_crops_rescale_image_and_mask_together() -> None:
 
 
 @pytest.mark.slow
+def test_content_windows_stay_over_the_letterboxed_part() -> None:
+    from export.card import PreprocessOptions, preprocess_ops
+    from export.train import content_boxes, make_crops, pad_value_of
+
+    pad = pad_value_of(preprocess_ops(PreprocessOptions(resize_mode="letterbox", pad_value=0, normalize="symmetric")))
+    assert pad == -1.0
+    assert pad_value_of(preprocess_ops(PreprocessOptions(resize_mode="stretch"))) is None
+    # narrow parts letterboxed into a wide plane: 3/4 of each image is padding
+    rng = np.random.default_rng(1)
+    x = np.full((5, 64, 256, 1), pad, np.float32)
+    for i in range(5):
+        x[i, :, 40 * i : 40 * i + 64] = rng.uniform(-0.9, 1.0, size=(64, 64, 1))
+    x[4] = pad  # an image that is all padding keeps its whole plane
+    y = np.zeros((5, 64, 256, 1), np.float32)
+    boxes = content_boxes(x, pad)
+    assert boxes.tolist() == [[0, 64, 40 * i, 40 * i + 64] for i in range(4)] + [[0, 64, 0, 256]]
+    windows = make_crops(x, y, batch=16, seed=2, crop=32, steps=4, defect_share=0.0, content=boxes)
+    plain = make_crops(x, y, batch=16, seed=2, crop=32, steps=4, defect_share=0.0)
+
+    def padded_share(crops) -> float:
+        return float(np.mean([(xb == pad).mean() for xb, _ in (crops[i] for i in range(len(crops)))]))
+
+    # only the all-padding image (1 in 5) and the margins cut into padding; uniform windows mostly do
+    assert padded_share(windows) < 0.35 < 0.6 < padded_share(plain)
+    with pytest.raises(ExportError, match="content boxes"):
+        make_crops(x, y, batch=4, seed=2, crop=32, steps=1, content=boxes[:3])
+
+
+@pytest.mark.slow
 def test_crop_training_validates_and_exports_at_the_input_size(tiny_run, tmp_path: Path) -> None:
     from dataclasses import replace
 
