@@ -312,20 +312,20 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
                 if log_zoom:
                     side = min(h, w, int(round(crop / math.exp(rng.uniform(-log_zoom, log_zoom)))))
                 margin = side // 8
+                centre = None  # a pixel the window is placed over, or None: anywhere
                 if len(defective) and rng.random() < defect_share:
                     i = int(defective[rng.integers(len(defective))])
-                    cy, cx = defect_pixels[i][rng.integers(len(defect_pixels[i]))]
-                    y0 = int(np.clip(cy - rng.integers(margin, side - margin), 0, h - side))
-                    x0 = int(np.clip(cx - rng.integers(margin, side - margin), 0, w - side))
-                elif content is not None:
-                    i = int(rng.integers(n))
-                    top, bottom, left, right = (int(v) for v in content[i])
-                    cy, cx = rng.integers(top, bottom), rng.integers(left, right)
-                    y0 = int(np.clip(cy - rng.integers(margin, side - margin), 0, h - side))
-                    x0 = int(np.clip(cx - rng.integers(margin, side - margin), 0, w - side))
+                    centre = defect_pixels[i][rng.integers(len(defect_pixels[i]))]
                 else:
                     i = int(rng.integers(n))
+                    if content is not None:
+                        top, bottom, left, right = content[i]
+                        centre = rng.integers(top, bottom), rng.integers(left, right)
+                if centre is None:
                     y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+                else:
+                    y0 = int(np.clip(centre[0] - rng.integers(margin, side - margin), 0, h - side))
+                    x0 = int(np.clip(centre[1] - rng.integers(margin, side - margin), 0, w - side))
                 xi, yi = x[i, y0 : y0 + side, x0 : x0 + side], y[i, y0 : y0 + side, x0 : x0 + side]
                 if side != crop:
                     xi = cv2.resize(xi, (crop, crop), interpolation=cv2.INTER_LINEAR).reshape(crop, crop, -1)
@@ -576,6 +576,8 @@ def _check(cfg: TrainConfig) -> None:
     if any(k < 2 or cfg.size[0] % (32 * k) or cfg.size[1] % (32 * k) for k in cfg.multiscale):
         raise ExportError(f"--multiscale {' '.join(map(str, cfg.multiscale))}: each factor must be an integer >= 2 "
                           f"that leaves the input {cfg.size[0]}x{cfg.size[1]} a multiple of 32")
+    if cfg.crop_content and not (cfg.crop and pad_value_of(cfg.preprocess) is not None):
+        raise ExportError("--crop-content: only with --crop and --resize-mode letterbox (windows kept off the padding)")
     if cfg.zoom != 1.0 and not cfg.crop:
         raise ExportError(f"--zoom {cfg.zoom}: only with --crop (windows are cut at random scales)")
     if not (cfg.ema == 0 or 0 < cfg.ema < 1):
@@ -646,12 +648,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         learner = build_network(cfg, channels, classes, cfg.crop, cfg.crop)
         learner.set_weights(model.get_weights())
         steps = cfg.steps or math.ceil(len(train_arrays.x) / cfg.batch)
-        content = None
-        if cfg.crop_content:
-            pad = pad_value_of(cfg.preprocess)
-            if pad is None:
-                raise ExportError("--crop-content: the preprocessing does not letterbox (--resize-mode letterbox)")
-            content = content_boxes(train_arrays.x, pad)
+        content = content_boxes(train_arrays.x, pad_value_of(cfg.preprocess)) if cfg.crop_content else None
         train_data = make_crops(train_arrays.x, train_arrays.y, cfg.batch, cfg.seed, cfg.crop, steps,
                                 cfg.crop_defect, cfg.jitter, cfg.zoom, content)
         model.compile(loss=loss, metrics=[make_iou_metric(cfg.threshold)])
@@ -963,7 +960,8 @@ def config_from_args(args: argparse.Namespace, command: str) -> TrainConfig:
         decoder_filters=tuple(args.decoder_filters) if args.decoder_filters else None, dropout=args.dropout,
         weights=args.weights, epochs=args.epochs, batch=args.batch, lr=args.lr, dice_weight=args.dice_weight,
         loss=args.loss, focal_gamma=args.focal_gamma, defect_repeat=args.defect_repeat, jitter=args.jitter,
-        crop=args.crop, crop_defect=args.crop_defect, crop_content=args.crop_content, steps=args.steps, zoom=args.zoom,
+        crop=args.crop, crop_defect=args.crop_defect, crop_content=args.crop_content, steps=args.steps,
+        zoom=args.zoom,
         multiscale=tuple(args.multiscale), ema=args.ema, keep=args.keep,
         recompute_bn=args.recompute_bn,
         seed=args.seed, val_fraction=args.val_fraction, missing_mask_is_free=args.missing_mask_is_free,

@@ -305,6 +305,19 @@ def test_content_windows_stay_over_the_letterboxed_part() -> None:
         make_crops(x, y, batch=4, seed=2, crop=32, steps=1, content=boxes[:3])
 
 
+def test_crop_content_needs_windows_and_a_letterbox(tmp_path: Path) -> None:
+    from export.card import PreprocessOptions, preprocess_ops
+    from export.train import TrainConfig, train
+
+    letterbox = tuple(preprocess_ops(PreprocessOptions(resize_mode="letterbox")))
+    for cfg in (TrainConfig(tmp_path, tmp_path / "a", preprocess=letterbox, crop_content=True),
+                TrainConfig(tmp_path, tmp_path / "b", preprocess=tuple(preprocess_ops(PreprocessOptions())),
+                            crop=64, crop_content=True)):
+        with pytest.raises(ExportError, match="--crop-content: only with --crop and --resize-mode letterbox"):
+            train(cfg)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before any output
+
+
 @pytest.mark.slow
 def test_crop_training_validates_and_exports_at_the_input_size(tiny_run, tmp_path: Path) -> None:
     from dataclasses import replace
