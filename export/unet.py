@@ -33,6 +33,7 @@ ImageNet weights expect inputs in [-1, 1] (``--normalize symmetric``).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -123,17 +124,25 @@ def build_unet(
         if not weights.is_file():
             raise ExportError(f"--weights {weights}: no such file")
 
-    encoder_channels = 3 if weights is not None else c
-    try:
-        base = keras.applications.MobileNetV2(
-            input_shape=(h, w, encoder_channels),
-            alpha=alpha,
-            include_top=False,
-            weights=str(weights) if weights is not None else None,
-        )
-    except (ValueError, OSError) as exc:  # a weights file of another alpha/shape, or not HDF5
-        raise ExportError(f"--weights {weights}: cannot load into MobileNetV2(alpha={alpha:g}, "
-                          f"input {h}x{w}x{encoder_channels}): {exc}") from exc
+    base, encoder_channels, errors = None, c, []
+    # A weights file of the input's channels (an encoder pretrained on gray images,
+    # python -m export.pretrain) loads as it is; a 3-channel one (ImageNet) gets the
+    # gray input repeated to 3 channels.
+    for encoder_channels in ((c, 3) if weights is not None and c != 3 else (c,)):
+        try:
+            with warnings.catch_warnings():  # Keras 3 warns of every nested container of a weights-only file
+                warnings.filterwarnings("ignore", message="Skipping nested container")
+                base = keras.applications.MobileNetV2(
+                    input_shape=(h, w, encoder_channels),
+                    alpha=alpha,
+                    include_top=False,
+                    weights=str(weights) if weights is not None else None,
+                )
+            break
+        except (ValueError, OSError) as exc:  # a weights file of another alpha/shape, or not HDF5
+            errors.append(f"input {h}x{w}x{encoder_channels}: {exc}")
+    if base is None:
+        raise ExportError(f"--weights {weights}: cannot load into MobileNetV2(alpha={alpha:g}): " + "; ".join(errors))
     encoder = keras.Model(base.input, [base.get_layer(n).output for n in SKIP_LAYERS], name="encoder")
 
     inputs = keras.Input((h, w, c), name=INPUT_NAME)
