@@ -755,3 +755,46 @@ def test_average_of_an_exported_unet_with_itself_is_that_unet(tiny_run, tmp_path
     (one,) = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"]).run(None, {"image": x})
     (two,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"image": x})
     assert np.allclose(one, two, atol=1e-6)
+
+
+def test_image_classes_take_the_class_with_most_box_area() -> None:
+    from export.pretrain import image_classes
+
+    labels = [np.array([0, 2, 2]), np.array([1])]
+    boxes = [np.array([[0, 0, 50, 50], [0, 0, 10, 10], [0, 0, 10, 10]], np.float32), np.array([[0, 0, 5, 5]], np.float32)]
+    assert image_classes(labels, boxes, ["a", "b"]).tolist() == [0, 1]
+    with pytest.raises(ExportError, match="images/empty.jpg: no boxes"):
+        image_classes([np.array([], np.int32)], [np.zeros((0, 4), np.float32)], ["images/empty.jpg"])
+
+
+@pytest.mark.slow
+def test_pretrained_gray_encoder_loads_into_the_unet(tmp_path: Path) -> None:
+    """export.pretrain on real NEU-DET images writes 1-channel encoder weights that
+    build_unet loads as they are (no repeat to 3 channels), every encoder weight equal."""
+    import keras
+
+    from conftest import shared_data
+    from export.pretrain import pretrain
+    from export.unet import build_unet
+
+    data = shared_data("neu_det")
+    names = [p.relative_to(data).as_posix() for c in ("crazing", "inclusion", "patches", "scratches")
+             for p in sorted((data / "images").glob(f"{c}_*.jpg"))[:3]]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": names[::2] + names[1::4], "val": names[3::4]}))
+    opts = PreprocessOptions(colour="gray", clahe=(2.0, 8), resize_mode="letterbox", normalize="symmetric")
+    out = tmp_path / "enc" / "encoder.weights.h5"
+    with pytest.raises(ExportError, match="must end in .weights.h5"):
+        pretrain(data, split, tmp_path / "enc.h5", tuple(preprocess_ops(opts)), size=64, crop=64, epochs=1)
+    acc = pretrain(data, split, out, tuple(preprocess_ops(opts)), size=64, crop=64, epochs=1, batch=4)
+    assert 0.0 <= acc <= 1.0 and (out.parent / "history.csv").is_file()
+
+    saved = keras.applications.MobileNetV2(input_shape=(64, 64, 1), alpha=0.35, include_top=False, weights=None)
+    saved.load_weights(out)
+    unet = build_unet((64, 64, 1), weights=out)
+    assert "gray_to_3" not in [layer.name for layer in unet.layers]
+    encoder = unet.get_layer("encoder")
+    assert encoder.get_layer("Conv1").get_weights()[0].shape[2] == 1
+    for layer in encoder.layers[1:]:  # after the input
+        for mine, theirs in zip(layer.get_weights(), saved.get_layer(layer.name).get_weights()):
+            assert np.array_equal(mine, theirs), layer.name
