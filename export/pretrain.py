@@ -3,7 +3,7 @@
 ::
 
     python -m export.pretrain --data ../shared/data/neu_det --split models/neu_det_detector.split.json \\
-        --out runs/encoder/encoder.weights.h5 [--alpha 0.35] [--size 192] [--crop 128] [--epochs 40]
+        --out runs/encoder/encoder.weights.h5 [--alpha 0.35] [--size 192] [--crop 128] [--epochs 30]
     python -m export.train ... --weights runs/encoder/encoder.weights.h5
 
 No ImageNet weights can be downloaded at the line or here, and the segmenters
@@ -110,7 +110,7 @@ def build_classifier(channels: int, classes: int, alpha: float, crop: int):
 
 
 def pretrain(data: Path, split: Path, out: Path, preprocess, alpha: float = 0.35, size: int = 192,
-             crop: int = 128, epochs: int = 40, batch: int = 32, lr: float = 2e-3, seed: int = 7) -> float:
+             crop: int = 128, epochs: int = 30, batch: int = 32, lr: float = 2e-3, seed: int = 7) -> float:
     """Train and write the encoder weights to ``out``; returns the last epoch's validation accuracy."""
     import keras
     import tensorflow as tf
@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=0.35)
     p.add_argument("--size", type=int, default=192)
     p.add_argument("--crop", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args(argv)
