@@ -4,6 +4,7 @@ Run the modules as ``python -m export.<module>`` from the repository root:
 
 * ``export.synth``       synthetic light-guide-plate images with truth masks
 * ``export.train``       train a MobileNetV2 U-Net and export it with its model card
+* ``export.pretrain``    pretrain a gray MobileNetV2 encoder on NEU-DET image classes (for ``train --weights``)
 * ``export.onnx_export`` (re)embed or show the model card of an ONNX file
 * ``export.make_demo``   reproduce ``station/assets/demo_seg.onnx`` and ``samples/``
 * ``export.train_detector`` train the FCOS-style box detector and export it with its card
@@ -12,7 +13,7 @@ Run the modules as ``python -m export.<module>`` from the repository root:
 
 Library modules: ``card`` (model-card drafts, preprocessing flags → ops),
 ``data`` (image/mask pairs → arrays through ``station.preprocess``), ``unet``
-(the Keras model). TensorFlow is imported only by ``unet``, by ``train`` and
+(the Keras model). TensorFlow is imported only by ``unet``, when ``pretrain`` trains, by ``train`` and
 ``onnx_export`` when they train or convert, and by ``make_demo`` through them;
 ``synth``, ``data`` and ``card`` need numpy and OpenCV alone, like ``station``.
 """
