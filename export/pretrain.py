@@ -42,6 +42,8 @@ from .voc import VocSample, load_box_arrays
 
 log = logging.getLogger(__name__)
 
+CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
+
 
 def image_classes(labels: Sequence[np.ndarray], boxes: Sequence[np.ndarray], keys: Sequence[str]) -> np.ndarray:
     """One class per image: the class its boxes cover most area of (NEU-DET images
@@ -118,13 +120,13 @@ def pretrain(data: Path, split: Path, out: Path, preprocess, alpha: float = 0.35
     if out.suffixes[-2:] != [".weights", ".h5"]:
         raise ExportError(f"--out {out}: must end in .weights.h5 (Keras weights file)")
     card = draft_card(name="encoder-pretrain", version="0", size=(size, size), preprocess=preprocess,
-                      training=TrainingInfo(data=str(data)))
+                      training=TrainingInfo(data=str(data)), classes=CLASSES)
     sides = {}
     for side in ("train", "val"):
         paths = read_split_file(split, data, side)
         samples = [VocSample(p, data / "annotations" / (p.stem + ".xml"), p.relative_to(data).as_posix())
                    for p in paths]
-        arrays = load_box_arrays(samples, card.model_copy(update={"classes": CLASSES}), progress=True)
+        arrays = load_box_arrays(samples, card, progress=True)
         sides[side] = (arrays.x, image_classes(arrays.labels, arrays.boxes, arrays.keys))
     (x_tr, c_tr), (x_va, c_va) = sides["train"], sides["val"]
     log.info("pretraining on %d images (%s), validating on %d, %d classes", len(x_tr),
@@ -156,9 +158,6 @@ def pretrain(data: Path, split: Path, out: Path, preprocess, alpha: float = 0.35
     log.info("%s: encoder weights (alpha %g, %d channel(s)); validation accuracy %.3f; %.0f s", out, alpha,
              x_tr.shape[3], acc, time.perf_counter() - t0)
     return acc
-
-
-CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
