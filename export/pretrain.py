@@ -38,6 +38,7 @@ import numpy as np
 from . import ExportError
 from .card import TrainingInfo, draft_card
 from .data import read_split_file
+from .train import check_crop, seeded_batches
 from .voc import VocSample, load_box_arrays
 
 log = logging.getLogger(__name__)
@@ -61,42 +62,27 @@ def image_classes(labels: Sequence[np.ndarray], boxes: Sequence[np.ndarray], key
 
 def make_windows(x: np.ndarray, cls: np.ndarray, batch: int, crop: int, seed: int, steps: int):
     """A ``keras.utils.PyDataset`` of random ``crop`` windows with one of the 8 symmetries of
-    the square; a function of (seed, epoch, index)."""
-    import keras
-
+    the square and their images' classes; a function of (seed, epoch, index)."""
     n, h, w = x.shape[:3]
-    if not 32 <= crop <= min(h, w) or crop % 32:
-        raise ExportError(f"--crop {crop}: must be a multiple of 32 between 32 and the input size {h}x{w}")
+    check_crop(crop, h, w)
 
-    class Windows(keras.utils.PyDataset):
-        def __init__(self) -> None:
-            super().__init__(workers=1, use_multiprocessing=False)
-            self.epoch = 0
+    def windows(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        pick = rng.integers(n, size=batch)
+        xb = np.empty((batch, crop, crop, x.shape[3]), x.dtype)
+        for k, i in enumerate(pick):
+            y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+            xi = x[i, y0 : y0 + crop, x0 : x0 + crop]
+            sym = int(rng.integers(8))
+            if sym & 1:
+                xi = xi[:, ::-1]
+            if sym & 2:
+                xi = xi[::-1]
+            if sym & 4:
+                xi = xi.transpose(1, 0, 2)
+            xb[k] = xi
+        return xb, cls[pick]
 
-        def __len__(self) -> int:
-            return steps
-
-        def on_epoch_end(self) -> None:
-            self.epoch += 1
-
-        def __getitem__(self, idx: int):
-            rng = np.random.default_rng([seed, self.epoch, idx])
-            pick = rng.integers(n, size=batch)
-            xb = np.empty((batch, crop, crop, x.shape[3]), x.dtype)
-            for k, i in enumerate(pick):
-                y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-                xi = x[i, y0 : y0 + crop, x0 : x0 + crop]
-                sym = int(rng.integers(8))
-                if sym & 1:
-                    xi = xi[:, ::-1]
-                if sym & 2:
-                    xi = xi[::-1]
-                if sym & 4:
-                    xi = xi.transpose(1, 0, 2)
-                xb[k] = xi
-            return xb, cls[pick]
-
-    return Windows()
+    return seeded_batches(steps, seed, windows)
 
 
 def build_classifier(channels: int, classes: int, alpha: float, crop: int):

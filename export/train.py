@@ -254,6 +254,34 @@ def make_augmented(x: np.ndarray, y: np.ndarray, batch: int, seed: int, defect_r
     return Augmented()
 
 
+def check_crop(crop: int, h: int, w: int) -> None:
+    """A training window side must be a multiple of 32 (MobileNetV2's stride) within the input."""
+    if not 32 <= crop <= min(h, w) or crop % 32:
+        raise ExportError(f"--crop {crop}: must be a multiple of 32 between 32 and the input size {h}x{w}")
+
+
+def seeded_batches(steps: int, seed: int, make_batch):
+    """A ``keras.utils.PyDataset`` of ``steps`` batches an epoch: batch ``idx`` of epoch ``e`` is
+    ``make_batch(rng)`` with ``rng`` seeded by (seed, e, idx), so a run is a function of its seed."""
+    keras = _keras()
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__(workers=1, use_multiprocessing=False)
+            self.epoch = 0
+
+        def __len__(self) -> int:
+            return steps
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+
+        def __getitem__(self, idx: int):
+            return make_batch(np.random.default_rng([seed, self.epoch, idx]))
+
+    return Batches()
+
+
 def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, steps: int,
                defect_share: float = 0.5, jitter: float = 0.0, zoom: float = 1.0,
                content: np.ndarray | None = None):
@@ -276,10 +304,8 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
     network sees each defect at sizes it meets on larger and smaller parts.
     Everything is a function of (seed, epoch, index).
     """
-    keras = _keras()
     n, h, w = x.shape[:3]
-    if not 32 <= crop <= min(h, w) or crop % 32:
-        raise ExportError(f"--crop {crop}: must be a multiple of 32 between 32 and the input size {h}x{w}")
+    check_crop(crop, h, w)
     if not 0 <= defect_share <= 1:
         raise ExportError(f"--crop-defect {defect_share}: must be in [0, 1]")
     if not 1.0 <= zoom <= 4.0:
@@ -292,59 +318,47 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
     defective = np.array([i for i in range(n) if len(defect_pixels[i])], dtype=np.int64)
     log_zoom = math.log(zoom)
 
-    class Crops(keras.utils.PyDataset):
-        def __init__(self) -> None:
-            super().__init__(workers=1, use_multiprocessing=False)
-            self.epoch = 0
+    def crops(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        xb = np.empty((batch, crop, crop, x.shape[3]), x.dtype)
+        yb = np.empty((batch, crop, crop, y.shape[3]), y.dtype)
+        for k in range(batch):
+            side = crop
+            if log_zoom:
+                side = min(h, w, int(round(crop / math.exp(rng.uniform(-log_zoom, log_zoom)))))
+            margin = side // 8
+            centre = None  # a pixel the window is placed over, or None: anywhere
+            if len(defective) and rng.random() < defect_share:
+                i = int(defective[rng.integers(len(defective))])
+                centre = defect_pixels[i][rng.integers(len(defect_pixels[i]))]
+            else:
+                i = int(rng.integers(n))
+                if content is not None:
+                    top, bottom, left, right = content[i]
+                    centre = rng.integers(top, bottom), rng.integers(left, right)
+            if centre is None:
+                y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            else:
+                y0 = int(np.clip(centre[0] - rng.integers(margin, side - margin), 0, h - side))
+                x0 = int(np.clip(centre[1] - rng.integers(margin, side - margin), 0, w - side))
+            xi, yi = x[i, y0 : y0 + side, x0 : x0 + side], y[i, y0 : y0 + side, x0 : x0 + side]
+            if side != crop:
+                xi = cv2.resize(xi, (crop, crop), interpolation=cv2.INTER_LINEAR).reshape(crop, crop, -1)
+                yi = cv2.resize(yi, (crop, crop), interpolation=cv2.INTER_LINEAR).reshape(crop, crop, -1)
+                yi = (yi >= 0.5).astype(y.dtype)
+            sym = int(rng.integers(8))
+            if sym & 1:
+                xi, yi = xi[:, ::-1], yi[:, ::-1]
+            if sym & 2:
+                xi, yi = xi[::-1], yi[::-1]
+            if sym & 4:
+                xi, yi = xi.transpose(1, 0, 2), yi.transpose(1, 0, 2)
+            if jitter > 0:
+                gain, offset = rng.uniform(-jitter, jitter, size=2)
+                xi = xi * np.float32(1.0 + gain) + np.float32(offset)
+            xb[k], yb[k] = xi, yi
+        return xb, yb
 
-        def __len__(self) -> int:
-            return steps
-
-        def on_epoch_end(self) -> None:
-            self.epoch += 1
-
-        def __getitem__(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
-            rng = np.random.default_rng([seed, self.epoch, idx])
-            xb = np.empty((batch, crop, crop, x.shape[3]), x.dtype)
-            yb = np.empty((batch, crop, crop, y.shape[3]), y.dtype)
-            for k in range(batch):
-                side = crop
-                if log_zoom:
-                    side = min(h, w, int(round(crop / math.exp(rng.uniform(-log_zoom, log_zoom)))))
-                margin = side // 8
-                centre = None  # a pixel the window is placed over, or None: anywhere
-                if len(defective) and rng.random() < defect_share:
-                    i = int(defective[rng.integers(len(defective))])
-                    centre = defect_pixels[i][rng.integers(len(defect_pixels[i]))]
-                else:
-                    i = int(rng.integers(n))
-                    if content is not None:
-                        top, bottom, left, right = content[i]
-                        centre = rng.integers(top, bottom), rng.integers(left, right)
-                if centre is None:
-                    y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-                else:
-                    y0 = int(np.clip(centre[0] - rng.integers(margin, side - margin), 0, h - side))
-                    x0 = int(np.clip(centre[1] - rng.integers(margin, side - margin), 0, w - side))
-                xi, yi = x[i, y0 : y0 + side, x0 : x0 + side], y[i, y0 : y0 + side, x0 : x0 + side]
-                if side != crop:
-                    xi = cv2.resize(xi, (crop, crop), interpolation=cv2.INTER_LINEAR).reshape(crop, crop, -1)
-                    yi = cv2.resize(yi, (crop, crop), interpolation=cv2.INTER_LINEAR).reshape(crop, crop, -1)
-                    yi = (yi >= 0.5).astype(y.dtype)
-                sym = int(rng.integers(8))
-                if sym & 1:
-                    xi, yi = xi[:, ::-1], yi[:, ::-1]
-                if sym & 2:
-                    xi, yi = xi[::-1], yi[::-1]
-                if sym & 4:
-                    xi, yi = xi.transpose(1, 0, 2), yi.transpose(1, 0, 2)
-                if jitter > 0:
-                    gain, offset = rng.uniform(-jitter, jitter, size=2)
-                    xi = xi * np.float32(1.0 + gain) + np.float32(offset)
-                xb[k], yb[k] = xi, yi
-            return xb, yb
-
-    return Crops()
+    return seeded_batches(steps, seed, crops)
 
 
 def content_boxes(x: np.ndarray, pad: float) -> np.ndarray:
