@@ -66,7 +66,7 @@ def make_windows(x: np.ndarray, cls: np.ndarray, batch: int, crop: int, seed: in
     n, h, w = x.shape[:3]
     check_crop(crop, h, w)
 
-    def windows(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def windows(rng: np.random.Generator, epoch: int, idx: int) -> tuple[np.ndarray, np.ndarray]:
         pick = rng.integers(n, size=batch)
         xb = np.empty((batch, crop, crop, x.shape[3]), x.dtype)
         for k, i in enumerate(pick):

@@ -214,44 +214,31 @@ def make_augmented(x: np.ndarray, y: np.ndarray, batch: int, seed: int, defect_r
     sample's input becomes ``x · g + o`` with g in [1 − jitter, 1 + jitter] and
     o in [−jitter, jitter] (normalised units; 0: off).
     """
-    keras = _keras()
     square = x.shape[1] == x.shape[2]
     rows_all = np.arange(len(x))
     if defect_repeat > 1:
         defective = np.flatnonzero(y.reshape(len(y), -1).max(axis=1) > 0)
         rows_all = np.concatenate([rows_all] + [defective] * (defect_repeat - 1))
 
-    class Augmented(keras.utils.PyDataset):
-        def __init__(self) -> None:
-            super().__init__(workers=1, use_multiprocessing=False)
-            self.epoch = 0
+    def augmented(rng: np.random.Generator, epoch: int, idx: int) -> tuple[np.ndarray, np.ndarray]:
+        order = rows_all[np.random.default_rng([seed, epoch]).permutation(len(rows_all))]
+        rows = order[idx * batch : (idx + 1) * batch]
+        xb, yb = x[rows].copy(), y[rows].copy()
+        for i in range(len(rows)):
+            flips = rng.integers(0, 2, size=2)
+            turns = int(rng.integers(0, 4)) if square else 0
+            if flips[0]:
+                xb[i], yb[i] = xb[i][:, ::-1], yb[i][:, ::-1]
+            if flips[1]:
+                xb[i], yb[i] = xb[i][::-1], yb[i][::-1]
+            if turns:
+                xb[i], yb[i] = np.rot90(xb[i], turns), np.rot90(yb[i], turns)
+            if jitter > 0:
+                gain, offset = rng.uniform(-jitter, jitter, size=2)
+                xb[i] = xb[i] * np.float32(1.0 + gain) + np.float32(offset)
+        return xb, yb
 
-        def __len__(self) -> int:
-            return math.ceil(len(rows_all) / batch)
-
-        def on_epoch_end(self) -> None:
-            self.epoch += 1
-
-        def __getitem__(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
-            order = rows_all[np.random.default_rng([seed, self.epoch]).permutation(len(rows_all))]
-            rows = order[idx * batch : (idx + 1) * batch]
-            rng = np.random.default_rng([seed, self.epoch, idx])
-            xb, yb = x[rows].copy(), y[rows].copy()
-            for i in range(len(rows)):
-                flips = rng.integers(0, 2, size=2)
-                turns = int(rng.integers(0, 4)) if square else 0
-                if flips[0]:
-                    xb[i], yb[i] = xb[i][:, ::-1], yb[i][:, ::-1]
-                if flips[1]:
-                    xb[i], yb[i] = xb[i][::-1], yb[i][::-1]
-                if turns:
-                    xb[i], yb[i] = np.rot90(xb[i], turns), np.rot90(yb[i], turns)
-                if jitter > 0:
-                    gain, offset = rng.uniform(-jitter, jitter, size=2)
-                    xb[i] = xb[i] * np.float32(1.0 + gain) + np.float32(offset)
-            return xb, yb
-
-    return Augmented()
+    return seeded_batches(math.ceil(len(rows_all) / batch), seed, augmented)
 
 
 def check_crop(crop: int, h: int, w: int) -> None:
@@ -262,7 +249,8 @@ def check_crop(crop: int, h: int, w: int) -> None:
 
 def seeded_batches(steps: int, seed: int, make_batch):
     """A ``keras.utils.PyDataset`` of ``steps`` batches an epoch: batch ``idx`` of epoch ``e`` is
-    ``make_batch(rng)`` with ``rng`` seeded by (seed, e, idx), so a run is a function of its seed."""
+    ``make_batch(rng, e, idx)`` with ``rng`` seeded by (seed, e, idx), so the batches are a
+    function of the seed whatever Keras prefetches."""
     keras = _keras()
 
     class Batches(keras.utils.PyDataset):
@@ -277,7 +265,7 @@ def seeded_batches(steps: int, seed: int, make_batch):
             self.epoch += 1
 
         def __getitem__(self, idx: int):
-            return make_batch(np.random.default_rng([seed, self.epoch, idx]))
+            return make_batch(np.random.default_rng([seed, self.epoch, idx]), self.epoch, idx)
 
     return Batches()
 
@@ -318,7 +306,7 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
     defective = np.array([i for i in range(n) if len(defect_pixels[i])], dtype=np.int64)
     log_zoom = math.log(zoom)
 
-    def crops(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def crops(rng: np.random.Generator, epoch: int, idx: int) -> tuple[np.ndarray, np.ndarray]:
         xb = np.empty((batch, crop, crop, x.shape[3]), x.dtype)
         yb = np.empty((batch, crop, crop, y.shape[3]), y.dtype)
         for k in range(batch):
