@@ -96,6 +96,7 @@ class TrainConfig:
     dice_weight: float = 1.0
     loss: str = "bce"  # pixel term next to Dice: "bce" or "focal" (binary focal cross-entropy)
     focal_gamma: float = 2.0
+    tversky_beta: float = 0.5  # weight of missed defect pixels in the overlap term (0.5: Dice; above: recall first)
     defect_repeat: int = 1  # training images with any defect appear this many times per epoch
     jitter: float = 0.0  # per-image gain 1±jitter and offset ±jitter on the normalised input (training only)
     seed: int = 0
@@ -111,6 +112,7 @@ class TrainConfig:
     crop: int | None = None  # train on crop×crop windows of the input-size images (None: whole images)
     crop_defect: float = 0.5  # share of crops placed over a defect pixel (crop training)
     crop_content: bool = False  # crop training: the other windows placed over the letterboxed part, not its padding
+    crop_balance: str = "image"  # crop training: defect windows drawn per defective "image" or per class "folder"
     zoom: float = 1.0  # crop training: windows cut at a scale drawn log-uniformly from [1/zoom, zoom] (1: off)
     multiscale: tuple[int, ...] = ()  # the served network also runs at 1/k size for each k, masks merged by maximum
     ema: float = 0.0  # exponential moving average of the weights, momentum per step (0: off); validated and exported
@@ -140,16 +142,24 @@ def _keras():
     return keras
 
 
-def make_loss(dice_weight: float = 1.0, smooth: float = 1.0, kind: str = "bce", gamma: float = 2.0):
+def make_loss(dice_weight: float = 1.0, smooth: float = 1.0, kind: str = "bce", gamma: float = 2.0,
+              tversky_beta: float = 0.5):
     """Pixel term + ``dice_weight`` × (1 − soft Dice). The pixel term is binary
     cross-entropy (``kind="bce"``) or binary focal cross-entropy with focusing
     parameter ``gamma`` (``kind="focal"``: easy background pixels, the bulk of
     defect-free images, weigh less). Dice is over the whole batch and all
-    channels: ``(2·Σ y·p + smooth) / (Σ y + Σ p + smooth)``; inputs (N, H, W, C)."""
+    channels: ``(2·Σ y·p + smooth) / (Σ y + Σ p + smooth)``; inputs (N, H, W, C).
+
+    ``tversky_beta`` β ≠ 0.5 makes the overlap term the Tversky index
+    ``(Σ y·p + smooth) / (Σ y·p + (1 − β)·Σ (1 − y)·p + β·Σ y·(1 − p) + smooth)``
+    (Salehi et al. 2017; β 0.5 is Dice): above 0.5 a missed defect pixel costs
+    more than a false one, for models that find defects too small."""
     keras = _keras()
     ops = keras.ops
     if kind not in ("bce", "focal"):
         raise ExportError(f"--loss {kind!r}: expected bce or focal")
+    if not 0 < tversky_beta < 1:
+        raise ExportError(f"--tversky-beta {tversky_beta}: must be in (0, 1) (0.5: Dice)")
 
     class BceDice(keras.losses.Loss):
         def __init__(self) -> None:
@@ -162,7 +172,12 @@ def make_loss(dice_weight: float = 1.0, smooth: float = 1.0, kind: str = "bce", 
             else:
                 bce = ops.mean(keras.losses.binary_crossentropy(y_true, y_pred))
             inter = ops.sum(y_true * y_pred)
-            dice = (2.0 * inter + smooth) / (ops.sum(y_true) + ops.sum(y_pred) + smooth)
+            if tversky_beta == 0.5:
+                dice = (2.0 * inter + smooth) / (ops.sum(y_true) + ops.sum(y_pred) + smooth)
+            else:
+                false_px, missed_px = ops.sum(y_pred) - inter, ops.sum(y_true) - inter
+                dice = (inter + smooth) / (inter + (1.0 - tversky_beta) * false_px + tversky_beta * missed_px
+                                           + smooth)
             return bce + dice_weight * (1.0 - dice)
 
     return BceDice()
@@ -272,7 +287,7 @@ def seeded_batches(steps: int, seed: int, make_batch):
 
 def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, steps: int,
                defect_share: float = 0.5, jitter: float = 0.0, zoom: float = 1.0,
-               content: np.ndarray | None = None):
+               content: np.ndarray | None = None, strata: Sequence[str] | None = None):
     """A ``keras.utils.PyDataset`` of ``steps`` batches of (batch, crop, crop, C) windows per epoch.
 
     The model is fully convolutional: it learns on windows of the input-size
@@ -290,7 +305,11 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
     s drawn log-uniformly from [1/Z, Z]: a side of crop/s input pixels (at most
     the image) resized to crop (linear; the mask re-thresholded at 0.5), so the
     network sees each defect at sizes it meets on larger and smaller parts.
-    Everything is a function of (seed, epoch, index).
+    Given ``strata`` (one label per image, e.g. its defect class), a defect
+    window first draws a label uniformly among those with a defective image,
+    then an image of it, so that a class with few images (a frayed edge) gets
+    as many windows as one with many (blowholes); otherwise each defective image
+    is drawn alike. Everything is a function of (seed, epoch, index).
     """
     n, h, w = x.shape[:3]
     check_crop(crop, h, w)
@@ -300,10 +319,16 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
         raise ExportError(f"--zoom {zoom}: must be in [1, 4] (1: off)")
     if content is not None and content.shape != (n, 4):
         raise ExportError(f"content boxes {content.shape}: one (y0, y1, x0, x1) per image expected ({n})")
+    if strata is not None and len(strata) != n:
+        raise ExportError(f"strata: one label per image expected ({n}), got {len(strata)}")
     import cv2
 
     defect_pixels = [np.argwhere(y[i, ..., 0] >= 0.5) for i in range(n)]
     defective = np.array([i for i in range(n) if len(defect_pixels[i])], dtype=np.int64)
+    # pools of defective images to draw from: one for all, or one per stratum (sorted labels: seed-stable)
+    pools = [defective] if strata is None else [
+        np.array([i for i in defective if strata[i] == label], dtype=np.int64)
+        for label in sorted({strata[i] for i in defective})]
     log_zoom = math.log(zoom)
 
     def crops(rng: np.random.Generator, epoch: int, idx: int) -> tuple[np.ndarray, np.ndarray]:
@@ -316,7 +341,8 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
             margin = side // 8
             centre = None  # a pixel the window is placed over, or None: anywhere
             if len(defective) and rng.random() < defect_share:
-                i = int(defective[rng.integers(len(defective))])
+                pool = pools[rng.integers(len(pools))] if len(pools) > 1 else pools[0]
+                i = int(pool[rng.integers(len(pool))])
                 centre = defect_pixels[i][rng.integers(len(defect_pixels[i]))]
             else:
                 i = int(rng.integers(n))
@@ -578,6 +604,12 @@ def _check(cfg: TrainConfig) -> None:
     if any(k < 2 or cfg.size[0] % (32 * k) or cfg.size[1] % (32 * k) for k in cfg.multiscale):
         raise ExportError(f"--multiscale {' '.join(map(str, cfg.multiscale))}: each factor must be an integer >= 2 "
                           f"that leaves the input {cfg.size[0]}x{cfg.size[1]} a multiple of 32")
+    if not 0 < cfg.tversky_beta < 1:
+        raise ExportError(f"--tversky-beta {cfg.tversky_beta}: must be in (0, 1) (0.5: Dice)")
+    if cfg.crop_balance not in ("image", "folder"):
+        raise ExportError(f"--crop-balance {cfg.crop_balance!r}: must be 'image' or 'folder'")
+    if cfg.crop_balance != "image" and not cfg.crop:
+        raise ExportError(f"--crop-balance {cfg.crop_balance}: only with --crop (it draws the defect windows)")
     if cfg.crop_content and not (cfg.crop and pad_value_of(cfg.preprocess) is not None):
         raise ExportError("--crop-content: only with --crop and --resize-mode letterbox (windows kept off the padding)")
     if cfg.zoom != 1.0 and not cfg.crop:
@@ -643,7 +675,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
     channels, classes = draft.input.channels, len(draft.classes)
-    loss = make_loss(cfg.dice_weight, kind=cfg.loss, gamma=cfg.focal_gamma)
+    loss = make_loss(cfg.dice_weight, kind=cfg.loss, gamma=cfg.focal_gamma, tversky_beta=cfg.tversky_beta)
     model = build_served(cfg, channels, classes)  # the exported network, at the input size
     if cfg.crop:
         # Crop training: the same layers at crop size learn; `model` validates and is exported.
@@ -651,8 +683,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         learner.set_weights(model.get_weights())
         steps = cfg.steps or math.ceil(len(train_arrays.x) / cfg.batch)
         content = content_boxes(train_arrays.x, pad_value_of(cfg.preprocess)) if cfg.crop_content else None
+        strata = [key.rpartition("/")[0] for key in train_arrays.keys] if cfg.crop_balance == "folder" else None
         train_data = make_crops(train_arrays.x, train_arrays.y, cfg.batch, cfg.seed, cfg.crop, steps,
-                                cfg.crop_defect, cfg.jitter, cfg.zoom, content)
+                                cfg.crop_defect, cfg.jitter, cfg.zoom, content, strata)
         model.compile(loss=loss, metrics=[make_iou_metric(cfg.threshold)])
     else:
         learner = model
@@ -813,12 +846,16 @@ def command_of(cfg: TrainConfig) -> str:
         argv += ["--dropout", f"{cfg.dropout:g}"]
     if cfg.loss != "bce":
         argv += ["--loss", cfg.loss, "--focal-gamma", f"{cfg.focal_gamma:g}"]
+    if cfg.tversky_beta != 0.5:
+        argv += ["--tversky-beta", f"{cfg.tversky_beta:g}"]
     if cfg.defect_repeat != 1:
         argv += ["--defect-repeat", str(cfg.defect_repeat)]
     if cfg.crop:
         argv += ["--crop", str(cfg.crop), "--crop-defect", f"{cfg.crop_defect:g}"]
         if cfg.crop_content:
             argv.append("--crop-content")
+        if cfg.crop_balance != "image":
+            argv += ["--crop-balance", cfg.crop_balance]
     if cfg.steps:
         argv += ["--steps", str(cfg.steps)]
     if cfg.jitter:
@@ -890,6 +927,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("bce", "focal"), default="bce",
                    help="pixel loss next to Dice: binary cross-entropy or binary focal cross-entropy")
     p.add_argument("--focal-gamma", type=float, default=2.0, help="focusing parameter of --loss focal")
+    p.add_argument("--tversky-beta", type=float, default=0.5, metavar="B",
+                   help="weight of missed defect pixels in the overlap term, false ones 1-B (0.5: Dice; above: "
+                        "recall weighs more)")
     p.add_argument("--defect-repeat", type=int, default=1, metavar="K",
                    help="training images with any defect appear K times per epoch (oversampling)")
     p.add_argument("--crop", type=int, metavar="C",
@@ -899,6 +939,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-content", action="store_true",
                    help="with --crop and a letterbox: place the windows not over a defect over the image, "
                         "not its padding")
+    p.add_argument("--crop-balance", choices=("image", "folder"), default="image",
+                   help="with --crop: draw the windows over a defect per defective image, or first a class folder "
+                        "(the image's parent folder) uniformly, then an image of it")
     p.add_argument("--steps", type=int, metavar="N",
                    help="with --crop: batches per epoch (default: as many as one pass over the training images)")
     p.add_argument("--jitter", type=float, default=0.0,
@@ -963,6 +1006,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> TrainConfig:
         weights=args.weights, epochs=args.epochs, batch=args.batch, lr=args.lr, dice_weight=args.dice_weight,
         loss=args.loss, focal_gamma=args.focal_gamma, defect_repeat=args.defect_repeat, jitter=args.jitter,
         crop=args.crop, crop_defect=args.crop_defect, crop_content=args.crop_content, steps=args.steps,
+        crop_balance=args.crop_balance, tversky_beta=args.tversky_beta,
         zoom=args.zoom,
         multiscale=tuple(args.multiscale), ema=args.ema, keep=args.keep,
         recompute_bn=args.recompute_bn,
