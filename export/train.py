@@ -14,11 +14,13 @@ the code the line daemon runs. All defect classes of the masks are one
 ``defect`` class.
 
 Training: Adam with cosine learning-rate decay, loss = binary cross-entropy
-(or binary focal cross-entropy, ``--loss focal``) + soft Dice (over the batch),
+(or binary focal cross-entropy, ``--loss focal``) + soft Dice (over the batch; or the
+Tversky index, ``--tversky-beta``, which weighs missed and false defect pixels unequally),
 augmentation by flips (and 90° rotations when the input is square) and an
 optional gain/offset jitter drawn from the seed, optional oversampling of the
 images with a defect (``--defect-repeat``) or training on windows of the
-images, a share of them over a defect (``--crop``, ``--crop-defect``), ``keras.utils.set_random_seed`` and
+images, a share of them over a defect (``--crop``, ``--crop-defect``; drawn per class folder with
+``--crop-balance folder``), ``keras.utils.set_random_seed`` and
 deterministic TensorFlow ops. The figure tracked is the IoU of the defect class
 on masks thresholded at 0.5, accumulated over the epoch (intersection and
 union summed over all pixels of all batches, so batches without any defect

@@ -305,6 +305,69 @@ def test_content_windows_stay_over_the_letterboxed_part() -> None:
         make_crops(x, y, batch=4, seed=2, crop=32, steps=1, content=boxes[:3])
 
 
+@pytest.mark.slow
+def test_crop_balance_draws_defect_windows_per_folder() -> None:
+    from export.train import make_crops
+
+    # image i holds the value i everywhere, so a window tells which image it was cut from
+    x = np.broadcast_to(np.arange(6, dtype=np.float32)[:, None, None, None], (6, 64, 64, 1)).copy()
+    y = np.zeros((6, 64, 64, 1), np.float32)
+    y[:5, 20:40, 20:40] = 1.0  # images 0-4 have a defect; 5 is defect-free
+    strata = ["Blowhole"] * 4 + ["Fray", "Free"]
+
+    def fray_share(crops) -> float:
+        source = np.concatenate([xb[:, 0, 0, 0] for xb, _ in (crops[i] for i in range(len(crops)))])
+        assert set(np.unique(source)) <= {0.0, 1.0, 2.0, 3.0, 4.0}  # defect windows only: never image 5
+        return float(np.mean(source == 4.0))
+
+    per_image = make_crops(x, y, batch=20, seed=4, crop=32, steps=20, defect_share=1.0)
+    per_folder = make_crops(x, y, batch=20, seed=4, crop=32, steps=20, defect_share=1.0, strata=strata)
+    again = make_crops(x, y, batch=20, seed=4, crop=32, steps=20, defect_share=1.0, strata=strata)
+    assert 0.15 < fray_share(per_image) < 0.25  # 1 of 5 defective images
+    assert 0.44 < fray_share(per_folder) < 0.56  # 1 of 2 folders with a defect
+    np.testing.assert_array_equal(per_folder[3][0], again[3][0])
+    with pytest.raises(ExportError, match="strata: one label per image"):
+        make_crops(x, y, batch=4, seed=2, crop=32, steps=1, strata=strata[:3])
+
+
+@pytest.mark.slow
+def test_tversky_term_makes_missed_pixels_cost_more_than_false_ones() -> None:
+    from export.train import make_loss
+
+    big, small = np.zeros((2, 32, 32, 1), np.float32), np.zeros((2, 32, 32, 1), np.float32)
+    big[:, 8:24, 8:24] = 1.0
+    small[:, 8:16, 8:24] = 1.0
+    # the same two masks, once as a defect found half (truth big, prediction small), once as a
+    # defect flagged twice its size (truth small, prediction big): Dice cannot tell them apart
+    bce = make_loss(dice_weight=0.0)
+
+    def overlap_term(loss, truth, pred) -> float:
+        return float(loss(truth, pred)) - float(bce(truth, pred))
+
+    dice, tversky = make_loss(), make_loss(tversky_beta=0.7)
+    assert overlap_term(dice, big, small) == pytest.approx(overlap_term(dice, small, big), abs=1e-4)
+    assert float(make_loss(tversky_beta=0.5)(big, small)) == float(dice(big, small))  # 0.5 is Dice
+    assert overlap_term(tversky, big, small) > overlap_term(tversky, small, big) + 0.05
+    assert overlap_term(tversky, big, big) < 1e-3
+    with pytest.raises(ExportError, match="--tversky-beta 1.0"):
+        make_loss(tversky_beta=1.0)
+
+
+def test_balance_and_tversky_options_reach_the_command_line(tmp_path: Path) -> None:
+    from export.train import build_parser, command_of, config_from_args
+
+    argv = [str(tmp_path), "--out", str(tmp_path / "run"), "--crop", "64", "--crop-balance", "folder",
+            "--tversky-beta", "0.7"]
+    cfg = config_from_args(build_parser().parse_args(argv), "")
+    assert (cfg.crop_balance, cfg.tversky_beta) == ("folder", 0.7)
+    line = command_of(cfg)
+    assert "--crop-balance folder" in line and "--tversky-beta 0.7" in line
+    again = config_from_args(build_parser().parse_args(line.split()[3:]), "")
+    assert (again.crop_balance, again.tversky_beta) == ("folder", 0.7)
+    plain = command_of(config_from_args(build_parser().parse_args(argv[:5]), ""))
+    assert "--crop-balance" not in plain and "--tversky-beta" not in plain
+
+
 def test_crop_content_needs_windows_and_a_letterbox(tmp_path: Path) -> None:
     from export.card import PreprocessOptions, preprocess_ops
     from export.train import TrainConfig, train
@@ -411,7 +474,9 @@ def test_training_options_are_checked(tmp_path: Path) -> None:
                        (dict(steps=0), "--steps"), (dict(steps=10), "--steps 10: only with --crop"),
                        (dict(crop=32, defect_repeat=2), "--defect-repeat 2: not with --crop"),
                        (dict(zoom=1.5), "--zoom 1.5: only with --crop"), (dict(crop=32, zoom=8.0), "--zoom 8"),
-                       (dict(ema=1.0), "--ema 1.0"), (dict(keep="worst"), "--keep")):
+                       (dict(ema=1.0), "--ema 1.0"), (dict(keep="worst"), "--keep"),
+                       (dict(tversky_beta=1.0), "--tversky-beta 1.0"), (dict(crop_balance="class"), "--crop-balance"),
+                       (dict(crop_balance="folder"), "--crop-balance folder: only with --crop")):
         with pytest.raises(ExportError, match=match):
             train(TrainConfig(data_dir=tmp_path, out_dir=tmp_path / "run", **bad))
 
