@@ -171,7 +171,8 @@ def cmd_export_checkpoint(args: argparse.Namespace) -> int:
     train_arrays = load_arrays(split.train, draft)
     val_arrays = load_arrays(split.val, draft)
     model = load_served(cfg, draft.input.channels, 1, weights)
-    model.compile(loss=make_loss(cfg.dice_weight, kind=cfg.loss, gamma=cfg.focal_gamma, tversky_beta=cfg.tversky_beta),
+    model.compile(loss=make_loss(cfg.dice_weight, kind=cfg.loss, gamma=cfg.focal_gamma,
+                                 tversky_beta=cfg.tversky_beta),
                   metrics=[make_iou_metric(cfg.threshold)])
     stopped = len(rows) < cfg.epochs
     figures = {**finish_kept(model, cfg, train_arrays, val_arrays, rows, best,

@@ -343,6 +343,7 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
             margin = side // 8
             centre = None  # a pixel the window is placed over, or None: anywhere
             if len(defective) and rng.random() < defect_share:
+                # one pool: no extra draw, so per-image runs keep the windows they always had for a seed
                 pool = pools[rng.integers(len(pools))] if len(pools) > 1 else pools[0]
                 i = int(pool[rng.integers(len(pool))])
                 centre = defect_pixels[i][rng.integers(len(defect_pixels[i]))]
