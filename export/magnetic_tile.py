@@ -204,17 +204,22 @@ def cmd_export_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import tempfile
+
     images = read_split_file(args.split, args.data)
-    if not args.no_card and args.threshold is not None:
-        card = read_card(args.model)
-        if card.output.threshold != args.threshold:
-            log.info("%s: mask threshold %g → %g (card output.threshold)", args.model, card.output.threshold,
-                     args.threshold)
-            embed_card_file(args.model, card.model_copy(update={"output": card.output.model_copy(
-                update={"threshold": args.threshold})}))
     json_out, png_out = args.json, args.report
-    log.info("station eval on the %d validation images of %s", len(images), args.split)
-    report = run_station_eval(["-c", args.config, "--seg-model", args.model, *images], json_out, png_out)
+    with tempfile.TemporaryDirectory(prefix="mt-eval-") as tmp:
+        evaluated = args.model
+        card = read_card(args.model)
+        if args.threshold is not None and card.output.threshold != args.threshold:
+            # --no-card leaves the file as it is and evaluates a copy at the asked threshold
+            evaluated = args.model if not args.no_card else Path(tmp) / args.model.name
+            log.info("%s: mask threshold %g → %g (card output.threshold%s)", args.model, card.output.threshold,
+                     args.threshold, ", of a copy: --no-card" if args.no_card else "")
+            embed_card_file(args.model, card.model_copy(update={"output": card.output.model_copy(
+                update={"threshold": args.threshold})}), None if evaluated == args.model else evaluated)
+        log.info("station eval on the %d validation images of %s", len(images), args.split)
+        report = run_station_eval(["-c", args.config, "--seg-model", evaluated, *images], json_out, png_out)
     seg = report["segmentation"]
     figures = {f"eval_{k}": round(float(v), 4) for k, v in report["card_figures"].items()}
     for cls, s in sorted(seg["per_class"].items()):
@@ -321,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--report", type=Path, default=DOCS / "magnetic_tile_eval.png", help="station eval PNG report")
     e.add_argument("--threshold", type=float, default=SERVE_THRESHOLD,
                    help="set the card's mask threshold first (the line's threshold)")
-    e.add_argument("--no-card", action="store_true", help="do not write threshold or figures into the card")
+    e.add_argument("--no-card", action="store_true", help="leave the model file as it is (with --threshold: a copy "
+                   "at that threshold is evaluated)")
     return p
 
 

@@ -117,3 +117,20 @@ def test_the_escapes_the_readme_counts_are_wide_tiles():
     assert (len(wide), len(escapes)) == (15, 16)
     assert sum(im["cls"] == "Break" for im in wide) == 9
     assert (min(im["width"] for im in wide), max(im["width"] for im in wide)) == (498, 632)
+
+
+def test_eval_without_card_evaluates_at_the_threshold_asked(tmp_path):
+    """``eval --no-card --threshold T`` evaluates a copy at T and leaves the model file as it is."""
+    data = shared_data("magnetic_tile")
+    model = ROOT / "models" / "magnetic_tile_unet.onnx"
+    before = model.read_bytes()
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "export.magnetic_tile", "eval", "--data", str(data), "--no-card",
+                           "--threshold", "0.5", "--json", str(out), "--report", str(tmp_path / "eval.png")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert model.read_bytes() == before
+    got = json.loads(out.read_text())["card_figures"]
+    shipped = json.loads((ROOT / "docs/magnetic_tile_eval.json").read_text())["card_figures"]
+    assert read_card(model).output.threshold == 0.85
+    assert got["pixel_recall"] > shipped["pixel_recall"]  # a lower threshold marks more pixels
