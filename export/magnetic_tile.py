@@ -82,12 +82,15 @@ SERVE_THRESHOLD = 0.85
 # Training on 128 px windows of the 256 px inputs makes ~4x more updates per minute
 # than whole images; a third of them over a defect balances the rare small defects
 # against the defect-free bulk without teaching a defect share far above a whole
-# frame's (half over a defect flagged defect-free tiles). Windows cut at 1/2 to 2x
-# and a second pass at half size (masks merged by maximum) give it more of the tile
-# around large frayed and uneven areas; it is fully convolutional and runs whole.
+# frame's (half over a defect flagged defect-free tiles). A defect window first draws
+# one of the five classes, then an image of it, so the 12 frayed images weigh as much
+# as the 67 blowholes; the other windows lie on the tile, not its letterbox padding,
+# so they show the defect-free surface the line must leave alone. Windows cut at 1/2
+# to 2x and a second pass at half size (masks merged by maximum) give it more of the
+# tile around large frayed and uneven areas; it is fully convolutional and runs whole.
 RECIPE = dict(size=(256, 256), alpha=0.35, epochs=180, batch=16, lr=2e-3, dice_weight=1.0, loss="bce",
               crop=128, crop_defect=0.3, steps=100, jitter=0.1, seed=SEED, val_fraction=0.2, threshold=0.5,
-              zoom=2.0, multiscale=(2,))
+              zoom=2.0, multiscale=(2,), crop_balance="folder", crop_content=True)
 
 
 def recipe(data: Path, run: Path, epochs: int | None = None, stop_after: int | None = None) -> TrainConfig:

@@ -95,28 +95,39 @@ def test_the_two_uneven_images_the_readme_names_have_nearly_empty_masks():
         assert (im["true_grade"], im["grade"]) == ("PASS", "REJECT")
 
 
-def test_the_only_over_graded_validation_images_are_the_two_with_nearly_empty_masks():
-    """The README: no defect-free tile is graded worse than PASS; the two over-graded images are those."""
+def _misgraded(worse: bool) -> list[dict]:
     report = json.loads((ROOT / "docs/magnetic_tile_eval.json").read_text())["images"]
     severity = {"PASS": 0, "DISCOUNT": 1, "REJECT": 2}
-    over = sorted(im["source"].rsplit("magnetic_tile/", 1)[1] for im in report
-                  if severity[im["grade"]] > severity[im["true_grade"]])
-    assert over == ["Uneven/exp3_num_24829.jpg", "Uneven/exp4_num_24843.jpg"]
-    assert all(im["grade"] == "PASS" for im in report if im["cls"] == "Free")
+    return [im for im in report if (severity[im["grade"]] > severity[im["true_grade"]]) == worse
+            and im["grade"] != im["true_grade"]]
 
 
-def test_the_escapes_the_readme_counts_are_wide_tiles():
-    """The README's scale-by-height trial: 15 of the shipped model's 16 escapes (graded milder than
-    their truth) are wide tiles, nine of them breaks, 498-632 px wide."""
-    report = json.loads((ROOT / "docs/magnetic_tile_eval.json").read_text())["images"]
-    severity = {"PASS": 0, "DISCOUNT": 1, "REJECT": 2}
-    escapes = [im for im in report if severity[im["grade"]] < severity[im["true_grade"]]]
-    wide = [im for im in escapes if im["width"] > im["height"]]
+def test_the_over_graded_validation_images_are_those_the_readme_names():
+    """The README: four defect-free tiles graded DISCOUNT, the two uneven images with nearly
+    empty masks, two crack images and one broken tile marked far beyond its break."""
+    over = _misgraded(worse=True)
+    by_class: dict[str, int] = {}
+    for im in over:
+        by_class[im["cls"]] = by_class.get(im["cls"], 0) + 1
+    assert by_class == {"Free": 4, "Uneven": 2, "Crack": 2, "Break": 1}
+    assert all(im["grade"] == "DISCOUNT" for im in over if im["cls"] == "Free")
+    broken = next(im for im in over if im["cls"] == "Break")
+    assert broken["area_pct"] > 30 and broken["true_area_pct"] < 2
     readme = " ".join((ROOT / "README.md").read_text().split())
-    assert "15 of the shipped model's 16 escapes are wide tiles (nine breaks" in readme
-    assert (len(wide), len(escapes)) == (15, 16)
-    assert sum(im["cls"] == "Break" for im in wide) == 9
-    assert (min(im["width"] for im in wide), max(im["width"] for im in wide)) == (498, 632)
+    assert "Four defect-free tiles are graded DISCOUNT" in readme
+
+
+def test_the_escapes_the_readme_counts_are_the_frayed_and_a_broken_tile():
+    """The README: 3 escapes (graded milder than their truth) are exposures of the frayed tile
+    Fray/exp*_num_135*, 3 of one broken tile, all wide tiles."""
+    escapes = _misgraded(worse=False)
+    names = sorted(im["source"].rsplit("magnetic_tile/", 1)[1] for im in escapes)
+    assert len(names) == 6
+    assert sum(n.startswith("Fray/") and "_num_135" in n for n in names) == 3
+    assert sum(n.startswith("Break/") for n in names) == 3
+    assert all(im["width"] > im["height"] for im in escapes)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "The 6 escapes are three exposures of the frayed tile" in readme
 
 
 def test_eval_without_card_evaluates_at_the_threshold_asked(tmp_path):
