@@ -283,3 +283,37 @@ def test_the_fourteenth_sittings_helper_yield_runs_quoted_are_their_reports():
     assert (f"waits: p99 {min(waits):.2f}–{max(waits):.1f} ms) and the p99 was lower in five of seven pairs, its worst "
             f"run {max(p['3'] for p in pairs.values()):.1f} ms against {max(p['0'] for p in pairs.values()):.1f}") in flat
     assert (len(pairs), lower) == (7, 5)
+
+
+def test_the_fifteenth_cpu_sitting_quoted_is_its_committed_reports():
+    """docs/benchmarks.md's fifteenth sitting (the per-class U-Net; the previous file and the new
+    one in turn): every row and the medians are recomputed from docs/bench_cpu_15/."""
+    import hashlib
+    import statistics
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    docs = (root / "docs" / "benchmarks.md").read_text()
+    names = ["new_1", "new_2", "new_3", "ab_old_1", "ab_new_1", "ab_old_2", "ab_new_2"]
+    runs = {n: json.loads((root / "docs" / "bench_cpu_15" / f"{n}.json").read_text()) for n in names}
+
+    def load(r, x):
+        return next(run for run in r["latency_by_load"] if run["load"] == x)
+
+    for n, r in runs.items():
+        hi, stages = load(r, 0.8), load(r, 0.8)["stage_ms"]
+        line = (f"| {n} | {r['ratios']['pipeline_over_bare']:.3f} | {hi['p99_over_bare_median']:.2f} | "
+                f"{load(r, 0.5)['p99_over_bare_median']:.2f} | {r['pipeline']['rss_growth_mb']:+.1f} MB | "
+                f"{r['outbox']['store_ack_per_s']:,.0f} | {r['bare']['median_ms']:.2f} / {r['bare']['p99_ms']:.2f} | "
+                f"{stages['postprocess.segmentation']['p50']:.2f} | {hi['legs_ms']['stored_to_puback']['p99']:.1f} |")
+        assert line in docs, line
+    shipped = hashlib.sha256((root / "models" / "magnetic_tile_unet.onnx").read_bytes()).hexdigest()
+    assert all((r["models"]["segmentation"]["sha256"] == shipped) == ("old" not in n) for n, r in runs.items())
+    new = [runs[f"new_{i}"] for i in (1, 2, 3)]
+    med = statistics.median
+    quoted = (f"Medians of the three `new` runs: ratio {med(r['ratios']['pipeline_over_bare'] for r in new):.3f}, "
+              f"p99 / bare {med(load(r, 0.8)['p99_over_bare_median'] for r in new):.2f} at 80 % load and "
+              f"{med(load(r, 0.5)['p99_over_bare_median'] for r in new):.2f} at 50 %, RSS "
+              f"{med(r['pipeline']['rss_growth_mb'] for r in new):+.1f} MB, outbox "
+              f"{med(r['outbox']['store_ack_per_s'] for r in new):,.0f} results/s.")
+    assert quoted in " ".join(docs.split()), quoted
