@@ -44,10 +44,11 @@ def mask_defects(
         plane = prob[:, :, c]
         # Nothing above the threshold at model resolution (most good parts):
         # bilinear resizing cannot create a pixel above it, so skip the work.
-        if not (geometry.crop(plane) > threshold).any():
+        above = geometry.crop(plane) > threshold
+        if not above.any():
             continue
         p = geometry.to_source(plane)
-        binary = p > threshold
+        binary = above if p.shape == above.shape else p > threshold  # not resized: the same pixels
         # Regions are labelled inside the box around all pixels above the threshold
         # (usually a small part of the frame: 0.03 instead of 0.23 ms at 256 x 256).
         rows, cols = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
@@ -57,10 +58,9 @@ def mask_defects(
         sub, p_sub = binary[y0:y1, x0:x1], p[y0:y1, x0:x1]
         n, labels, stats, _ = cv2.connectedComponentsWithStats(sub.view(np.uint8), connectivity=8)
         area = stats[1:, cv2.CC_STAT_AREA]
-        fg = np.flatnonzero(sub)  # mean probability per region from its own pixels only
-        sums = np.bincount(labels.ravel()[fg], weights=p_sub.ravel()[fg], minlength=n)
-        mean = sums[1:] / np.maximum(area, 1)
-        keep = np.flatnonzero((area >= max(min_area_px, 1)) & (mean >= min_score)) + 1
+        big = np.flatnonzero(area >= max(min_area_px, 1)) + 1  # labels large enough to keep
+        mean = _region_means(p_sub, labels, stats, big, n)
+        keep = big[mean[big] >= min_score]
         if keep.size == 0:
             continue
         x, y = stats[keep, cv2.CC_STAT_LEFT] + x0, stats[keep, cv2.CC_STAT_TOP] + y0
@@ -75,13 +75,34 @@ def mask_defects(
         parts.append(
             Defects(
                 xyxy=np.stack([x, y, x + w, y + h], axis=1).astype(np.float32),
-                confidence=mean[keep - 1].astype(np.float32),
+                confidence=mean[keep].astype(np.float32),
                 class_name=np.full(keep.size, name),
                 area_px=kept_area.astype(np.float64),
                 kind=np.full(keep.size, "segmentation"),
             )
         )
     return Defects.concat(parts), union
+
+
+# Up to this many regions, each one's mean is taken in its own box (cv2.mean under
+# the region's mask); beyond, one bincount over the labelled box. A region
+# covering a whole 256 x 256 frame: 0.06 ms instead of 0.42 ms.
+_MEANS_IN_BOXES = 16
+
+
+def _region_means(p: np.ndarray, labels: np.ndarray, stats: np.ndarray, which: np.ndarray, n: int) -> np.ndarray:
+    """Mean of ``p`` over each region of ``labels`` listed in ``which`` (its own
+    pixels only), as an (n,) array indexed by label; other entries are 0."""
+    mean = np.zeros(n)
+    if which.size > _MEANS_IN_BOXES:
+        sums = np.bincount(labels.ravel(), weights=p.ravel(), minlength=n)  # label 0 is the background
+        mean[which] = sums[which] / stats[which, cv2.CC_STAT_AREA]
+        return mean
+    for k in which:
+        x, y, w, h = stats[k, :4]
+        own = labels[y : y + h, x : x + w] == k
+        mean[k] = cv2.mean(p[y : y + h, x : x + w], mask=own.view(np.uint8))[0]
+    return mean
 
 
 def detection_defects(

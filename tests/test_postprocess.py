@@ -116,3 +116,24 @@ def test_regions_labelled_in_their_box_equal_the_whole_frame(seed):
                      for (a, b, c, d), area, s in zip(found.xyxy, found.area_px, found.confidence))
         assert got == want
         assert np.array_equal(mask, union)
+
+
+def test_region_means_in_boxes_equal_one_bincount():
+    """The two ways mask_defects takes each region's mean probability (in each
+    region's box for a few regions, one bincount for many) agree, for regions
+    that share boxes with others and planes that are views of a multi-class map."""
+    from station.postprocess import _MEANS_IN_BOXES, _region_means
+
+    rng = np.random.default_rng(3)
+    prob = cv2.GaussianBlur(rng.random((120, 90, 2)).astype(np.float32), (0, 0), 1.5)
+    plane = prob[:, :, 1]  # not contiguous in its last axis
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((plane > np.median(plane)).view(np.uint8), connectivity=8)
+    assert n - 1 > _MEANS_IN_BOXES
+    everyone = np.arange(1, n)
+    few = everyone[:: max(1, (n - 1) // _MEANS_IN_BOXES + 1)]
+    assert few.size <= _MEANS_IN_BOXES
+    want = np.array([plane[labels == k].mean() for k in range(n)])
+    assert np.allclose(_region_means(plane, labels, stats, everyone, n)[1:], want[1:], rtol=0, atol=1e-6)
+    got = _region_means(plane, labels, stats, few, n)
+    assert np.allclose(got[few], want[few], rtol=0, atol=1e-6)
+    assert not np.delete(got, few).any()
