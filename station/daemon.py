@@ -547,12 +547,10 @@ class Daemon:
             self.archive.save_error(record, item.image if isinstance(item, Frame) else None)
 
     def _deliver(self, record: dict, captured_at: float | None) -> tuple[bool, int | None]:
-        """Count, store (outbox) and sink one record; False when MQTT is configured
+        """Store (outbox), count and sink one record; False when MQTT is configured
         and the outbox did not store it (full, or the disk refused the write), with
         the outbox seq it was stored under (None without MQTT or when not stored)."""
         stored = True
-        self.stats.add(record)
-        self.metrics.observe_result(record)
         seq = None
         if self.publisher is not None:
             try:
@@ -567,6 +565,9 @@ class Daemon:
                 stored = False
                 self.metrics.error("outbox_write")
                 log.error("result %s not stored: %s", record.get("id"), exc)
+        # Counted once the record is on its way: the broker's round trip overlaps this.
+        self.stats.add(record)
+        self.metrics.observe_result(record)
         if self.sink is not None:
             self.sink(record)
         if self.on_published is not None:
