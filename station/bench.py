@@ -54,7 +54,7 @@ from .errors import StationError
 from .messages import result_record
 from .outbox import Outbox
 from .pipeline import Inspector, ParallelInfer, Work, open_models
-from .priority import non_inference_increment, realtime_this_thread
+from .priority import non_inference_increment, pin_this_thread, realtime_this_thread, split_cpus
 from .types import Frame
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,9 @@ def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, li
     (per-frame ms, frames/s from the runs' own times) and the per-frame times in the
     order measured."""
     prepared = [inspector.prepare(f) for f in frames]
-    infer = ParallelInfer("bare", inspector.cfg.run.realtime_inference)
+    cpus = split_cpus(inspector.cfg.run.infer_cpu)  # and on the CPUs the daemon gives them
+    infer = ParallelInfer("bare", inspector.cfg.run.realtime_inference,
+                          helper_cpus=cpus[1] if cpus is not None else None)
 
     def one_frame(i: int) -> Work:
         w = prepared[i % len(prepared)]
@@ -230,6 +232,7 @@ def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, li
     per_frame: list[float] = []
 
     def measure() -> tuple[bool, bool]:  # on a thread of its own, under the infer stage's policy
+        pin_this_thread(cpus[0] if cpus is not None else None)
         realtime = realtime_this_thread(inspector.cfg.run.realtime_inference)
         for i in range(4):  # warm-up beyond the load-time one
             one_frame(i)
@@ -426,6 +429,9 @@ def run_bench(cfg: StationConfig, frames: int, latency_frames: int, latency_load
 
 
 def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path, broker: Broker) -> dict:
+    cpus = split_cpus(cfg.run.infer_cpu)
+    if cpus is not None:  # the broker off the infer thread's CPU, as its unit would keep it (README)
+        os.sched_setaffinity(broker.proc.pid, cpus[1])
     models = open_models(cfg)
     inspector = Inspector(models, cfg, keep_mask=False)
     cam = _camera(cfg, frames, None, size)
@@ -444,6 +450,7 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
                     "nice_non_inference": non_inference_increment(cfg.run.nice_non_inference,
                                                                   cfg.run.realtime_inference),
                     "helper_yield_ms": cfg.inference.helper_yield_ms,  # inference.helper_yield_ms
+                    "infer_cpu": cfg.run.infer_cpu,  # run.infer_cpu (the broker runs off it too)
                     "gpu": gpu_description(models, cfg.inference.device_id)},
         "frame": {"height": cam.height, "width": cam.width},
         "models": {r: {"name": m.card.name, "input": [m.card.input.height, m.card.input.width],
@@ -544,7 +551,8 @@ def format_report(r: dict) -> str:
         f"frames {r['frame']['width']}x{r['frame']['height']}, nice {r['machine']['nice']}"
         + (f" (+{r['machine']['nice_non_inference']} but inference)" if r["machine"].get("nice_non_inference") is not None else "")
         + (f", GPU {r['machine']['gpu']}" if r["machine"].get("gpu") else "")
-        + _realtime_text(r),
+        + _realtime_text(r)
+        + (f", infer thread on CPU {r['machine']['infer_cpu']}" if r["machine"].get("infer_cpu") is not None else ""),
     ]
     for role, m in r["models"].items():
         lines.append(f"  {role}: {m['name']} {m['input'][1]}x{m['input'][0]} on {', '.join(m['providers'])}: "

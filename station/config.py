@@ -255,6 +255,13 @@ class RunConfig(_Strict):
         description="SCHED_FIFO priority of the threads that run the models, so that no other process of the "
                     "machine stretches a run (needs CAP_SYS_NICE or LimitRTPRIO=); 0: the ordinary policy",
     )
+    infer_cpu: int | None = Field(
+        None, ge=0, le=4095,
+        description="a CPU given to the infer thread alone (the frame's first model, or every model in turn): "
+                    "it runs there and every other thread of the station runs on the other CPUs, so that no "
+                    "thread woken while a model holds that CPU under SCHED_FIFO waits there for the run's "
+                    "end beside an idle CPU (station/priority.py); null: no pinning",
+    )
 
     @model_validator(mode="after")
     def _backoff_ordered(self) -> "RunConfig":

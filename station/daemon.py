@@ -57,7 +57,8 @@ from .messages import error_record, result_record, stats_record, topics_for
 from .metrics import Metrics
 from .outbox import Outbox, OutboxFull
 from .pipeline import Inspector, ParallelInfer, Work, open_models
-from .priority import adopt_opencv_pool, lower_this_thread, non_inference_increment, realtime_this_thread
+from .priority import (adopt_opencv_pool, lower_this_thread, non_inference_increment, pin_this_thread,
+                       realtime_this_thread, split_cpus)
 from .publish import MqttPublisher
 from .types import Frame, FrameError, InspectionResult
 
@@ -307,6 +308,8 @@ class Daemon:
         self.stop_event = threading.Event()
         # The nice increment of every thread but inference: as set, or by the models' policy.
         self.nice_non_inference = non_inference_increment(cfg.run.nice_non_inference, cfg.run.realtime_inference)
+        # run.infer_cpu: (the infer thread's CPUs, every other thread's), or None.
+        self.cpus = split_cpus(cfg.run.infer_cpu)
         self.source: LiveSource = make_source(cfg.camera)
         self.queue = FrameQueue(cfg.run.queue_size, cfg.run.overflow)
         self.trigger = Trigger(cfg)
@@ -438,6 +441,7 @@ class Daemon:
     def _stage_loop(self, name: str, inq: FrameQueue, upstream: threading.Event, step: Callable,
                     outq: FrameQueue | None, done: threading.Event) -> None:
         if name == "infer":  # the models keep the cores (station/priority.py)
+            pin_this_thread(self.cpus[0] if self.cpus is not None else None)
             if realtime_this_thread(self.cfg.run.realtime_inference):
                 log.info("the models' threads run under SCHED_FIFO %d (run.realtime_inference)",
                          self.cfg.run.realtime_inference)
@@ -637,6 +641,21 @@ class Daemon:
 
     def run(self, install_signals: bool = True) -> int:
         """Run until stopped (signal, end of a finite source, or ``stop_event``)."""
+        if self.cpus is None:
+            return self._run(install_signals)
+        # run.infer_cpu: every thread started from here on (paho's, the models' helper,
+        # the stages) runs off the infer thread's CPU; the infer thread moves there.
+        # The calling thread gets its CPUs back at the end.
+        before = os.sched_getaffinity(0)
+        pin_this_thread(self.cpus[1])
+        log.info("the infer thread runs on CPU %s, every other thread on CPUs %s (run.infer_cpu)",
+                 ", ".join(map(str, sorted(self.cpus[0]))), ", ".join(map(str, sorted(self.cpus[1]))))
+        try:
+            return self._run(install_signals)
+        finally:
+            pin_this_thread(before)
+
+    def _run(self, install_signals: bool) -> int:
         cfg = self.cfg
         if cfg.run.steady_malloc:
             steady_malloc()
@@ -663,7 +682,8 @@ class Daemon:
             self.outbox.take_over_checkpoints()
         self._parallel_infer = ParallelInfer(
             "infer", cfg.run.realtime_inference,
-            self.settling.wait if self.settling is not None else None, cfg.inference.helper_yield_ms / 1e3)
+            self.settling.wait if self.settling is not None else None, cfg.inference.helper_yield_ms / 1e3,
+            helper_cpus=self.cpus[1] if self.cpus is not None else None)
         # A few synthetic parts through the models and post-processing, so that their
         # first, slower runs are not the line's first parts' (Inspector.warm_up).
         self.inspector.warm_up(self._parallel_infer)

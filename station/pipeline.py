@@ -27,7 +27,7 @@ from .grade import grade
 from .infer import OnnxModel
 from .modelcard import DetectionOutputs, MaskOutput
 from .preprocess import Geometry, preprocess, to_tensor
-from .priority import realtime_this_thread
+from .priority import pin_this_thread, realtime_this_thread
 from .types import Defects, Frame, InspectionResult
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,8 @@ class ParallelInfer:
     the same time (ONNX Runtime releases the GIL). Without the setting, or with one
     model, it is ``Inspector.infer``. The Inspector itself starts no threads. The
     helpers run under ``SCHED_FIFO`` at ``realtime`` when it is set (the calling
-    thread's policy is its own: station/priority.py).
+    thread's policy is its own: station/priority.py), on ``helper_cpus`` when given
+    (``run.infer_cpu``: the CPUs other than the calling thread's).
 
     ``yield_to(timeout_s)``, when given, is called by each helper before its run with
     ``yield_s`` (``inference.helper_yield_ms``): the daemon's wait for the frames
@@ -205,9 +206,11 @@ class ParallelInfer:
     helper would otherwise hold off its core (docs/benchmarks.md, fourteenth sitting)."""
 
     def __init__(self, name: str = "infer", realtime: int = 0,
-                 yield_to: Callable[[float], object] | None = None, yield_s: float = 0.0):
+                 yield_to: Callable[[float], object] | None = None, yield_s: float = 0.0,
+                 helper_cpus: set[int] | None = None):
         self._name = name
         self._realtime = realtime
+        self._helper_cpus = helper_cpus
         self._yield_to = yield_to if yield_s > 0 else None
         self._yield_s = yield_s
         self._pool: ThreadPoolExecutor | None = None
@@ -219,7 +222,7 @@ class ParallelInfer:
             return inspector.infer(work)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(len(ROLES) - 1, thread_name_prefix=self._name,
-                                            initializer=realtime_this_thread, initargs=(self._realtime,))
+                                            initializer=self._helper_start)
         t = time.perf_counter()
         others = [self._pool.submit(self._helper, work, role) for role in roles[1:]]
         try:
@@ -231,6 +234,10 @@ class ParallelInfer:
             f.result()  # raises a helper's error
         work.latency["infer"] = (time.perf_counter() - t) * 1e3  # all models, together
         return work
+
+    def _helper_start(self) -> None:
+        pin_this_thread(self._helper_cpus)
+        realtime_this_thread(self._realtime)
 
     def _helper(self, work: "Work", role: str) -> "Work":
         if self._yield_to is not None:

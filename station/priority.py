@@ -39,6 +39,18 @@ postprocessing or its PUBACK for the length of that burst. So the default of
 ``run.nice_non_inference`` follows the models' policy
 (:func:`non_inference_increment`): 10 under the ordinary policy, 0 once
 ``SCHED_FIFO`` is granted (docs/benchmarks.md, fourteenth sitting).
+
+A thread woken while both cores run models (paho's network thread on a PUBACK,
+the broker on a PUBLISH) is queued on one of them, often the one whose model
+runs longest, and waits there for that run's end even when the other core goes
+idle meanwhile: the kernel's idle balancing does not always pull it over, and
+up to 12 ms passed so (docs/benchmarks.md, sixteenth sitting). With
+``run.infer_cpu`` the infer thread, which runs the frame's first model, is
+pinned to that CPU and every other thread of the station to the rest
+(:func:`split_cpus`): a woken thread then queues where it can run as soon as
+that CPU is free. The broker, a process of its own, is kept off that CPU by its
+own unit (README, "Running at the line"); ``station bench`` does it for the
+broker it starts.
 """
 
 from __future__ import annotations
@@ -48,6 +60,8 @@ import os
 import threading
 
 import cv2
+
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +123,30 @@ def realtime_allowed(priority: int) -> bool:
     thread.start()
     thread.join()
     return bool(granted)
+
+
+def split_cpus(infer_cpu: int | None) -> tuple[set[int], set[int]] | None:
+    """``run.infer_cpu`` → (the infer thread's CPUs, every other thread's), or None
+    when it is not set. ConfigError when this process may not run on that CPU or
+    has no other CPU left, or the platform cannot pin threads."""
+    if infer_cpu is None:
+        return None
+    if not hasattr(os, "sched_getaffinity"):
+        raise ConfigError(f"run.infer_cpu {infer_cpu}: this platform cannot pin threads to CPUs")
+    allowed = os.sched_getaffinity(0)
+    if infer_cpu not in allowed:
+        raise ConfigError(f"run.infer_cpu {infer_cpu}: this process may run on CPUs {sorted(allowed)} only")
+    others = allowed - {infer_cpu}
+    if not others:
+        raise ConfigError(f"run.infer_cpu {infer_cpu}: this process may run on that CPU only, "
+                          "and every other thread needs one more")
+    return {infer_cpu}, others
+
+
+def pin_this_thread(cpus: set[int] | None) -> None:
+    """Run the calling thread (and the threads it starts from now on) on ``cpus``; None: leave it."""
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)  # pid 0: the calling thread (Linux keeps an affinity per thread)
 
 
 def non_inference_increment(nice: int | None, realtime: int) -> int:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mosquitto import have_mosquitto
@@ -140,6 +141,39 @@ def test_bench_says_whether_the_models_ran_under_sched_fifo(tmp_path, capsys, mo
         assert "models under SCHED_FIFO 3" in printed
     else:
         assert "SCHED_FIFO 3 refused here: models under the ordinary policy" in printed
+
+
+@pytest.mark.skipif(not have_mosquitto(), reason="mosquitto binary not installed")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="run.infer_cpu needs a process allowed on two CPUs")
+def test_bench_keeps_its_broker_and_the_helper_off_the_infer_cpu(tmp_path, capsys, monkeypatch):
+    """run.infer_cpu: the bench's Mosquitto and the second model's helper run on the other
+    CPUs and the bare runs' first model on that one, as in the daemon; the report says so."""
+    allowed = os.sched_getaffinity(0)
+    cpu = max(allowed)
+    calls: list[tuple[int, set[int]]] = []
+    real = os.sched_setaffinity
+
+    def recording(pid, cpus):
+        calls.append((pid, set(cpus)))
+        return real(pid, cpus)
+
+    monkeypatch.setattr(os, "sched_setaffinity", recording)
+    cfg = tmp_path / "bench.yaml"
+    models = Path(__file__).resolve().parents[1] / "models"
+    cfg.write_text(f"models: {{segmentation: {models / 'magnetic_tile_unet.onnx'}, "
+                   f"detection: {models / 'neu_det_detector.onnx'}}}\n"
+                   f"inference: {{parallel_models: true}}\nrun: {{infer_cpu: {cpu}}}\n")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "-c", str(cfg), "--frames", "40", "--latency-frames", "10", "--size", "96", "128",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["machine"]["infer_cpu"] == cpu
+    others = allowed - {cpu}
+    assert any(pid > 0 and cpus == others for pid, cpus in calls), calls  # the broker
+    assert (0, {cpu}) in calls, calls  # the first model's thread, in the bare runs and the daemon
+    assert calls.count((0, others)) >= 3, calls  # the bare runs' helper, the daemon's caller and its helper
+    assert f"infer thread on CPU {cpu}" in capsys.readouterr().out
+    assert os.sched_getaffinity(0) == allowed
 
 
 def test_the_gpu_the_models_run_on_is_named(tmp_path, monkeypatch):

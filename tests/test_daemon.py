@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -479,6 +480,56 @@ def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broke
     for name in ("capture", "finish", "mqtt-sender", "paho-mqtt-client", "outbox-checkpoint"):
         assert nices[name] == base, (name, nices)
     assert "threads but inference at nice +0 (run.nice_non_inference)" in caplog.text
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="run.infer_cpu needs a process allowed on two CPUs")
+def test_the_infer_thread_runs_alone_on_its_cpu_when_asked(tmp_path, broker, caplog):
+    """run.infer_cpu: the infer thread (the frame's first model) runs on that CPU and every
+    other thread of the station (the second model's helper, capture, finish, the MQTT
+    threads, the checkpoints) on the others; the caller's thread gets its CPUs back
+    (docs/benchmarks.md, sixteenth sitting)."""
+    import threading
+
+    from station.config import parse_config
+    from station.daemon import Daemon
+
+    caplog.set_level("INFO", logger="station.daemon")
+    allowed = os.sched_getaffinity(0)
+    cpu = max(allowed)
+    seen: dict[str, set[int]] = {}
+
+    def sink(record: dict) -> None:  # on the finish thread, with every other thread alive
+        for t in threading.enumerate():
+            if t.native_id is not None and t.is_alive():
+                seen.setdefault(t.name.split("-station")[0], os.sched_getaffinity(t.native_id))
+
+    text = (f"models: {{segmentation: {ROOT / 'models/magnetic_tile_unet.onnx'}, "
+            f"detection: {ROOT / 'models/neu_det_detector.onnx'}}}\n"
+            "inference: {parallel_models: true}\n"
+            "camera: {type: fake, frames: 4, height: 96, width: 128}\n"
+            f"run: {{infer_cpu: {cpu}, state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
+    daemon = Daemon(parse_config(text), sink=sink)
+    assert daemon.run(install_signals=False) == 0
+    assert seen.pop("infer") == {cpu}, seen
+    for name in ("infer_0", "capture", "finish", "mqtt-sender", "paho-mqtt-client", "outbox-checkpoint"):
+        assert seen[name] == allowed - {cpu}, (name, seen)
+    assert os.sched_getaffinity(0) == allowed  # the caller's thread is given its CPUs back
+    assert f"the infer thread runs on CPU {cpu}, every other thread on CPUs" in caplog.text
+
+
+def test_an_infer_cpu_this_process_may_not_use_is_refused_at_start(tmp_path):
+    """run.infer_cpu names a CPU outside the process's affinity: the daemon does not start,
+    and the error names the CPU and the ones it may use."""
+    from station.config import parse_config
+    from station.daemon import Daemon
+    from station.errors import ConfigError
+
+    allowed = sorted(os.sched_getaffinity(0))
+    text = ("camera: {type: fake, frames: 1}\n"
+            f"run: {{infer_cpu: {max(allowed) + 1}, state_dir: {tmp_path / 'state'}}}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"run.infer_cpu {max(allowed) + 1}: this process may run "
+                                                    f"on CPUs {allowed} only")):
+        Daemon(parse_config(text))
 
 
 def test_the_outbox_is_checkpointed_by_its_own_thread(tmp_path, broker, monkeypatch):

@@ -16,6 +16,7 @@ from station.priority import (
     non_inference_increment,
     realtime_allowed,
     realtime_this_thread,
+    split_cpus,
 )
 
 
@@ -146,3 +147,18 @@ def test_the_default_nice_increment_follows_the_models_policy(monkeypatch):
 
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
     assert non_inference_increment(None, 3) == 10  # refused: the models are ordinary threads, the rest steps down
+
+
+def test_split_cpus_gives_the_infer_thread_one_cpu_and_the_rest_the_others(monkeypatch):
+    """run.infer_cpu: that CPU for the infer thread, every other allowed one for the rest;
+    unset, nothing; a CPU the process may not use, or the only one it may, is refused."""
+    from station.errors import ConfigError
+
+    assert split_cpus(None) is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert split_cpus(2) == ({2}, {0, 1, 3})
+    with pytest.raises(ConfigError, match=r"run.infer_cpu 7: this process may run on CPUs \[0, 1, 2, 3\] only"):
+        split_cpus(7)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
+    with pytest.raises(ConfigError, match="run.infer_cpu 1: this process may run on that CPU only"):
+        split_cpus(1)
