@@ -354,16 +354,19 @@ def test_the_fifteenth_cpu_sitting_quoted_is_its_committed_reports():
 
 
 def test_the_sixteenth_cpu_sitting_quoted_is_its_committed_reports():
-    """docs/benchmarks.md's sixteenth sitting (the lighter finish stage): every row and the
-    medians are recomputed from docs/bench_cpu_16/, whose reports are of the shipped models."""
+    """docs/benchmarks.md's sixteenth sitting (the lighter finish stage, then run.infer_cpu): every
+    row and the medians are recomputed from docs/bench_cpu_16/, whose reports are of the shipped
+    models; the `pinned` ones, and only they, ran with run.infer_cpu 0."""
     import hashlib
     import statistics
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     docs = (root / "docs" / "benchmarks.md").read_text()
-    names = ["before", "after_1", "after_2", "after_3"]
+    names = (["before", "after_1", "after_2", "after_3"] + [f"pinned_{i}" for i in range(1, 7)]
+             + ["ab_unpinned_1", "ab_pinned_1", "ab_unpinned_2", "ab_pinned_2"])
     runs = {n: json.loads((root / "docs" / "bench_cpu_16" / f"{n}.json").read_text()) for n in names}
+    assert all((r["machine"].get("infer_cpu") == 0) == ("pinned" in n and "unpinned" not in n) for n, r in runs.items())
 
     def load(r, x):
         return next(run for run in r["latency_by_load"] if run["load"] == x)
@@ -375,17 +378,21 @@ def test_the_sixteenth_cpu_sitting_quoted_is_its_committed_reports():
                 f"{r['outbox']['store_ack_per_s']:,.0f} | {r['bare']['median_ms']:.2f} / {r['bare']['p99_ms']:.2f} | "
                 f"{stages['postprocess.segmentation']['p50']:.2f} | {hi['legs_ms']['stored_to_puback']['p99']:.1f} |")
         assert line in docs, line
-        assert r["command"].startswith("station bench -c config/bench.yaml --size 256 256 --frames 10000 "
-                                       "--latency-frames 1000 --latency-load 0.8 0.5 ")
+        config = "out/bench_nopin.yaml" if "unpinned" in n else "config/bench.yaml"  # the former: infer_cpu null
+        assert r["command"].startswith(f"station bench -c {config} --size 256 256 --frames 10000 "
+                                       "--latency-frames 1000 --latency-load 0.8 0.5 "), r["command"]
     for role in ("segmentation", "detection"):
         model = root / "models" / ("magnetic_tile_unet.onnx" if role == "segmentation" else "neu_det_detector.onnx")
         shipped = hashlib.sha256(model.read_bytes()).hexdigest()
         assert all(r["models"][role]["sha256"] == shipped for r in runs.values())
-    after = [runs[f"after_{i}"] for i in (1, 2, 3)]
     med = statistics.median
-    quoted = (f"Medians of the three `after` runs: ratio {med(r['ratios']['pipeline_over_bare'] for r in after):.3f}, "
-              f"p99 / bare {med(load(r, 0.8)['p99_over_bare_median'] for r in after):.2f} at 80 % load and "
-              f"{med(load(r, 0.5)['p99_over_bare_median'] for r in after):.2f} at 50 %, RSS "
-              f"{med(r['pipeline']['rss_growth_mb'] for r in after):+.1f} MB, outbox "
-              f"{med(r['outbox']['store_ack_per_s'] for r in after):,.0f} results/s.")
-    assert quoted in " ".join(docs.split()), quoted
+    for label, group in (("the three `after` runs", ["after_1", "after_2", "after_3"]),
+                         ("`pinned_1`–`pinned_3`", ["pinned_1", "pinned_2", "pinned_3"]),
+                         ("`pinned_4`–`pinned_6`", ["pinned_4", "pinned_5", "pinned_6"])):
+        rs = [runs[n] for n in group]
+        quoted = (f"Medians of {label}: ratio {med(r['ratios']['pipeline_over_bare'] for r in rs):.3f}, "
+                  f"p99 / bare {med(load(r, 0.8)['p99_over_bare_median'] for r in rs):.2f} at 80 % load and "
+                  f"{med(load(r, 0.5)['p99_over_bare_median'] for r in rs):.2f} at 50 %, RSS "
+                  f"{med(r['pipeline']['rss_growth_mb'] for r in rs):+.1f} MB, outbox "
+                  f"{med(r['outbox']['store_ack_per_s'] for r in rs):,.0f} results/s.")
+        assert quoted in " ".join(docs.split()), quoted

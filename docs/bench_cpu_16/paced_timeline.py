@@ -16,7 +16,12 @@ whether they settled in time). Trials, each off unless set: ``BROKER=fifo``
 and ``PAHO=fifo`` put Mosquitto or paho's network thread under SCHED_FIFO 20
 (above the models); ``SWITCH=S`` sets ``sys.setswitchinterval(S)``;
 ``HELPER=demote`` makes the detector's run after a wait that ran out under
-SCHED_OTHER (restored after). ``DETECTOR=fifo|idle|nice:N`` sets the policy of
+SCHED_OTHER (restored after); ``PIN=1`` pins the infer thread to CPU 0 and
+every other thread of the process, and the broker, to CPU 1 (what
+``run.infer_cpu: 0`` now does; config/bench.yaml sets that since 6a50bd5, so
+the unpinned runs need the override ``'{run: {infer_cpu: null}}'``). The output also names the threads by native id
+(``threads``) and gives ``wall_minus_mono`` to line the events up with
+``perf sched record -k CLOCK_MONOTONIC``. ``DETECTOR=fifo|idle|nice:N`` sets the policy of
 the helper thread that runs the detector (fifo: as shipped). The optional YAML overrides sections of the
 config (e.g. ``'{run: {nice_non_inference: 10}}'``). It prints p50/p99/max
 end-to-end latency and writes each frame's events (UNIX s) and stage times.
@@ -177,7 +182,35 @@ def _realtime_paho() -> None:
         time.sleep(0.2)
 
 
+THREADS = {}
+
+
+def _names() -> None:
+    while True:
+        for t in threading.enumerate():
+            THREADS[str(t.native_id)] = t.name
+        time.sleep(0.5)
+
+
+def _pin(broker_pid: int) -> None:
+    if os.environ.get("PIN") != "1":
+        return
+    while True:
+        infer = {t.native_id for t in threading.enumerate() if t.name == "infer"}
+        for tid in map(int, os.listdir("/proc/self/task")):
+            try:
+                os.sched_setaffinity(tid, {0} if tid in infer else {1})
+            except OSError:
+                pass
+        try:
+            os.sched_setaffinity(broker_pid, {1})
+        except OSError:
+            pass
+        time.sleep(0.2)
+
+
 def main() -> None:
+    threading.Thread(target=_names, name="names", daemon=True).start()
     if os.environ.get("SWITCH"):
         sys.setswitchinterval(float(os.environ["SWITCH"]))
     fps, frames, out = float(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
@@ -187,6 +220,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         broker = bench.Broker(work)
+        threading.Thread(target=_pin, args=(broker.proc.pid,), daemon=True).start()
         if os.environ.get("BROKER") == "fifo":
             os.sched_setscheduler(broker.proc.pid, os.SCHED_FIFO, os.sched_param(20))
         if os.environ.get("PAHO") == "fifo":
@@ -208,7 +242,7 @@ def main() -> None:
             events["puback_callback"] = CALLBACK[seq]
         rows.append(events)
     out.write_text(json.dumps({"fps": fps, "detector": DETECTOR, "dropped": run.daemon.queue.dropped,
-                               "frames": rows, "stage_ms": run.stages, "io": IO, "waits": WAITS}))
+                               "frames": rows, "stage_ms": run.stages, "io": IO, "waits": WAITS, "wall_minus_mono": time.time() - time.monotonic(), "threads": THREADS}))
     lat = np.array([(e["acked"] - e["captured"]) * 1e3 for e in rows])
     print(f"p50 {np.percentile(lat, 50):.2f} p99 {np.percentile(lat, 99):.2f} max {lat.max():.2f} "
           f"dropped {run.daemon.queue.dropped} waits timed out {sum(1 for w in WAITS if not w[2])}")
