@@ -319,65 +319,69 @@ def test_the_fourteenth_sittings_helper_yield_runs_quoted_are_their_reports():
     assert (len(pairs), lower) == (7, 5)
 
 
+def _at(r: dict, load: float) -> dict:
+    """A report's paced run at ``load``."""
+    return next(run for run in r["latency_by_load"] if run["load"] == load)
+
+
+def _report_row(name: str, r: dict) -> str:
+    """The row docs/benchmarks.md gives a report in the fifteenth and sixteenth sittings' tables."""
+    hi = _at(r, 0.8)
+    return (f"| {name} | {r['ratios']['pipeline_over_bare']:.3f} | {hi['p99_over_bare_median']:.2f} | "
+            f"{_at(r, 0.5)['p99_over_bare_median']:.2f} | {r['pipeline']['rss_growth_mb']:+.1f} MB | "
+            f"{r['outbox']['store_ack_per_s']:,.0f} | {r['bare']['median_ms']:.2f} / {r['bare']['p99_ms']:.2f} | "
+            f"{hi['stage_ms']['postprocess.segmentation']['p50']:.2f} | {hi['legs_ms']['stored_to_puback']['p99']:.1f} |")
+
+
+def _medians_sentence(label: str, rs: list[dict]) -> str:
+    """The sentence quoting the medians of the target figures over ``rs``."""
+    import statistics
+
+    med = statistics.median
+    return (f"Medians of {label}: ratio {med(r['ratios']['pipeline_over_bare'] for r in rs):.3f}, "
+            f"p99 / bare {med(_at(r, 0.8)['p99_over_bare_median'] for r in rs):.2f} at 80 % load and "
+            f"{med(_at(r, 0.5)['p99_over_bare_median'] for r in rs):.2f} at 50 %, RSS "
+            f"{med(r['pipeline']['rss_growth_mb'] for r in rs):+.1f} MB, outbox "
+            f"{med(r['outbox']['store_ack_per_s'] for r in rs):,.0f} results/s.")
+
+
 def test_the_fifteenth_cpu_sitting_quoted_is_its_committed_reports():
     """docs/benchmarks.md's fifteenth sitting (the per-class U-Net; the previous file and the new
     one in turn): every row and the medians are recomputed from docs/bench_cpu_15/."""
     import hashlib
-    import statistics
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     docs = (root / "docs" / "benchmarks.md").read_text()
     names = ["new_1", "new_2", "new_3", "ab_old_1", "ab_new_1", "ab_old_2", "ab_new_2"]
     runs = {n: json.loads((root / "docs" / "bench_cpu_15" / f"{n}.json").read_text()) for n in names}
-
-    def load(r, x):
-        return next(run for run in r["latency_by_load"] if run["load"] == x)
-
     for n, r in runs.items():
-        hi, stages = load(r, 0.8), load(r, 0.8)["stage_ms"]
-        line = (f"| {n} | {r['ratios']['pipeline_over_bare']:.3f} | {hi['p99_over_bare_median']:.2f} | "
-                f"{load(r, 0.5)['p99_over_bare_median']:.2f} | {r['pipeline']['rss_growth_mb']:+.1f} MB | "
-                f"{r['outbox']['store_ack_per_s']:,.0f} | {r['bare']['median_ms']:.2f} / {r['bare']['p99_ms']:.2f} | "
-                f"{stages['postprocess.segmentation']['p50']:.2f} | {hi['legs_ms']['stored_to_puback']['p99']:.1f} |")
-        assert line in docs, line
+        assert _report_row(n, r) in docs, _report_row(n, r)
     shipped = hashlib.sha256((root / "models" / "magnetic_tile_unet.onnx").read_bytes()).hexdigest()
     assert all((r["models"]["segmentation"]["sha256"] == shipped) == ("old" not in n) for n, r in runs.items())
-    new = [runs[f"new_{i}"] for i in (1, 2, 3)]
-    med = statistics.median
-    quoted = (f"Medians of the three `new` runs: ratio {med(r['ratios']['pipeline_over_bare'] for r in new):.3f}, "
-              f"p99 / bare {med(load(r, 0.8)['p99_over_bare_median'] for r in new):.2f} at 80 % load and "
-              f"{med(load(r, 0.5)['p99_over_bare_median'] for r in new):.2f} at 50 %, RSS "
-              f"{med(r['pipeline']['rss_growth_mb'] for r in new):+.1f} MB, outbox "
-              f"{med(r['outbox']['store_ack_per_s'] for r in new):,.0f} results/s.")
+    quoted = _medians_sentence("the three `new` runs", [runs[f"new_{i}"] for i in (1, 2, 3)])
     assert quoted in " ".join(docs.split()), quoted
 
 
 def test_the_sixteenth_cpu_sitting_quoted_is_its_committed_reports():
     """docs/benchmarks.md's sixteenth sitting (the lighter finish stage, then run.infer_cpu): every
-    row and the medians are recomputed from docs/bench_cpu_16/, whose reports are of the shipped
-    models; the `pinned` ones, and only they, ran with run.infer_cpu 0."""
+    row, the medians and the summary figures (also the README's) are recomputed from
+    docs/bench_cpu_16/, whose reports are of the shipped models; the `pinned` ones, and only
+    they, ran with run.infer_cpu 0."""
     import hashlib
     import statistics
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     docs = (root / "docs" / "benchmarks.md").read_text()
+    flat = " ".join(docs.split())
     names = (["before", "after_1", "after_2", "after_3"] + [f"pinned_{i}" for i in range(1, 7)]
              + ["ab_unpinned_1", "ab_pinned_1", "ab_unpinned_2", "ab_pinned_2"])
     runs = {n: json.loads((root / "docs" / "bench_cpu_16" / f"{n}.json").read_text()) for n in names}
-    assert all((r["machine"].get("infer_cpu") == 0) == ("pinned" in n and "unpinned" not in n) for n, r in runs.items())
-
-    def load(r, x):
-        return next(run for run in r["latency_by_load"] if run["load"] == x)
-
+    pinned = {n for n in names if "pinned" in n and "unpinned" not in n}
+    assert all((r["machine"].get("infer_cpu") == 0) == (n in pinned) for n, r in runs.items())
     for n, r in runs.items():
-        hi, stages = load(r, 0.8), load(r, 0.8)["stage_ms"]
-        line = (f"| {n} | {r['ratios']['pipeline_over_bare']:.3f} | {hi['p99_over_bare_median']:.2f} | "
-                f"{load(r, 0.5)['p99_over_bare_median']:.2f} | {r['pipeline']['rss_growth_mb']:+.1f} MB | "
-                f"{r['outbox']['store_ack_per_s']:,.0f} | {r['bare']['median_ms']:.2f} / {r['bare']['p99_ms']:.2f} | "
-                f"{stages['postprocess.segmentation']['p50']:.2f} | {hi['legs_ms']['stored_to_puback']['p99']:.1f} |")
-        assert line in docs, line
+        assert _report_row(n, r) in docs, _report_row(n, r)
         config = "out/bench_nopin.yaml" if "unpinned" in n else "config/bench.yaml"  # the former: infer_cpu null
         assert r["command"].startswith(f"station bench -c {config} --size 256 256 --frames 10000 "
                                        "--latency-frames 1000 --latency-load 0.8 0.5 "), r["command"]
@@ -385,14 +389,27 @@ def test_the_sixteenth_cpu_sitting_quoted_is_its_committed_reports():
         model = root / "models" / ("magnetic_tile_unet.onnx" if role == "segmentation" else "neu_det_detector.onnx")
         shipped = hashlib.sha256(model.read_bytes()).hexdigest()
         assert all(r["models"][role]["sha256"] == shipped for r in runs.values())
-    med = statistics.median
     for label, group in (("the three `after` runs", ["after_1", "after_2", "after_3"]),
                          ("`pinned_1`–`pinned_3`", ["pinned_1", "pinned_2", "pinned_3"]),
                          ("`pinned_4`–`pinned_6`", ["pinned_4", "pinned_5", "pinned_6"])):
-        rs = [runs[n] for n in group]
-        quoted = (f"Medians of {label}: ratio {med(r['ratios']['pipeline_over_bare'] for r in rs):.3f}, "
-                  f"p99 / bare {med(load(r, 0.8)['p99_over_bare_median'] for r in rs):.2f} at 80 % load and "
-                  f"{med(load(r, 0.5)['p99_over_bare_median'] for r in rs):.2f} at 50 %, RSS "
-                  f"{med(r['pipeline']['rss_growth_mb'] for r in rs):+.1f} MB, outbox "
-                  f"{med(r['outbox']['store_ack_per_s'] for r in rs):,.0f} results/s.")
-        assert quoted in " ".join(docs.split()), quoted
+        quoted = _medians_sentence(label, [runs[n] for n in group])
+        assert quoted in flat, quoted
+    # The summary: the ratio with and without the setting, the runs that meet the 80 % target.
+    unpinned = [n for n in names if n not in pinned and n != "before"]
+    ratio = {side: [runs[n]["ratios"]["pipeline_over_bare"] for n in group]
+             for side, group in (("with", sorted(pinned)), ("without", unpinned))}
+    med = {side: f"{statistics.median(v):.3f}" for side, v in ratio.items()}
+    assert (f"over the eight runs with the setting its median is {med['with']} ({min(ratio['with']):.3f}–"
+            f"{max(ratio['with']):.3f}) against {med['without']} ({min(ratio['without']):.3f}–"
+            f"{max(ratio['without']):.3f}) over the five without") in flat
+    met = {side: sum(_at(runs[n], 0.8)["p99_over_bare_median"] <= 2 for n in group)
+           for side, group in (("with", pinned), ("without", unpinned))}
+    assert (len(pinned), len(unpinned), met["with"], met["without"]) == (8, 5, 3, 0)
+    assert "the 80 % tail holds in 3 of the 8 runs with the setting (in none of the 5 without)" in flat
+    readme = " ".join((root / "README.md").read_text().split())
+    assert f"median ratio {med['with']} against {med['without']}" in readme
+    # "from 10–27 ms to 0.5–1.8 ms in most runs": the PUBACK leg's p99 at 80 % load
+    leg = {n: _at(runs[n], 0.8)["legs_ms"]["stored_to_puback"]["p99"] for n in names if n != "before"}
+    assert 9.5 < min(leg[n] for n in unpinned) and max(leg[n] for n in unpinned) < 27.0
+    low = [n for n in pinned if 0.45 <= leg[n] < 1.85]
+    assert len(low) > len(pinned) / 2, leg
