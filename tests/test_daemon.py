@@ -442,6 +442,31 @@ def test_threads_but_inference_run_at_the_lower_priority(tmp_path, broker, incre
     assert _nice(threading.get_native_id()) == base  # the caller's thread is left alone
 
 
+def _threads_of_a_run(tmp_path, broker, run: str, probe) -> dict:
+    """Run the daemon on both shipped models in parallel (4 fake frames, MQTT to ``broker``,
+    ``run`` the inside of the run section) and return {thread name: probe(native id)} for
+    every thread alive when the first result reaches the sink (on the finish thread)."""
+    import threading
+
+    from station.config import parse_config
+    from station.daemon import Daemon
+
+    seen: dict = {}
+
+    def sink(record: dict) -> None:
+        for t in threading.enumerate():
+            if t.native_id is not None and t.is_alive():
+                seen.setdefault(t.name.split("-station")[0], probe(t.native_id))
+
+    text = (f"models: {{segmentation: {ROOT / 'models/magnetic_tile_unet.onnx'}, "
+            f"detection: {ROOT / 'models/neu_det_detector.onnx'}}}\n"
+            "inference: {parallel_models: true}\n"
+            "camera: {type: fake, frames: 4, height: 96, width: 128}\n"
+            f"run: {{{run}, state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
+    assert Daemon(parse_config(text), sink=sink).run(install_signals=False) == 0
+    return seen
+
+
 @pytest.mark.skipif(FIFO_REFUSED is not None, reason=str(FIFO_REFUSED))
 def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broker, caplog):
     """run.realtime_inference: the infer thread and the helper that runs the second model
@@ -450,28 +475,12 @@ def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broke
     unset, the process's nice value (docs/benchmarks.md, fourteenth sitting)."""
     import threading
 
-    from station.config import parse_config
-    from station.daemon import Daemon
-
     caplog.set_level("INFO", logger="station.daemon")
-    seen: dict[str, tuple[int, int]] = {}
-    nices: dict[str, int] = {}
     base = _nice(threading.get_native_id())
-
-    def sink(record: dict) -> None:  # on the finish thread, with every other thread alive
-        for t in threading.enumerate():
-            if t.native_id is not None and t.is_alive():
-                seen.setdefault(t.name.split("-station")[0],
-                                (os.sched_getscheduler(t.native_id), os.sched_getparam(t.native_id).sched_priority))
-                nices.setdefault(t.name.split("-station")[0], _nice(t.native_id))
-
-    text = (f"models: {{segmentation: {ROOT / 'models/magnetic_tile_unet.onnx'}, "
-            f"detection: {ROOT / 'models/neu_det_detector.onnx'}}}\n"
-            "inference: {parallel_models: true}\n"
-            "camera: {type: fake, frames: 4, height: 96, width: 128}\n"
-            f"run: {{realtime_inference: 3, state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
-    daemon = Daemon(parse_config(text), sink=sink)
-    assert daemon.run(install_signals=False) == 0
+    found = _threads_of_a_run(tmp_path, broker, "realtime_inference: 3", lambda tid: (
+        os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority, _nice(tid)))
+    seen = {name: (policy, priority) for name, (policy, priority, _) in found.items()}
+    nices = {name: nice for name, (_, _, nice) in found.items()}
     realtime = {name for name, policy in seen.items() if policy == (os.SCHED_FIFO, 3)}
     assert realtime == {"infer", "infer_0"}, seen
     assert {policy for name, policy in seen.items() if name not in realtime} == {(os.SCHED_OTHER, 0)}, seen
@@ -488,28 +497,10 @@ def test_the_infer_thread_runs_alone_on_its_cpu_when_asked(tmp_path, broker, cap
     other thread of the station (the second model's helper, capture, finish, the MQTT
     threads, the checkpoints) on the others; the caller's thread gets its CPUs back
     (docs/benchmarks.md, sixteenth sitting)."""
-    import threading
-
-    from station.config import parse_config
-    from station.daemon import Daemon
-
     caplog.set_level("INFO", logger="station.daemon")
     allowed = os.sched_getaffinity(0)
     cpu = max(allowed)
-    seen: dict[str, set[int]] = {}
-
-    def sink(record: dict) -> None:  # on the finish thread, with every other thread alive
-        for t in threading.enumerate():
-            if t.native_id is not None and t.is_alive():
-                seen.setdefault(t.name.split("-station")[0], os.sched_getaffinity(t.native_id))
-
-    text = (f"models: {{segmentation: {ROOT / 'models/magnetic_tile_unet.onnx'}, "
-            f"detection: {ROOT / 'models/neu_det_detector.onnx'}}}\n"
-            "inference: {parallel_models: true}\n"
-            "camera: {type: fake, frames: 4, height: 96, width: 128}\n"
-            f"run: {{infer_cpu: {cpu}, state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
-    daemon = Daemon(parse_config(text), sink=sink)
-    assert daemon.run(install_signals=False) == 0
+    seen = _threads_of_a_run(tmp_path, broker, f"infer_cpu: {cpu}", os.sched_getaffinity)
     assert seen.pop("infer") == {cpu}, seen
     for name in ("infer_0", "capture", "finish", "mqtt-sender", "paho-mqtt-client", "outbox-checkpoint"):
         assert seen[name] == allowed - {cpu}, (name, seen)
