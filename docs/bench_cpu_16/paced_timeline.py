@@ -15,10 +15,9 @@ CLOCK_MONOTONIC``. Trials, each off unless set: ``BROKER=fifo`` and
 the models); ``SWITCH=S`` sets ``sys.setswitchinterval(S)``; ``HELPER=demote``
 makes the detector's run after a wait that ran out under SCHED_OTHER (restored
 after); ``PIN=1`` pins the infer thread to CPU 0 and every other thread of the
-process, and the broker, to CPU 1 (what ``run.infer_cpu: 0`` now does, and
-with it only, as it moves the calling thread too;
-config/bench.yaml sets that since 6a50bd5, so the unpinned runs need the
-override ``'{run: {infer_cpu: null}}'``).
+process, and the broker, to CPU 1 (what ``run.infer_cpu: 0`` now does). Since
+6a50bd5 config/bench.yaml sets ``infer_cpu: 0``: runs without it, and every run
+with ``PIN=1``, need the override ``'{run: {infer_cpu: null}}'``.
 """
 
 from __future__ import annotations
