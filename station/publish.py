@@ -139,6 +139,12 @@ class _Session:
         self.lost = threading.Event()
         self.lost_reason: str = ""
 
+    @property
+    def accepted(self) -> bool:
+        """The broker answered the CONNECT and took it: results may be sent. (A refusal
+        sets ``connack`` too, with ``refused`` and no ``connected_at``.)"""
+        return self.connack.is_set() and self.refused is None
+
 
 class MqttPublisher:
     """Publishes results (QoS 1, via the outbox), status (retained) and stats (QoS 0).
@@ -436,7 +442,7 @@ class MqttPublisher:
         host's thread wake-up latency (``station bench``) to each one."""
         with self._cond:
             s = self._session
-        if s is not None and s.connack.is_set() and self._pumping.acquire(blocking=False):
+        if s is not None and s.accepted and self._pumping.acquire(blocking=False):
             try:
                 self._pump(s)
                 return
@@ -450,7 +456,7 @@ class MqttPublisher:
     def _pump(self, s: _Session) -> None:
         """Send outbox entries after ``s.cursor`` while the window has room; the
         caller holds ``_pumping``."""
-        while s.connack.is_set() and not s.lost.is_set():
+        while s.accepted and not s.lost.is_set():
             with s.lock:
                 room = s.window - len(s.inflight)
             if room <= 0:

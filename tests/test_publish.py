@@ -354,6 +354,27 @@ def auth_broker(tmp_path):
         yield b
 
 
+def test_a_result_stored_while_the_broker_refuses_the_connection_waits_in_the_outbox(outbox, caplog):
+    """A refused CONNACK sets the session's connack as an accepted one does: a result stored
+    in that moment is not sent from the caller's thread (the connection has no connected_at
+    and no client to send on), nothing is logged as an error, and it waits in the outbox."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from station.publish import _Session
+
+    pub = MqttPublisher(MqttConfig(host="127.0.0.1", port=1), STATION, outbox)  # never started
+    refused = _Session(10)
+    refused.refused = ReasonCode(PacketTypes.CONNACK, "Bad user name or password")
+    refused.connack.set()
+    pub._session = refused
+    assert not refused.accepted
+    with caplog.at_level(logging.ERROR, logger="station.publish"):
+        pub.publish_result(make_record(0))
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert outbox.depth() == 1 and refused.cursor == 0
+
+
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_bad_password_is_reported_without_a_tight_loop(auth_broker, outbox, publishers, tmp_path, protocol, caplog):
     wrong = tmp_path / "wrong.pw"
