@@ -47,6 +47,10 @@ def test_bench_writes_every_figure(tmp_path, capsys):
         alone = run["models_alone"]
         assert 0 < alone["p50_ms"] <= alone["p99_ms"]
         assert alone["p99_over_bare_median"] == pytest.approx(alone["p99_ms"] / report["bare"]["median_ms"])
+        # this run's own model runs queued at that pace: the floor on the host as it was then
+        own = run["models_in_run"]
+        assert 0 < own["p50_ms"] <= own["p99_ms"] <= run["p99_ms"] + 1e-9
+        assert own["p99_over_bare_median"] == pytest.approx(own["p99_ms"] / report["bare"]["median_ms"])
         # the two legs of each result's way: capture → stored in the outbox → PUBACK
         legs = run["legs_ms"]
         assert 0 < legs["capture_to_stored"]["p50"] <= legs["capture_to_stored"]["p99"]
@@ -55,6 +59,7 @@ def test_bench_writes_every_figure(tmp_path, capsys):
         assert "infer.segmentation" in run["stage_ms"]
     printed = capsys.readouterr().out
     assert "pipeline (to PUBACK)" in printed and "end-to-end at  80% load" in printed and "at  50% load" in printed
+    assert printed.count("this run's model runs queued") == 2
     assert printed.count("models alone at that pace") == 2 and printed.count("capture → stored") == 2 and printed.count("host steal") == 5
     assert printed.count("other processes") == 5
     assert "thread wake-up" in printed
@@ -71,6 +76,18 @@ def test_queue_floor_is_lindleys_recursion():
     assert queue_floor([12.0] * 4, 10.0) == [12.0, 14.0, 16.0, 18.0]  # over capacity: grows without end
     with pytest.raises(ValueError, match="period_ms 0"):
         queue_floor([1.0], 0)
+
+
+def test_a_frames_model_time_is_both_models_together_or_their_sum():
+    """The model time behind ``models_in_run``: the infer stage's wall time when the models
+    ran at once (inference.parallel_models), else the sum of the runs; no other stage."""
+    from station import bench
+
+    parallel = {"preprocess.segmentation": 0.5, "infer.segmentation": 10.0, "infer.detection": 4.0, "infer": 10.2,
+                "postprocess.segmentation": 0.8, "total": 11.7}
+    assert bench._Run._models_of(parallel) == 10.2
+    in_turn = {"preprocess.segmentation": 0.5, "infer.segmentation": 10.0, "infer.detection": 4.0, "grade": 0.1}
+    assert bench._Run._models_of(in_turn) == 14.0
 
 
 def test_bench_refuses_a_load_outside_0_1(capsys):
