@@ -141,8 +141,8 @@ def queue_floor(service_ms: list[float], period_ms: float) -> list[float]:
 
     With the bare runs as ``service_ms`` this is what the models alone reach at a
     paced load on this machine: the floor under the measured end-to-end figures.
-    With a paced run's own model times (``models_in_run``) it is the floor on the
-    host as it was during that run: what remains above it is the station's own."""
+    (A paced run's own model times give the floor on the host as it was during
+    that run: :meth:`_Run.models_floor_ms`, on the frames' real arrival times.)"""
     if period_ms <= 0:
         raise ValueError(f"period_ms {period_ms}: must be positive")
     out: list[float] = []
@@ -284,7 +284,7 @@ class _Run:
         self.captured: dict[int, float] = {}
         self.stored: dict[int, float] = {}  # seq → when the finish stage had stored it in the outbox
         self.stages: dict[str, list[float]] = {}
-        self.model_ms: list[float] = []  # each published frame's model time, in order (:meth:`_models_of`)
+        self.model_ms: list[tuple[float, float]] = []  # each published frame's (capture time, model time ms), in order
         self.records = 0
         self.warm = warm
         self.marks: dict[str, tuple[float, float, float]] = {}  # name → (wall, cpu, rss)
@@ -312,7 +312,7 @@ class _Run:
             self.stored[seq] = stored
             for stage, ms in record["latency_ms"].items():
                 self.stages.setdefault(stage, []).append(ms)
-            self.model_ms.append(self._models_of(record["latency_ms"]))
+            self.model_ms.append((captured, self._models_of(record["latency_ms"])))
 
     @staticmethod
     def _models_of(latency_ms: dict[str, float]) -> float:
@@ -348,6 +348,20 @@ class _Run:
             self._mark("end")
         if len(self.acks) + self.daemon.queue.dropped < self.expected:
             raise StationError(f"bench: only {len(self.acks)} of {self.expected} results acknowledged within {timeout:.0f} s")
+
+    def models_floor_ms(self) -> list[float]:
+        """Each published frame's latency had the station added nothing to its model run:
+        the frames arrive when they were captured and take, in order, the model time this
+        run measured for them, each after the one before it (Lindley's recursion on the
+        real arrival times, so frames the camera dropped leave their gap). Never above a
+        frame's measured latency: its models started after its capture and after the
+        frame before it."""
+        out: list[float] = []
+        free = float("-inf")  # when the models finished the frame before
+        for captured, ms in self.model_ms:
+            free = max(captured * 1e3, free) + ms
+            out.append(free - captured * 1e3)
+        return out
 
     def latencies_ms(self) -> list[float]:
         return [(self.acks[s] - c) * 1e3 for s, c in self.captured.items() if s in self.acks]
@@ -523,7 +537,7 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
             "models_alone": _floor_figures(floor, report["bare"]["median_ms"]),
             # this run's own model runs queued at that pace: what a station adding nothing to
             # them would have reached, on the host as it was during this run
-            "models_in_run": _floor_figures(queue_floor(lrun.model_ms, 1e3 / pace), report["bare"]["median_ms"]),
+            "models_in_run": _floor_figures(lrun.models_floor_ms(), report["bare"]["median_ms"]),
         })
     report["latency"] = runs[0]  # the first load is the one the target is judged at
     report["latency_by_load"] = runs

@@ -90,6 +90,20 @@ def test_a_frames_model_time_is_both_models_together_or_their_sum():
     assert bench._Run._models_of(in_turn) == 14.0
 
 
+def test_the_in_run_floor_queues_each_frames_model_time_from_its_capture():
+    """``models_in_run``: Lindley's recursion on the frames' real capture times, so a slow
+    run delays the frames after it and a gap the camera left (dropped frames) drains the
+    queue; on regular arrivals it is ``queue_floor``."""
+    from station import bench
+
+    run = object.__new__(bench._Run)  # only the series the floor is computed from
+    run.model_ms = [(100.000, 8.0), (100.010, 40.0), (100.020, 8.0), (100.050, 8.0)]
+    assert run.models_floor_ms() == pytest.approx([8.0, 40.0, 38.0, 16.0])
+    times = [8.0, 40.0] + [8.0] * 20
+    run.model_ms = [(50.0 + i * 0.010, ms) for i, ms in enumerate(times)]
+    assert run.models_floor_ms() == pytest.approx(bench.queue_floor(times, 10.0))
+
+
 def test_bench_refuses_a_load_outside_0_1(capsys):
     assert main(["bench", "--latency-load", "0.8", "1.5"]) == 2
     assert "--latency-load 1.5: must be in (0, 1]" in capsys.readouterr().err
