@@ -444,3 +444,50 @@ def test_the_sixteenth_cpu_sitting_quoted_is_its_committed_reports():
     assert 9.5 < min(leg[n] for n in unpinned) and max(leg[n] for n in unpinned) < 27.0
     low = [n for n in pinned if 0.45 <= leg[n] < 1.85]
     assert len(low) > len(pinned) / 2, leg
+
+def _row_17(name: str, r: dict) -> str:
+    """The row docs/benchmarks.md gives a report in the seventeenth sitting's table: the target
+    figures beside the two floors (this run's own model runs queued, the bare runs queued)."""
+    hi, lo = _at(r, 0.8), _at(r, 0.5)
+    return (f"| {name} | {r['ratios']['pipeline_over_bare']:.3f} | {hi['p99_over_bare_median']:.2f} | "
+            f"{hi['models_in_run']['p99_over_bare_median']:.2f} | {hi['models_alone']['p99_over_bare_median']:.2f} | "
+            f"{lo['p99_over_bare_median']:.2f} | {lo['models_in_run']['p99_over_bare_median']:.2f} | "
+            f"{r['pipeline']['rss_growth_mb']:+.1f} MB | {r['outbox']['store_ack_per_s']:,.0f} | "
+            f"{r['bare']['median_ms']:.2f} / {r['bare']['p99_ms']:.2f} | "
+            f"{hi['stage_ms']['infer.segmentation']['p50']:.2f} / {lo['stage_ms']['infer.segmentation']['p50']:.2f} |")
+
+
+def test_the_seventeenth_cpu_sitting_quoted_is_its_committed_reports():
+    """docs/benchmarks.md's seventeenth sitting (the in-run floor): every row and the medians are
+    recomputed from docs/bench_cpu_17/, and so are the ranges its text quotes: the 80 % tail
+    against its floors, the U-Net slower at a pace than bare, its stopped runs in the unpaced phase."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    flat = " ".join((root / "docs" / "benchmarks.md").read_text().split())
+    runs = {f"run_{i}": json.loads((root / "docs" / "bench_cpu_17" / f"run_{i}.json").read_text()) for i in (1, 2, 3)}
+    for n, r in runs.items():
+        assert _row_17(n, r) in flat, _row_17(n, r)
+        assert r["command"].startswith("station bench -c config/bench.yaml --size 256 256 --frames 10000 "
+                                       "--latency-frames 1000 --latency-load 0.8 0.5 "), r["command"]
+        assert r["machine"]["infer_cpu"] == 0 and r["bare"]["realtime"]
+    for role, file in (("segmentation", "magnetic_tile_unet.onnx"), ("detection", "neu_det_detector.onnx")):
+        shipped = hashlib.sha256((root / "models" / file).read_bytes()).hexdigest()
+        assert all(r["models"][role]["sha256"] == shipped for r in runs.values())
+    assert _medians_sentence("the three runs", list(runs.values())) in flat
+
+    def span(values, fmt=".2f") -> str:
+        return f"{min(values):{fmt}}–{max(values):{fmt}}"
+
+    hi = [_at(r, 0.8) for r in runs.values()]
+    assert f"Not met at 80 % load ({span([h['p99_over_bare_median'] for h in hi])} ×)" in flat
+    assert f"reach {span([h['models_in_run']['p99_over_bare_median'] for h in hi])} × the bare median by themselves" in flat
+    unet = {load: [_at(r, load)["stage_ms"]["infer.segmentation"]["p50"] for r in runs.values()] for load in (0.8, 0.5)}
+    bare_unet = [r["bare"]["models"]["segmentation"]["median_ms"] for r in runs.values()]
+    assert (f"took {span(unet[0.8], '.1f')} ms at 80 % load and {span(unet[0.5], '.1f')} ms at 50 %, against its "
+            f"bare median of {span(bare_unet, '.1f')} ms") in flat
+    assert min(unet[0.5]) > max(bare_unet)  # slower at a line's pace than back to back, in every run
+    stopped = [r["pipeline"]["stage_ms"]["infer.segmentation"] for r in runs.values()]
+    assert f"its p99 run was {span([s['p99'] for s in stopped], '.0f')} ms (median {span([s['p50'] for s in stopped], '.1f')})" in flat
+    assert all(s["p99"] > 45 for s in stopped)  # the kernel's stop of up to 50 ms, once a second
