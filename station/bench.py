@@ -54,7 +54,7 @@ from .errors import StationError
 from .messages import result_record
 from .outbox import Outbox
 from .pipeline import Inspector, ParallelInfer, Work, open_models
-from .priority import non_inference_increment, pin_this_thread, realtime_this_thread, split_cpus
+from .priority import nice_this_thread, non_inference_increment, pin_this_thread, realtime_this_thread, split_cpus
 from .types import Frame
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ BARE_REALTIME_REST = 0.1  # bare runs under SCHED_FIFO: pause after each, as a f
 def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, list[float]]:
     """The models alone on prepared tensors, run as the daemon's infer stage runs
     them (one after the other, or at the same time with ``inference.parallel_models``,
-    on a thread under ``run.realtime_inference`` as the infer thread is): the figures
+    on a thread under ``run.realtime_inference``, or at ``run.infer_nice``, as the infer thread is): the figures
     (per-frame ms, frames/s from the runs' own times) and the per-frame times in the
     order measured."""
     prepared = [inspector.prepare(f) for f in frames]
@@ -239,7 +239,11 @@ def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, li
 
     def measure() -> tuple[bool, bool]:  # on a thread of its own, under the infer stage's policy
         pin_this_thread(cpus[0] if cpus is not None else None)
-        realtime = realtime_this_thread(inspector.cfg.run.realtime_inference)
+        if inspector.cfg.run.infer_nice is not None:  # the ordinary policy: never stopped by the kernel
+            nice_this_thread(inspector.cfg.run.infer_nice)
+            realtime = False
+        else:
+            realtime = realtime_this_thread(inspector.cfg.run.realtime_inference)
         for i in range(4):  # warm-up beyond the load-time one
             one_frame(i)
         for i in range(runs):
@@ -481,6 +485,7 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
                                                                   cfg.run.realtime_inference),
                     "helper_yield_ms": cfg.inference.helper_yield_ms,  # inference.helper_yield_ms
                     "infer_cpu": cfg.run.infer_cpu,  # run.infer_cpu (the broker runs off it too)
+                    "infer_nice": cfg.run.infer_nice,  # run.infer_nice: the infer thread's policy instead of FIFO
                     "gpu": gpu_description(models, cfg.inference.device_id)},
         "frame": {"height": cam.height, "width": cam.width},
         "models": {r: {"name": m.card.name, "input": [m.card.input.height, m.card.input.width],
@@ -569,6 +574,9 @@ def _host_text(d: dict) -> str:
 
 def _realtime_text(r: dict) -> str:
     asked = r["machine"].get("realtime_inference", 0)
+    nice = r["machine"].get("infer_nice")
+    if nice is not None:
+        return f", infer thread at nice {nice:+d}" + (f", other models under SCHED_FIFO {asked}" if asked else "")
     if not asked:
         return ""
     if r["bare"].get("realtime"):

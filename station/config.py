@@ -262,6 +262,14 @@ class RunConfig(_Strict):
                     "thread woken while a model holds that CPU under SCHED_FIFO waits there for the run's "
                     "end beside an idle CPU (station/priority.py); null: no pinning",
     )
+    infer_nice: int | None = Field(
+        None, ge=-20, le=19,
+        description="nice value of the infer thread under the ordinary policy instead of SCHED_FIFO "
+                    "(run.realtime_inference then applies to the other models' threads): with run.infer_cpu it "
+                    "is alone on its CPU, and the kernel stops a real-time thread that uses a CPU fully for "
+                    "50 ms a second (station/priority.py); below 0 needs CAP_SYS_NICE or LimitNICE=; "
+                    "null: as run.realtime_inference says",
+    )
 
     @model_validator(mode="after")
     def _backoff_ordered(self) -> "RunConfig":

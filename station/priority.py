@@ -51,6 +51,16 @@ pinned to that CPU and every other thread of the station to the rest
 that CPU is free. The broker, a process of its own, is kept off that CPU by its
 own unit (README, "Running at the line"); ``station bench`` does it for the
 broker it starts.
+
+Alone on its CPU, the infer thread needs no real-time policy to keep that CPU
+from the station's own threads, and under ``SCHED_FIFO`` it meets the kernel's
+real-time limit: a real-time thread that has used ``kernel.sched_rt_runtime_us``
+(950 ms) of a second on its CPU is stopped for the rest of that second. A queue of
+frames keeps the infer thread busy that long, and each second it then stops for
+up to 50 ms, about 5 % of the line (docs/benchmarks.md, seventeenth sitting).
+``run.infer_nice`` runs it under the ordinary policy at that nice value instead
+(:func:`nice_this_thread`): at -20 it outweighs a thread at nice 0 87 to 1 and
+is never stopped. The other models' threads keep ``run.realtime_inference``.
 """
 
 from __future__ import annotations
@@ -85,6 +95,21 @@ def lower_this_thread(increment: int) -> int | None:
         log.warning("thread %s keeps its priority: %s", threading.current_thread().name, exc)
         return None
     return nice
+
+
+def nice_this_thread(nice: int) -> bool:
+    """Set the calling thread's nice value to ``nice`` (-20 to 19) under the ordinary policy.
+
+    Returns True when set; False for a platform or process that refuses it (a value below
+    the current one needs ``CAP_SYS_NICE`` or an ``RLIMIT_NICE`` that allows it: logged).
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as exc:
+        log.warning("thread %s keeps its nice value (run.infer_nice %d refused: %s)",
+                    threading.current_thread().name, nice, exc)
+        return False
+    return True
 
 
 def realtime_this_thread(priority: int) -> bool:

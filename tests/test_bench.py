@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from mosquitto import have_mosquitto
-from test_priority import FIFO_REFUSED
+from test_priority import FIFO_REFUSED, NICE_REFUSED
 
 from station.cli import main
 
@@ -172,6 +172,23 @@ def test_bench_says_whether_the_models_ran_under_sched_fifo(tmp_path, capsys, mo
         assert "models under SCHED_FIFO 3" in printed
     else:
         assert "SCHED_FIFO 3 refused here: models under the ordinary policy" in printed
+
+
+@pytest.mark.skipif(not have_mosquitto(), reason="mosquitto binary not installed")
+@pytest.mark.skipif(FIFO_REFUSED is not None, reason=str(FIFO_REFUSED))
+@pytest.mark.skipif(NICE_REFUSED is not None, reason=str(NICE_REFUSED))
+def test_bench_runs_the_first_model_at_infer_nice_without_resting(tmp_path, capsys):
+    """run.infer_nice: the bare runs' first model runs under the ordinary policy at that nice
+    value, as the infer thread does, so they need no rest against the kernel's real-time limit
+    (bare.realtime false); the report names the setting."""
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text("run: {realtime_inference: 3, infer_nice: -4}\n")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "-c", str(cfg), "--frames", "40", "--latency-frames", "10", "--size", "240", "320",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["machine"]["infer_nice"] == -4 and report["bare"]["realtime"] is False
+    assert "infer thread at nice -4, other models under SCHED_FIFO 3" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not have_mosquitto(), reason="mosquitto binary not installed")

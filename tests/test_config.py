@@ -87,3 +87,11 @@ def test_check_config_takes_the_file_as_run_does_or_alone(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("value", [-21, 20])
+def test_an_infer_nice_outside_the_nice_range_is_refused(value):
+    """run.infer_nice is a nice value: -20 to 19; outside, the error names the field."""
+    with pytest.raises(ConfigError, match=r"run\.infer_nice"):
+        parse_config(f"run: {{infer_nice: {value}}}\n")
+    assert parse_config("run: {infer_nice: -20}\n").run.infer_nice == -20

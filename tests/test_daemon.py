@@ -17,7 +17,7 @@ import cv2
 import jsonschema
 import pytest
 from mosquitto import Mosquitto, Subscriber, have_mosquitto
-from test_priority import FIFO_REFUSED
+from test_priority import FIFO_REFUSED, NICE_REFUSED
 
 from station.messages import load_schema
 
@@ -506,6 +506,29 @@ def test_the_infer_thread_runs_alone_on_its_cpu_when_asked(tmp_path, broker, cap
         assert seen[name] == allowed - {cpu}, (name, seen)
     assert os.sched_getaffinity(0) == allowed  # the caller's thread is given its CPUs back
     assert f"the infer thread runs on CPU {cpu}, every other thread on CPUs" in caplog.text
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="run.infer_cpu needs a process allowed on two CPUs")
+@pytest.mark.skipif(FIFO_REFUSED is not None, reason=str(FIFO_REFUSED))
+@pytest.mark.skipif(NICE_REFUSED is not None, reason=str(NICE_REFUSED))
+def test_the_infer_thread_alone_on_its_cpu_can_run_at_a_nice_value_instead_of_fifo(tmp_path, broker, caplog):
+    """run.infer_nice: the infer thread, alone on its CPU (run.infer_cpu), runs under the ordinary
+    policy at that nice value, which the kernel's real-time limit never stops; the helper that
+    runs the second model stays under SCHED_FIFO (run.realtime_inference), the station's other
+    threads at the process's priority (docs/benchmarks.md, seventeenth sitting)."""
+    import threading
+
+    caplog.set_level("INFO", logger="station.daemon")
+    base = _nice(threading.get_native_id())
+    cpu = max(os.sched_getaffinity(0))
+    seen = _threads_of_a_run(tmp_path, broker, f"infer_cpu: {cpu}, infer_nice: -6, realtime_inference: 3",
+                             lambda tid: (os.sched_getscheduler(tid), _nice(tid), os.sched_getaffinity(tid)))
+    assert seen["infer"] == (os.SCHED_OTHER, -6, {cpu}), seen
+    assert seen["infer_0"][0] == os.SCHED_FIFO, seen
+    for name in ("capture", "finish", "mqtt-sender", "paho-mqtt-client", "outbox-checkpoint"):
+        assert seen[name][:2] == (os.SCHED_OTHER, base), (name, seen)
+    assert ("the infer thread runs at nice -6 under the ordinary policy (run.infer_nice); "
+            "the other models' threads under SCHED_FIFO 3") in caplog.text
 
 
 def test_an_infer_cpu_this_process_may_not_use_is_refused_at_start(tmp_path):

@@ -13,6 +13,7 @@ from station.priority import (
     MAX_NICE,
     adopt_opencv_pool,
     lower_this_thread,
+    nice_this_thread,
     non_inference_increment,
     realtime_allowed,
     realtime_this_thread,
@@ -123,6 +124,46 @@ def test_a_refused_realtime_policy_is_logged_and_the_thread_goes_on(monkeypatch,
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
     assert _in_thread(lambda: (realtime_this_thread(5), os.sched_getscheduler(0))) == (False, os.SCHED_OTHER)
     assert "run.realtime_inference 5 refused: [Errno 1] Operation not permitted" in caplog.text
+
+
+def _negative_nice_refused() -> str | None:
+    """Why a thread here may not raise its priority (nice below the process's), or None."""
+    def probe():
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), thread_nice() - 1)
+        except OSError as exc:
+            return f"a nice value below the process's is refused here ({exc}): no CAP_SYS_NICE, RLIMIT_NICE"
+        return None
+
+    return _in_thread(probe)
+
+
+NICE_REFUSED = _negative_nice_refused()  # also read by test_daemon
+
+
+@pytest.mark.skipif(NICE_REFUSED is not None, reason=str(NICE_REFUSED))
+def test_nice_this_thread_sets_the_calling_threads_value_only():
+    """run.infer_nice: the infer thread's nice value, set (not added), below the process's too;
+    the policy stays the ordinary one and the other threads keep theirs."""
+    base = thread_nice()
+    target = max(-20, base - 7)
+
+    def body():
+        ok = nice_this_thread(target)
+        return ok, thread_nice(), os.sched_getscheduler(0)
+
+    assert _in_thread(body) == (True, target, os.SCHED_OTHER)
+    assert thread_nice() == base
+
+
+def test_a_refused_nice_value_is_logged_and_the_thread_goes_on(monkeypatch, caplog):
+    def refuse(*args):
+        raise PermissionError(13, "Permission denied")
+
+    base = thread_nice()
+    monkeypatch.setattr(os, "setpriority", refuse)
+    assert _in_thread(lambda: (nice_this_thread(-20), thread_nice())) == (False, base)
+    assert "keeps its nice value (run.infer_nice -20 refused: [Errno 13] Permission denied)" in caplog.text
 
 
 def test_the_probe_for_realtime_changes_no_running_thread():
