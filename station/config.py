@@ -267,7 +267,8 @@ class RunConfig(_Strict):
         description="nice value of the infer thread under the ordinary policy instead of SCHED_FIFO "
                     "(run.realtime_inference then applies to the other models' threads): with run.infer_cpu it "
                     "is alone on its CPU, and the kernel stops a real-time thread that uses a CPU fully for "
-                    "50 ms a second (station/priority.py); below 0 needs CAP_SYS_NICE or LimitNICE=; "
+                    "50 ms a second; for lines that keep the models busy, not for a paced line's latency tail "
+                    "(station/priority.py); below 0 needs CAP_SYS_NICE or LimitNICE=; "
                     "null: as run.realtime_inference says",
     )
 

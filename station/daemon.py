@@ -446,7 +446,7 @@ class Daemon:
                 if nice_this_thread(self.cfg.run.infer_nice):
                     log.info("the infer thread runs at nice %+d under the ordinary policy (run.infer_nice)%s",
                              self.cfg.run.infer_nice,
-                             f"; the other models' threads under SCHED_FIFO {self.cfg.run.realtime_inference}"
+                             f"; the other models' helper threads, if any, under SCHED_FIFO {self.cfg.run.realtime_inference}"
                              if self.cfg.run.realtime_inference else "")
             elif realtime_this_thread(self.cfg.run.realtime_inference):
                 log.info("the models' threads run under SCHED_FIFO %d (run.realtime_inference)",

@@ -60,7 +60,9 @@ frames keeps the infer thread busy that long, and each second it then stops for
 up to 50 ms, about 5 % of the line (docs/benchmarks.md, seventeenth sitting).
 ``run.infer_nice`` runs it under the ordinary policy at that nice value instead
 (:func:`nice_this_thread`): at -20 it outweighs a thread at nice 0 87 to 1 and
-is never stopped. The other models' threads keep ``run.realtime_inference``.
+is never stopped, but other processes' threads may take its CPU for a moment,
+which lengthens a paced line's latency tail; it serves lines that keep their
+models busy. The other models' threads keep ``run.realtime_inference``.
 """
 
 from __future__ import annotations

@@ -508,3 +508,44 @@ def test_the_seventeenth_cpu_sitting_quoted_is_its_committed_reports():
     stopped = [r["pipeline"]["stage_ms"]["infer.segmentation"] for r in runs.values()]
     assert f"its p99 run was {span([s['p99'] for s in stopped], '.0f')} ms (median {span([s['p50'] for s in stopped], '.1f')})" in flat
     assert all(s["p99"] > 45 for s in stopped)  # the kernel's stop of up to 50 ms, once a second
+
+
+def test_the_seventeenth_sittings_infer_nice_pairs_are_their_reports():
+    """docs/benchmarks.md's run.infer_nice pairs: every row and the medians its text quotes are
+    recomputed from docs/bench_cpu_17/ab_*.json; the `nice` reports, and only they, ran at -20."""
+    import statistics
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    flat = " ".join((root / "docs" / "benchmarks.md").read_text().split())
+    runs = {f"ab_{k}_{i}": json.loads((root / "docs" / "bench_cpu_17" / f"ab_{k}_{i}.json").read_text())
+            for i in (1, 2, 3) for k in ("fifo", "nice")}
+    for n, r in runs.items():
+        nice = "nice" in n
+        assert r["machine"]["infer_nice"] == (-20 if nice else None) and r["machine"]["infer_cpu"] == 0
+        config = "config/bench.yaml" if nice else "out/bench_fifo.yaml"
+        assert r["command"].startswith(f"station bench -c {config} --size 256 256 --frames 10000 "
+                                       "--latency-frames 1000 --latency-load 0.8 0.5 "), r["command"]
+        hi, lo = _at(r, 0.8), _at(r, 0.5)
+        policy = f"nice {r['machine']['infer_nice']:+d}" if nice else "SCHED_FIFO 10"
+        row = (f"| {n} | {policy} | {r['pipeline']['fps']:.1f} | {r['ratios']['pipeline_over_bare']:.3f} | "
+               f"{r['pipeline']['stage_ms']['infer.segmentation']['p99']:.1f} | {hi['p99_ms']:.1f} | "
+               f"{hi['p99_over_bare_median']:.2f} | {hi['models_in_run']['p99_over_bare_median']:.2f} | "
+               f"{lo['p99_ms']:.1f} | {lo['p99_over_bare_median']:.2f} | {r['bare']['median_ms']:.2f} |")
+        assert row in flat, row
+
+    def med(side: str, figure) -> float:
+        return statistics.median(figure(runs[f"ab_{side}_{i}"]) for i in (1, 2, 3))
+
+    fps = {side: [runs[f"ab_{side}_{i}"]["pipeline"]["fps"] for i in (1, 2, 3)] for side in ("fifo", "nice")}
+    assert all(n > f for n, f in zip(fps["nice"], fps["fifo"]))  # faster unpaced in every pair
+    assert ("(" + ", ".join(f"{v:.1f}" for v in fps["nice"]) + " frames/s against "
+            + ", ".join(f"{v:.1f}" for v in fps["fifo"]) + ")") in flat
+    p99 = {load: {side: med(side, lambda r, load=load: _at(r, load)["p99_ms"]) for side in ("fifo", "nice")}
+           for load in (0.8, 0.5)}
+    assert (f"at 80 % load {p99[0.8]['nice']:.1f} against {p99[0.8]['fifo']:.1f} ms and at 50 % load "
+            f"{p99[0.5]['nice']:.1f} against {p99[0.5]['fifo']:.1f} ms") in flat
+    readme = " ".join((root / "README.md").read_text().split())
+    assert f"(median {p99[0.8]['nice']:.1f} against {p99[0.8]['fifo']:.1f} ms;" in readme
+    shipped = (root / "config" / "bench.yaml").read_text()
+    assert "infer_nice" not in shipped  # the bench's line keeps the models under SCHED_FIFO

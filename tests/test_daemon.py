@@ -528,7 +528,7 @@ def test_the_infer_thread_alone_on_its_cpu_can_run_at_a_nice_value_instead_of_fi
     for name in ("capture", "finish", "mqtt-sender", "paho-mqtt-client", "outbox-checkpoint"):
         assert seen[name][:2] == (os.SCHED_OTHER, base), (name, seen)
     assert ("the infer thread runs at nice -6 under the ordinary policy (run.infer_nice); "
-            "the other models' threads under SCHED_FIFO 3") in caplog.text
+            "the other models' helper threads, if any, under SCHED_FIFO 3") in caplog.text
 
 
 def test_an_infer_cpu_this_process_may_not_use_is_refused_at_start(tmp_path):
