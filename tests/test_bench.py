@@ -549,3 +549,5 @@ def test_the_seventeenth_sittings_infer_nice_pairs_are_their_reports():
     assert f"(median {p99[0.8]['nice']:.1f} against {p99[0.8]['fifo']:.1f} ms;" in readme
     shipped = (root / "config" / "bench.yaml").read_text()
     assert "infer_nice" not in shipped  # the bench's line keeps the models under SCHED_FIFO
+    fifo = [runs[f"ab_fifo_{i}"] for i in (1, 2, 3)]  # a second set of three of the shipped configuration
+    assert _medians_sentence("the three `ab_fifo` runs (the shipped configuration)", fifo) in flat
