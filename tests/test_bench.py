@@ -145,6 +145,16 @@ def test_other_processes_cpu_counts_every_process_but_the_bench_and_its_broker()
     assert _host_figures(None, a) == {"host_steal_pct": None, "others_cpu_pct": None}
 
 
+def _short_bench(tmp_path, config: str) -> dict:
+    """The report of a 40-frame bench of the demo model under ``config`` (YAML text)."""
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(config)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "-c", str(cfg), "--frames", "40", "--latency-frames", "10", "--size", "240", "320",
+                 "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
 @pytest.mark.skipif(not have_mosquitto(), reason="mosquitto binary not installed")
 @pytest.mark.parametrize("allowed", [True, False])
 def test_bench_says_whether_the_models_ran_under_sched_fifo(tmp_path, capsys, monkeypatch, allowed):
@@ -157,12 +167,7 @@ def test_bench_says_whether_the_models_ran_under_sched_fifo(tmp_path, capsys, mo
             raise PermissionError(1, "Operation not permitted")
 
         monkeypatch.setattr(os, "sched_setscheduler", refuse)
-    cfg = tmp_path / "bench.yaml"
-    cfg.write_text("run: {realtime_inference: 3}\n")
-    out = tmp_path / "bench.json"
-    assert main(["bench", "-c", str(cfg), "--frames", "40", "--latency-frames", "10", "--size", "240", "320",
-                 "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
+    report = _short_bench(tmp_path, "run: {realtime_inference: 3}\n")
     assert report["machine"]["realtime_inference"] == 3
     assert report["bare"]["realtime"] is allowed
     # run.nice_non_inference unset: the rest stays at the process's priority once FIFO is granted
@@ -181,12 +186,7 @@ def test_bench_runs_the_first_model_at_infer_nice_without_resting(tmp_path, caps
     """run.infer_nice: the bare runs' first model runs under the ordinary policy at that nice
     value, as the infer thread does, so they need no rest against the kernel's real-time limit
     (bare.realtime false); the report names the setting."""
-    cfg = tmp_path / "bench.yaml"
-    cfg.write_text("run: {realtime_inference: 3, infer_nice: -4}\n")
-    out = tmp_path / "bench.json"
-    assert main(["bench", "-c", str(cfg), "--frames", "40", "--latency-frames", "10", "--size", "240", "320",
-                 "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
+    report = _short_bench(tmp_path, "run: {realtime_inference: 3, infer_nice: -4}\n")
     assert report["machine"]["infer_nice"] == -4 and report["bare"]["realtime"] is False
     assert "infer thread at nice -4, other models under SCHED_FIFO 3" in capsys.readouterr().out
 
@@ -547,6 +547,14 @@ def test_the_seventeenth_sittings_infer_nice_pairs_are_their_reports():
             f"{p99[0.5]['nice']:.1f} against {p99[0.5]['fifo']:.1f} ms") in flat
     readme = " ".join((root / "README.md").read_text().split())
     assert f"(median {p99[0.8]['nice']:.1f} against {p99[0.8]['fifo']:.1f} ms;" in readme
+    gain = [100 * (n / f - 1) for n, f in zip(fps["nice"], fps["fifo"])]
+    unet = {side: [runs[f"ab_{side}_{i}"]["pipeline"]["stage_ms"]["infer.segmentation"]["p99"] for i in (1, 2, 3)]
+            for side in ("nice", "fifo")}
+    assert (f"ran {min(gain):.1f}–{max(gain):.1f} % faster at nice -20 (the U-Net's p99 run "
+            f"{min(unet['nice']):.1f}–{max(unet['nice']):.1f} against {min(unet['fifo']):.1f}–{max(unet['fifo']):.1f} ms)"
+            ) in readme
+    higher = sum(_at(runs[f"ab_nice_{i}"], 0.8)["p99_ms"] > _at(runs[f"ab_fifo_{i}"], 0.8)["p99_ms"] for i in (1, 2, 3))
+    assert higher == 2 and "was higher in two pairs of three" in readme
     shipped = (root / "config" / "bench.yaml").read_text()
     assert "infer_nice" not in shipped  # the bench's line keeps the models under SCHED_FIFO
     fifo = [runs[f"ab_fifo_{i}"] for i in (1, 2, 3)]  # a second set of three of the shipped configuration
