@@ -559,3 +559,14 @@ def test_the_seventeenth_sittings_infer_nice_pairs_are_their_reports():
     assert "infer_nice" not in shipped  # the bench's line keeps the models under SCHED_FIFO
     fifo = [runs[f"ab_fifo_{i}"] for i in (1, 2, 3)]  # a second set of three of the shipped configuration
     assert _medians_sentence("the three `ab_fifo` runs (the shipped configuration)", fifo) in flat
+    # "What bounds each figure": the ratio over every run of the shipped configuration with
+    # run.infer_cpu (sixteenth and seventeenth sittings), and over the infer_nice runs
+    pinned = [json.loads(f.read_text()) for f in sorted((root / "docs" / "bench_cpu_16").glob("*pinned_*.json"))
+              if "unpinned" not in f.name]
+    pinned += [json.loads((root / "docs" / "bench_cpu_17" / f"run_{i}.json").read_text()) for i in (1, 2, 3)] + fifo
+    ratio = [r["ratios"]["pipeline_over_bare"] for r in pinned]
+    nice = [runs[f"ab_nice_{i}"]["ratios"]["pipeline_over_bare"] for i in (1, 2, 3)]
+    assert (f"the ratio held in {sum(x >= 0.9 for x in ratio)} of the {len(ratio)} runs of the shipped configuration "
+            f"in the sixteenth and seventeenth sittings ({min(ratio):.3f}–{max(ratio):.3f}), and in the three with "
+            f"`run.infer_nice`, which is not stopped ({min(nice):.3f}–{max(nice):.3f})") in flat
+    assert all(x >= 0.9 for x in nice)
