@@ -54,7 +54,7 @@ from .errors import StationError
 from .messages import result_record
 from .outbox import Outbox
 from .pipeline import Inspector, ParallelInfer, Work, open_models
-from .priority import nice_this_thread, non_inference_increment, pin_this_thread, realtime_this_thread, split_cpus
+from .priority import infer_policy_this_thread, non_inference_increment, pin_this_thread, split_cpus
 from .types import Frame
 
 log = logging.getLogger(__name__)
@@ -239,11 +239,8 @@ def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, li
 
     def measure() -> tuple[bool, bool]:  # on a thread of its own, under the infer stage's policy
         pin_this_thread(cpus[0] if cpus is not None else None)
-        if inspector.cfg.run.infer_nice is not None:  # the ordinary policy: never stopped by the kernel
-            nice_this_thread(inspector.cfg.run.infer_nice)
-            realtime = False
-        else:
-            realtime = realtime_this_thread(inspector.cfg.run.realtime_inference)
+        run = inspector.cfg.run
+        realtime = infer_policy_this_thread(run.realtime_inference, run.infer_nice) == "fifo"
         for i in range(4):  # warm-up beyond the load-time one
             one_frame(i)
         for i in range(runs):

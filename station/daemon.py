@@ -57,8 +57,8 @@ from .messages import error_record, result_record, stats_record, topics_for
 from .metrics import Metrics
 from .outbox import Outbox, OutboxFull
 from .pipeline import Inspector, ParallelInfer, Work, open_models
-from .priority import (adopt_opencv_pool, lower_this_thread, nice_this_thread, non_inference_increment,
-                       pin_this_thread, realtime_this_thread, split_cpus)
+from .priority import (adopt_opencv_pool, infer_policy_this_thread, lower_this_thread, non_inference_increment,
+                       pin_this_thread, split_cpus)
 from .publish import MqttPublisher
 from .types import Frame, FrameError, InspectionResult
 
@@ -442,15 +442,15 @@ class Daemon:
                     outq: FrameQueue | None, done: threading.Event) -> None:
         if name == "infer":  # the models keep the cores (station/priority.py)
             pin_this_thread(self.cpus[0] if self.cpus is not None else None)
-            if self.cfg.run.infer_nice is not None:
-                if nice_this_thread(self.cfg.run.infer_nice):
-                    log.info("the infer thread runs at nice %+d under the ordinary policy (run.infer_nice)%s",
-                             self.cfg.run.infer_nice,
-                             f"; the other models' helper threads, if any, under SCHED_FIFO {self.cfg.run.realtime_inference}"
-                             if self.cfg.run.realtime_inference else "")
-            elif realtime_this_thread(self.cfg.run.realtime_inference):
+            run = self.cfg.run
+            policy = infer_policy_this_thread(run.realtime_inference, run.infer_nice)
+            if policy == "nice":
+                log.info("the infer thread runs at nice %+d under the ordinary policy (run.infer_nice)%s",
+                         run.infer_nice, f"; the other models' helper threads, if any, under SCHED_FIFO "
+                                         f"{run.realtime_inference}" if run.realtime_inference else "")
+            elif policy == "fifo":
                 log.info("the models' threads run under SCHED_FIFO %d (run.realtime_inference)",
-                         self.cfg.run.realtime_inference)
+                         run.realtime_inference)
         else:
             lower_this_thread(self.nice_non_inference)
         try:

@@ -132,6 +132,16 @@ def realtime_this_thread(priority: int) -> bool:
     return True
 
 
+def infer_policy_this_thread(realtime: int, nice: int | None) -> str | None:
+    """The infer thread's policy, as the daemon's infer stage and the bench's bare runs
+    take it: ``nice`` under the ordinary policy when set (``run.infer_nice``), else
+    ``SCHED_FIFO`` at ``realtime`` (``run.realtime_inference``). Returns "nice" or
+    "fifo" for the one granted, None when neither was asked or it was refused (logged)."""
+    if nice is not None:
+        return "nice" if nice_this_thread(nice) else None
+    return "fifo" if realtime_this_thread(realtime) else None
+
+
 def realtime_allowed(priority: int) -> bool:
     """Whether this process may run a thread under ``SCHED_FIFO`` at ``priority``:
     tried on a short-lived thread of its own, so no running thread changes."""

@@ -12,6 +12,7 @@ import pytest
 from station.priority import (
     MAX_NICE,
     adopt_opencv_pool,
+    infer_policy_this_thread,
     lower_this_thread,
     nice_this_thread,
     non_inference_increment,
@@ -164,6 +165,21 @@ def test_a_refused_nice_value_is_logged_and_the_thread_goes_on(monkeypatch, capl
     monkeypatch.setattr(os, "setpriority", refuse)
     assert _in_thread(lambda: (nice_this_thread(-20), thread_nice())) == (False, base)
     assert "keeps its nice value (run.infer_nice -20 refused: [Errno 13] Permission denied)" in caplog.text
+
+
+@pytest.mark.skipif(FIFO_REFUSED is not None, reason=str(FIFO_REFUSED))
+@pytest.mark.skipif(NICE_REFUSED is not None, reason=str(NICE_REFUSED))
+def test_the_infer_threads_policy_is_its_nice_value_when_set_else_fifo():
+    """One choice for the daemon's infer thread and the bench's bare runs: run.infer_nice wins
+    over run.realtime_inference; neither asked, the thread is left as it is."""
+    base = thread_nice()
+
+    def taken(realtime, nice):
+        return _in_thread(lambda: (infer_policy_this_thread(realtime, nice), os.sched_getscheduler(0), thread_nice()))
+
+    assert taken(4, base - 2) == ("nice", os.SCHED_OTHER, base - 2)
+    assert taken(4, None) == ("fifo", os.SCHED_FIFO, base)
+    assert taken(0, None) == (None, os.SCHED_OTHER, base)
 
 
 def test_the_probe_for_realtime_changes_no_running_thread():
