@@ -505,6 +505,33 @@ def test_the_seventeenth_cpu_sitting_quoted_is_its_committed_reports():
     assert (f"took {span(unet[0.8], '.1f')} ms at 80 % load and {span(unet[0.5], '.1f')} ms at 50 %, against its "
             f"bare median of {span(bare_unet, '.1f')} ms") in flat
     assert min(unet[0.5]) > max(bare_unet)  # slower at a line's pace than back to back, in every run
+    # The model-wait probe's runs (docs/bench_cpu_17/pairs.txt): each row's U-Net wall - CPU p99 (sets 1
+    # and 2) and max (all three sets).
+    import re
+
+    p99s, maxes = [], []
+    for line in (root / "docs" / "bench_cpu_17" / "pairs.txt").read_text().splitlines():
+        row = re.match(r"\s+(?:fifo|idle|nice:\d+|[ABC])(?: y\d)? \d\s+([\d. /]+?)\s*$", line)
+        if row is None:
+            continue
+        if "/" in row.group(1):
+            left, right = row.group(1).split("/")
+            p99s.append(float(left.split()[-1]))
+            maxes.append(float(right.split()[0]))
+        else:
+            maxes.append(float(row.group(1).split()[4]))
+    low = sum(0.1 <= v <= 0.65 for v in p99s)
+    assert (len(p99s), len(maxes)) == (20, 29)
+    assert f"0.1–0.6 ms at the p99 in {low} of the {len(p99s)} paced runs of its first two sets" in flat
+    assert (f"stopped for up to {max(maxes):.0f} ms (a largest difference over 10 ms in "
+            f"{sum(v > 10 for v in maxes)} of the file's {len(maxes)} runs)") in flat
+    spacing: dict[int, list[float]] = {}  # docs/bench_cpu_17/spacing.txt: gap (ms) → median runs, sleep or spin
+    for line in (root / "docs" / "bench_cpu_17" / "spacing.txt").read_text().splitlines():
+        row = re.match(r"gap\s+(\d+) ms \w+\s*: median ([\d.]+)", line)
+        spacing.setdefault(int(row.group(1)), []).append(float(row.group(2)))
+    assert (f"gives {span(spacing[0], '.1f')} ms back to back, {span(spacing[4], '.1f')} ms with 4 ms gaps and "
+            f"{span(spacing[16], '.1f')} ms with 16 ms gaps") in flat
+    assert min(spacing[16]) > max(spacing[0])
     stopped = [r["pipeline"]["stage_ms"]["infer.segmentation"] for r in runs.values()]
     assert f"its p99 run was {span([s['p99'] for s in stopped], '.0f')} ms (median {span([s['p50'] for s in stopped], '.1f')})" in flat
     assert all(s["p99"] > 45 for s in stopped)  # the kernel's stop of up to 50 ms, once a second
