@@ -462,6 +462,7 @@ def test_the_sixteenth_cpu_sitting_quoted_is_its_committed_reports():
     low = [n for n in pinned if 0.45 <= leg[n] < 1.85]
     assert len(low) > len(pinned) / 2, leg
 
+
 def _row_17(name: str, r: dict) -> str:
     """The row docs/benchmarks.md gives a report in the seventeenth sitting's table: the target
     figures beside the two floors (this run's own model runs queued, the bare runs queued)."""
