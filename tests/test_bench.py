@@ -598,3 +598,39 @@ def test_the_seventeenth_sittings_infer_nice_pairs_are_their_reports():
             f"in the sixteenth and seventeenth sittings ({min(ratio):.3f}–{max(ratio):.3f}), and in the three with "
             f"`run.infer_nice`, which is not stopped ({min(nice):.3f}–{max(nice):.3f})") in flat
     assert all(x >= 0.9 for x in nice)
+
+
+def test_the_eighteenth_cpu_sitting_quoted_is_its_committed_reports():
+    """docs/benchmarks.md's eighteenth sitting (the shipped configuration on a quiet host): every
+    row and the medians are recomputed from docs/bench_cpu_18/, the reports are of the shipped
+    models and config, and the verdict the text gives is the reports' own, target by target."""
+    import hashlib
+    import statistics
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    flat = " ".join((root / "docs" / "benchmarks.md").read_text().split())
+    runs = {f"run_{i}": json.loads((root / "docs" / "bench_cpu_18" / f"run_{i}.json").read_text()) for i in (1, 2, 3)}
+    for n, r in runs.items():
+        assert _row_17(n, r) in flat, _row_17(n, r)
+        assert r["command"].startswith("station bench -c config/bench.yaml --size 256 256 --frames 10000 "
+                                       "--latency-frames 1000 --latency-load 0.8 0.5 "), r["command"]
+        assert r["machine"]["infer_cpu"] == 0 and r["bare"]["realtime"]
+    for role, file in (("segmentation", "magnetic_tile_unet.onnx"), ("detection", "neu_det_detector.onnx")):
+        shipped = hashlib.sha256((root / "models" / file).read_bytes()).hexdigest()
+        assert all(r["models"][role]["sha256"] == shipped for r in runs.values())
+    assert _medians_sentence("the three runs of the eighteenth sitting", list(runs.values())) in flat
+    met = [all(r["targets"].values()) for r in runs.values()]
+    assert f"Every target held in {sum(met)} of the 3 runs" in flat
+    hi = [_at(r, 0.8) for r in runs.values()]
+    assert (f"the runs' own model runs queued reached {min(h['models_in_run']['p99_over_bare_median'] for h in hi):.2f}–"
+            f"{max(h['models_in_run']['p99_over_bare_median'] for h in hi):.2f} × at 80 % load") in flat
+    assert statistics.median(h["p99_over_bare_median"] for h in hi) <= 2
+    p99 = sorted(h["p99_over_bare_median"] for h in hi)
+    med = statistics.median
+    assert f"met it in all three runs ({p99[0]:.2f}–{p99[-1]:.2f} ×, median {p99[1]:.2f}" in flat
+    readme = " ".join((root / "README.md").read_text().split())
+    rs = list(runs.values())
+    assert (f"medians of three runs: {med(r['ratios']['pipeline_over_bare'] for r in rs):.3f} of bare ONNX Runtime, "
+            f"p99 {p99[1]:.2f} × the bare median at 80 % load, RSS {med(r['pipeline']['rss_growth_mb'] for r in rs):+.1f} "
+            f"MB over 10,000 frames, outbox {med(r['outbox']['store_ack_per_s'] for r in rs):,.0f} results/s") in readme
