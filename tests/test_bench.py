@@ -475,16 +475,16 @@ def _row_17(name: str, r: dict) -> str:
             f"{hi['stage_ms']['infer.segmentation']['p50']:.2f} / {lo['stage_ms']['infer.segmentation']['p50']:.2f} |")
 
 
-def test_the_seventeenth_cpu_sitting_quoted_is_its_committed_reports():
-    """docs/benchmarks.md's seventeenth sitting (the in-run floor): every row and the medians are
-    recomputed from docs/bench_cpu_17/, and so are the ranges its text quotes: the 80 % tail
-    against its floors, the U-Net slower at a pace than bare, its stopped runs in the unpaced phase."""
+def _shipped_sitting(name: str) -> tuple[dict[str, dict], str]:
+    """The three runs of a sitting of the shipped configuration (docs/<name>/run_{1,2,3}.json) and
+    docs/benchmarks.md with its whitespace folded; checks each run's row in the seventeenth
+    sitting's columns, the acceptance command, SCHED_FIFO with run.infer_cpu, the shipped models."""
     import hashlib
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     flat = " ".join((root / "docs" / "benchmarks.md").read_text().split())
-    runs = {f"run_{i}": json.loads((root / "docs" / "bench_cpu_17" / f"run_{i}.json").read_text()) for i in (1, 2, 3)}
+    runs = {f"run_{i}": json.loads((root / "docs" / name / f"run_{i}.json").read_text()) for i in (1, 2, 3)}
     for n, r in runs.items():
         assert _row_17(n, r) in flat, _row_17(n, r)
         assert r["command"].startswith("station bench -c config/bench.yaml --size 256 256 --frames 10000 "
@@ -493,6 +493,17 @@ def test_the_seventeenth_cpu_sitting_quoted_is_its_committed_reports():
     for role, file in (("segmentation", "magnetic_tile_unet.onnx"), ("detection", "neu_det_detector.onnx")):
         shipped = hashlib.sha256((root / "models" / file).read_bytes()).hexdigest()
         assert all(r["models"][role]["sha256"] == shipped for r in runs.values())
+    return runs, flat
+
+
+def test_the_seventeenth_cpu_sitting_quoted_is_its_committed_reports():
+    """docs/benchmarks.md's seventeenth sitting (the in-run floor): every row and the medians are
+    recomputed from docs/bench_cpu_17/, and so are the ranges its text quotes: the 80 % tail
+    against its floors, the U-Net slower at a pace than bare, its stopped runs in the unpaced phase."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    runs, flat = _shipped_sitting("bench_cpu_17")
     assert _medians_sentence("the three runs", list(runs.values())) in flat
 
     def span(values, fmt=".2f") -> str:
@@ -604,21 +615,11 @@ def test_the_eighteenth_cpu_sitting_quoted_is_its_committed_reports():
     """docs/benchmarks.md's eighteenth sitting (the shipped configuration on a quiet host): every
     row and the medians are recomputed from docs/bench_cpu_18/, the reports are of the shipped
     models and config, and the verdict the text gives is the reports' own, target by target."""
-    import hashlib
     import statistics
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    flat = " ".join((root / "docs" / "benchmarks.md").read_text().split())
-    runs = {f"run_{i}": json.loads((root / "docs" / "bench_cpu_18" / f"run_{i}.json").read_text()) for i in (1, 2, 3)}
-    for n, r in runs.items():
-        assert _row_17(n, r) in flat, _row_17(n, r)
-        assert r["command"].startswith("station bench -c config/bench.yaml --size 256 256 --frames 10000 "
-                                       "--latency-frames 1000 --latency-load 0.8 0.5 "), r["command"]
-        assert r["machine"]["infer_cpu"] == 0 and r["bare"]["realtime"]
-    for role, file in (("segmentation", "magnetic_tile_unet.onnx"), ("detection", "neu_det_detector.onnx")):
-        shipped = hashlib.sha256((root / "models" / file).read_bytes()).hexdigest()
-        assert all(r["models"][role]["sha256"] == shipped for r in runs.values())
+    runs, flat = _shipped_sitting("bench_cpu_18")
     assert _medians_sentence("the three runs of the eighteenth sitting", list(runs.values())) in flat
     met = [all(r["targets"].values()) for r in runs.values()]
     assert f"Every target held in {sum(met)} of the 3 runs" in flat
