@@ -626,8 +626,8 @@ def test_the_eighteenth_cpu_sitting_quoted_is_its_committed_reports():
     hi = [_at(r, 0.8) for r in runs.values()]
     assert (f"the runs' own model runs queued reached {min(h['models_in_run']['p99_over_bare_median'] for h in hi):.2f}–"
             f"{max(h['models_in_run']['p99_over_bare_median'] for h in hi):.2f} × at 80 % load") in flat
-    assert statistics.median(h["p99_over_bare_median"] for h in hi) <= 2
-    p99 = sorted(h["p99_over_bare_median"] for h in hi)
+    p99 = sorted(h["p99_over_bare_median"] for h in hi)  # p99[1]: the median of the three
+    assert p99[1] <= 2
     med = statistics.median
     assert f"met it in all three runs ({p99[0]:.2f}–{p99[-1]:.2f} ×, median {p99[1]:.2f}" in flat
     readme = " ".join((root / "README.md").read_text().split())
