@@ -56,6 +56,7 @@ class PreprocessOptions:
     resize_mode: Literal["stretch", "letterbox"] = "stretch"
     interpolation: Literal["area", "linear", "nearest"] = "area"
     pad_value: int = 0
+    pad_mode: Literal["constant", "replicate", "reflect"] = "constant"
     normalize: Literal["unit", "symmetric"] = "symmetric"
 
     @property
@@ -85,9 +86,10 @@ def preprocess_ops(opts: PreprocessOptions) -> list[PreprocessOp]:
     except ValidationError as exc:
         raise ExportError(f"--dilate {opts.dilate}: {_validation_message(exc)}") from exc
     try:
-        ops.append(ResizeOp(mode=opts.resize_mode, interpolation=opts.interpolation, pad_value=opts.pad_value))
+        ops.append(ResizeOp(mode=opts.resize_mode, interpolation=opts.interpolation, pad_value=opts.pad_value,
+                            pad_mode=opts.pad_mode))
     except ValidationError as exc:
-        raise ExportError(f"--resize-mode/--interpolation/--pad-value: {_validation_message(exc)}") from exc
+        raise ExportError(f"--resize-mode/--interpolation/--pad-value/--pad-mode: {_validation_message(exc)}") from exc
     mean, std = NORMALIZATIONS[opts.normalize]
     ops.append(NormalizeOp(scale=1.0 / 255.0, mean=[mean], std=[std]))
     return ops

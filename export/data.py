@@ -27,7 +27,7 @@ import numpy as np
 from station.errors import InputError
 from station.imageio import IMAGE_EXTENSIONS, read_image, read_mask
 from station.modelcard import ModelCard
-from station.preprocess import preprocess, prepare_mask
+from station.preprocess import Geometry, preprocess, prepare_mask
 
 from . import ExportError
 
@@ -72,11 +72,14 @@ class Arrays:
     x: (N, H, W, C) in the card's input dtype (float32 after 'normalize').
     y: (N, H, W, 1) float32, 1 where defective, else 0.
     keys: the sample key of each row.
+    content: (N, 4) int ``(y0, y1, x0, x1)`` (end exclusive), where each image lies in
+    its input plane: the whole plane unless a letterbox padded it.
     """
 
     x: np.ndarray
     y: np.ndarray
     keys: tuple[str, ...]
+    content: np.ndarray | None = None
 
 
 def find_samples(root: str | Path, missing_mask_is_free: bool = False) -> Listing:
@@ -201,8 +204,9 @@ def read_split_file(path: Path, data: Path, side: str = "val") -> list[Path]:
     return images
 
 
-def load_sample(sample: Sample, card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
-    """One sample → (input (H, W, C) in the card's dtype, label (H, W, 1) float32 0/1)."""
+def load_sample(sample: Sample, card: ModelCard) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """One sample → (input (H, W, C) in the card's dtype, label (H, W, 1) float32 0/1,
+    where the image lies in the input plane)."""
     image = read_image(sample.image)
     x, geometry = preprocess(image, card)
     if sample.mask is None:
@@ -213,7 +217,7 @@ def load_sample(sample: Sample, card: ModelCard) -> tuple[np.ndarray, np.ndarray
             y = prepare_mask(mask, card, geometry)
         except ValueError as exc:
             raise ExportError(f"{sample.mask}: {exc}") from exc
-    return x, y[:, :, None]
+    return x, y[:, :, None], geometry
 
 
 def load_arrays(samples: Iterable[Sample], card: ModelCard, progress: bool = False) -> Arrays:
@@ -222,6 +226,7 @@ def load_arrays(samples: Iterable[Sample], card: ModelCard, progress: bool = Fal
     spec = card.input
     x = np.empty((len(samples), spec.height, spec.width, spec.channels), np.dtype(spec.dtype))
     y = np.empty((len(samples), spec.height, spec.width, 1), np.float32)
+    content = np.empty((len(samples), 4), np.int64)
     it: Iterable[tuple[int, Sample]] = enumerate(samples)
     if progress:
         from tqdm import tqdm
@@ -229,7 +234,8 @@ def load_arrays(samples: Iterable[Sample], card: ModelCard, progress: bool = Fal
         it = tqdm(it, total=len(samples), unit="img", desc="load", disable=None)
     for i, sample in it:
         try:
-            x[i], y[i] = load_sample(sample, card)
+            x[i], y[i], g = load_sample(sample, card)
         except InputError as exc:
             raise ExportError(str(exc)) from exc
-    return Arrays(x, y, tuple(s.key for s in samples))
+        content[i] = (g.top, g.top + g.content_h, g.left, g.left + g.content_w)
+    return Arrays(x, y, tuple(s.key for s in samples), content)

@@ -298,8 +298,7 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
     that a defect pixel drawn at random lies inside it (at least crop/8 from
     the border), which balances the rare small defects against the defect-free
     bulk; the others are drawn uniformly from all images — or, given
-    ``content`` (one ``(y0, y1, x0, x1)`` box per image, see
-    :func:`content_boxes`), placed like the defect windows over a pixel drawn
+    ``content`` (one ``(y0, y1, x0, x1)`` box per image, ``Arrays.content``), placed like the defect windows over a pixel drawn
     from the image's box, so that a letterbox's padding does not take the
     updates (a tile 115 px wide fills a fifth of a 256 x 512 input). Each window then gets
     one of the 8 symmetries of the square and the gain/offset ``jitter`` (see
@@ -378,31 +377,9 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
     return seeded_batches(steps, seed, crops)
 
 
-def content_boxes(x: np.ndarray, pad: float) -> np.ndarray:
-    """(n, 4) int boxes ``(y0, y1, x0, x1)`` (end exclusive) of each image's pixels that are
-    not letterbox padding: the rows and columns holding any value other than ``pad`` (the
-    normalised pad value). An image that is all padding gets its whole plane."""
-    n, h, w = x.shape[:3]
-    boxes = np.empty((n, 4), np.int64)
-    for i in range(n):
-        inside = np.any(x[i] != pad, axis=-1)
-        rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
-        boxes[i] = (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) if len(rows) else (0, h, 0, w)
-    return boxes
-
-
-def pad_value_of(preprocess: Sequence[PreprocessOp]) -> float | None:
-    """The value a letterbox's padding has in the model's input (the pad value after the
-    ops that follow the resize), or None when the chain does not letterbox."""
-    from station.preprocess import normalize
-
-    pad: np.ndarray | None = None
-    for op in preprocess:
-        if isinstance(op, ResizeOp) and op.mode == "letterbox":
-            pad = np.full((1, 1), op.pad_value, np.uint8)
-        elif pad is not None and isinstance(op, NormalizeOp):
-            pad = normalize(pad, op.scale, op.mean[:1], op.std[:1])
-    return None if pad is None else float(pad.ravel()[0])
+def letterboxes(preprocess: Sequence[PreprocessOp]) -> bool:
+    """Whether the chain letterboxes (pads) its inputs."""
+    return any(isinstance(op, ResizeOp) and op.mode == "letterbox" for op in preprocess)
 
 
 # --- run outputs ---------------------------------------------------------------
@@ -613,7 +590,7 @@ def _check(cfg: TrainConfig) -> None:
         raise ExportError(f"--crop-balance {cfg.crop_balance!r}: must be 'image' or 'folder'")
     if cfg.crop_balance != "image" and not cfg.crop:
         raise ExportError(f"--crop-balance {cfg.crop_balance}: only with --crop (it draws the defect windows)")
-    if cfg.crop_content and not (cfg.crop and pad_value_of(cfg.preprocess) is not None):
+    if cfg.crop_content and not (cfg.crop and letterboxes(cfg.preprocess)):
         raise ExportError("--crop-content: only with --crop and --resize-mode letterbox (windows kept off the padding)")
     if cfg.zoom != 1.0 and not cfg.crop:
         raise ExportError(f"--zoom {cfg.zoom}: only with --crop (windows are cut at random scales)")
@@ -685,7 +662,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         learner = build_network(cfg, channels, classes, cfg.crop, cfg.crop)
         learner.set_weights(model.get_weights())
         steps = cfg.steps or math.ceil(len(train_arrays.x) / cfg.batch)
-        content = content_boxes(train_arrays.x, pad_value_of(cfg.preprocess)) if cfg.crop_content else None
+        content = train_arrays.content if cfg.crop_content else None
         strata = [key.rpartition("/")[0] for key in train_arrays.keys] if cfg.crop_balance == "folder" else None
         train_data = make_crops(train_arrays.x, train_arrays.y, cfg.batch, cfg.seed, cfg.crop, steps,
                                 cfg.crop_defect, cfg.jitter, cfg.zoom, content, strata)
@@ -898,6 +875,8 @@ def command_of(cfg: TrainConfig) -> str:
                 odd.append(f"dilate iterations {op.iterations}")
         elif isinstance(op, ResizeOp):
             argv += ["--resize-mode", op.mode, "--interpolation", op.interpolation, "--pad-value", str(op.pad_value)]
+            if op.pad_mode != "constant":
+                argv += ["--pad-mode", op.pad_mode]
         elif isinstance(op, NormalizeOp):
             named = [k for k, (m, s) in NORMALIZATIONS.items()
                      if op.scale == 1.0 / 255.0 and op.mean == [m] and op.std == [s]]
@@ -977,7 +956,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dilate-shape", choices=("rect", "ellipse"), default="rect")
     g.add_argument("--resize-mode", choices=("stretch", "letterbox"), default="stretch")
     g.add_argument("--interpolation", choices=("area", "linear", "nearest"), default="area")
-    g.add_argument("--pad-value", type=int, default=0, help="letterbox padding gray level")
+    g.add_argument("--pad-value", type=int, default=0, help="letterbox padding gray level (--pad-mode constant)")
+    g.add_argument("--pad-mode", choices=("constant", "replicate", "reflect"), default="constant",
+                   help="letterbox padding: --pad-value, the edge pixels repeated, or the image mirrored at its edge")
     g.add_argument("--normalize", choices=tuple(("unit", "symmetric")), default="symmetric",
                    help="unit: x/255; symmetric: x/127.5 - 1 (MobileNetV2's range, for --weights)")
     c = p.add_argument_group("model card")
@@ -1000,6 +981,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> TrainConfig:
         resize_mode=args.resize_mode,
         interpolation=args.interpolation,
         pad_value=args.pad_value,
+        pad_mode=args.pad_mode,
         normalize=args.normalize,
     )
     return TrainConfig(

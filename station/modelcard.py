@@ -61,14 +61,18 @@ class ResizeOp(_Strict):
     """Resize to the input tensor's height × width.
 
     stretch: both axes scaled independently. letterbox: aspect ratio kept, the
-    rest padded with ``pad_value`` (centred); the padding is removed again when
-    outputs are mapped back to the source frame.
+    rest padded (centred) and removed again when outputs are mapped back to the
+    source frame. ``pad_mode`` fills the padding: constant (``pad_value``),
+    replicate (the edge pixels repeated) or reflect (the image mirrored about its
+    edge pixels, OpenCV's BORDER_REFLECT_101), so that a defect at the part's
+    edge keeps surface beside it rather than a step to a flat grey.
     """
 
     op: Literal["resize"] = "resize"
     mode: Literal["stretch", "letterbox"] = "stretch"
     interpolation: Literal["area", "linear", "nearest"] = "area"
     pad_value: int = Field(0, ge=0, le=255)
+    pad_mode: Literal["constant", "replicate", "reflect"] = "constant"
 
 
 class NormalizeOp(_Strict):

@@ -26,6 +26,7 @@ from .modelcard import (
 )
 
 _INTERP = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
+_BORDER = {"replicate": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT_101}
 
 
 @dataclass(frozen=True)
@@ -137,13 +138,20 @@ def fit(src_h: int, src_w: int, in_h: int, in_w: int, mode: str) -> Geometry:
     return Geometry(src_h, src_w, in_h, in_w, ch, cw, (in_h - ch) // 2, (in_w - cw) // 2)
 
 
-def resize(image: np.ndarray, geometry: Geometry, interpolation: str = "area", pad_value: int = 0) -> np.ndarray:
-    """Place ``image`` into the tensor plane as ``geometry`` says."""
+def resize(image: np.ndarray, geometry: Geometry, interpolation: str = "area", pad_value: int = 0,
+           pad_mode: str = "constant") -> np.ndarray:
+    """Place ``image`` into the tensor plane as ``geometry`` says; the padding is
+    ``pad_value`` (pad_mode constant) or the content's edge repeated or mirrored."""
     content = image
     if image.shape[:2] != (geometry.content_h, geometry.content_w):
         content = cv2.resize(image, (geometry.content_w, geometry.content_h), interpolation=_INTERP[interpolation])
     if (geometry.content_h, geometry.content_w) == (geometry.in_h, geometry.in_w):
         return content
+    if pad_mode != "constant":
+        bottom = geometry.in_h - geometry.top - geometry.content_h
+        right = geometry.in_w - geometry.left - geometry.content_w
+        out = cv2.copyMakeBorder(content, geometry.top, bottom, geometry.left, right, _BORDER[pad_mode])
+        return out.reshape((geometry.in_h, geometry.in_w) + image.shape[2:])
     out = np.full((geometry.in_h, geometry.in_w) + image.shape[2:], pad_value, dtype=image.dtype)
     geometry.crop(out)[...] = content
     return out
@@ -183,7 +191,7 @@ def preprocess(image: np.ndarray, card: ModelCard) -> tuple[np.ndarray, Geometry
             x = dilate(x, op.kernel, op.shape, op.iterations)
         elif isinstance(op, ResizeOp):
             geometry = fit(x.shape[0], x.shape[1], spec.height, spec.width, op.mode)
-            x = resize(x, geometry, op.interpolation, op.pad_value)
+            x = resize(x, geometry, op.interpolation, op.pad_value, op.pad_mode)
         elif isinstance(op, NormalizeOp):
             x = normalize(x, op.scale, op.mean, op.std)
         else:  # pragma: no cover - the card schema admits no other op
@@ -205,10 +213,13 @@ def prepare_mask(mask: np.ndarray, card: ModelCard, geometry: Geometry) -> np.nd
 
     The mask follows the same geometry as the image (area-averaged, then
     thresholded at half so thin defects keep their pixels as long as they cover
-    half of one); intensity ops do not apply to masks.
+    half of one); intensity ops do not apply to masks. Padding that repeats or
+    mirrors the image repeats or mirrors the mask with it, so the label stays
+    true to what the input shows; constant padding is no defect.
     """
     m = (mask > 127).astype(np.uint8) * 255 if mask.dtype != bool else mask.astype(np.uint8) * 255
     if mask.shape[:2] != (geometry.src_h, geometry.src_w):
         raise ValueError(f"mask {mask.shape[:2]} and image {(geometry.src_h, geometry.src_w)} differ in size")
-    plane = resize(m, geometry, "area", 0)
+    pad_mode = next((op.pad_mode for op in card.preprocess if isinstance(op, ResizeOp)), "constant")
+    plane = resize(m, geometry, "area", 0, pad_mode)
     return (plane >= 128).astype(np.float32)

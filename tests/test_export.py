@@ -155,6 +155,8 @@ def test_load_groups_errors(tmp_path: Path) -> None:
     (PreprocessOptions(colour="rgb", clahe=None, equalize=True, dilate=5, dilate_shape="ellipse",
                        resize_mode="letterbox", pad_value=17, normalize="unit"), (64, 96)),
     (PreprocessOptions(clahe=(3.0, 4), dilate=0, interpolation="linear"), (96, 64)),
+    (PreprocessOptions(dilate=0, resize_mode="letterbox", pad_mode="reflect"), (64, 96)),
+    (PreprocessOptions(dilate=0, resize_mode="letterbox", pad_mode="replicate"), (96, 64)),
 ])
 def test_training_inputs_equal_serving_inputs(tmp_path: Path, opts: PreprocessOptions, size: tuple[int, int]) -> None:
     """export/data.py builds exactly what station.preprocess gives the line, bit for bit."""
@@ -178,6 +180,8 @@ def test_training_inputs_equal_serving_inputs(tmp_path: Path, opts: PreprocessOp
         assert served.dtype == arrays.x.dtype
         assert np.array_equal(arrays.x[i], served)
         assert np.array_equal(arrays.y[i, :, :, 0], prepare_mask(read_mask(s.mask), card, geometry))
+        g = geometry
+        assert arrays.content[i].tolist() == [g.top, g.top + g.content_h, g.left, g.left + g.content_w]
 
 
 def test_preprocess_flags_are_checked() -> None:
@@ -279,20 +283,19 @@ def test_zoomed_crops_rescale_image_and_mask_together() -> None:
 @pytest.mark.slow
 def test_content_windows_stay_over_the_letterboxed_part() -> None:
     from export.card import PreprocessOptions, preprocess_ops
-    from export.train import content_boxes, make_crops, pad_value_of
+    from export.train import letterboxes, make_crops
 
-    pad = pad_value_of(preprocess_ops(PreprocessOptions(resize_mode="letterbox", pad_value=0, normalize="symmetric")))
-    assert pad == -1.0
-    assert pad_value_of(preprocess_ops(PreprocessOptions(resize_mode="stretch"))) is None
-    # narrow parts letterboxed into a wide plane: 3/4 of each image is padding
+    assert letterboxes(preprocess_ops(PreprocessOptions(resize_mode="letterbox", pad_mode="reflect")))
+    assert not letterboxes(preprocess_ops(PreprocessOptions(resize_mode="stretch")))
+    # narrow parts letterboxed into a wide plane: 3/4 of each image is padding (Arrays.content: where each lies)
+    pad = -1.0
     rng = np.random.default_rng(1)
     x = np.full((5, 64, 256, 1), pad, np.float32)
     for i in range(5):
         x[i, :, 40 * i : 40 * i + 64] = rng.uniform(-0.9, 1.0, size=(64, 64, 1))
     x[4] = pad  # an image that is all padding keeps its whole plane
     y = np.zeros((5, 64, 256, 1), np.float32)
-    boxes = content_boxes(x, pad)
-    assert boxes.tolist() == [[0, 64, 40 * i, 40 * i + 64] for i in range(4)] + [[0, 64, 0, 256]]
+    boxes = np.array([[0, 64, 40 * i, 40 * i + 64] for i in range(4)] + [[0, 64, 0, 256]])
     windows = make_crops(x, y, batch=16, seed=2, crop=32, steps=4, defect_share=0.0, content=boxes)
     plain = make_crops(x, y, batch=16, seed=2, crop=32, steps=4, defect_share=0.0)
 
@@ -357,15 +360,17 @@ def test_balance_and_tversky_options_reach_the_command_line(tmp_path: Path) -> N
     from export.train import build_parser, command_of, config_from_args
 
     argv = [str(tmp_path), "--out", str(tmp_path / "run"), "--crop", "64", "--crop-balance", "folder",
-            "--tversky-beta", "0.7"]
+            "--tversky-beta", "0.7", "--resize-mode", "letterbox", "--pad-mode", "reflect"]
     cfg = config_from_args(build_parser().parse_args(argv), "")
     assert (cfg.crop_balance, cfg.tversky_beta) == ("folder", 0.7)
+    assert [op.pad_mode for op in cfg.preprocess if op.op == "resize"] == ["reflect"]
     line = command_of(cfg)
-    assert "--crop-balance folder" in line and "--tversky-beta 0.7" in line
+    assert "--crop-balance folder" in line and "--tversky-beta 0.7" in line and "--pad-mode reflect" in line
     again = config_from_args(build_parser().parse_args(line.split()[3:]), "")
     assert (again.crop_balance, again.tversky_beta) == ("folder", 0.7)
+    assert again.preprocess == cfg.preprocess
     plain = command_of(config_from_args(build_parser().parse_args(argv[:5]), ""))
-    assert "--crop-balance" not in plain and "--tversky-beta" not in plain
+    assert "--crop-balance" not in plain and "--tversky-beta" not in plain and "--pad-mode" not in plain
 
 
 def test_crop_content_needs_windows_and_a_letterbox(tmp_path: Path) -> None:

@@ -74,6 +74,16 @@ def test_inconsistent_card_names_the_field(tmp_path):
         OnnxModel(path)
 
 
+def test_unknown_padding_names_the_field(tmp_path):
+    import json
+
+    bad = card_with(preprocess=[{"op": "colour", "to": "gray"}, {"op": "resize", "mode": "letterbox", "pad_mode": "wrap"},
+                                {"op": "normalize"}])
+    path = write_threshold_model(tmp_path / "m.onnx", card_json=json.dumps(bad))
+    with pytest.raises(ModelError, match=r"preprocess\.1\.resize\.pad_mode: Input should be 'constant', 'replicate' or 'reflect'"):
+        OnnxModel(path)
+
+
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(ModelError, match="model file not found"):
         OnnxModel(tmp_path / "nope.onnx")

@@ -87,6 +87,31 @@ def test_letterbox_pads_with_the_pad_value():
     assert np.all(x[:16] == 0) and np.all(x[48:] == 0) and np.allclose(x[16:48], 200 / 255)
 
 
+@pytest.mark.parametrize("mode", ["replicate", "reflect"])
+def test_letterbox_pads_with_the_edge_repeated_or_mirrored(mode):
+    card = threshold_card(preprocess=[
+        {"op": "colour", "to": "gray"},
+        {"op": "resize", "mode": "letterbox", "interpolation": "area", "pad_mode": mode},
+        {"op": "normalize", "scale": 1 / 255, "mean": [0.0], "std": [1.0]},
+    ])
+    image = np.tile(np.arange(100, 150, dtype=np.uint8)[:, None], (1, 100))  # rows 100..149, top to bottom
+    x, g = preprocess(image, card)
+    rows = x[:, 0, 0] * 255
+    assert (g.top, g.content_h, g.left) == (16, 32, 0)
+    assert np.allclose(x[16:48], cv2.resize(image, (64, 32), interpolation=cv2.INTER_AREA)[:, :, None] / 255)
+    if mode == "replicate":
+        assert np.allclose(rows[:16], rows[16]) and np.allclose(rows[48:], rows[47])
+    else:  # mirrored about the edge row, which is not repeated (OpenCV's BORDER_REFLECT_101)
+        assert np.allclose(rows[15::-1], rows[17:33]) and np.allclose(rows[48:], rows[46:30:-1])
+    mask = np.zeros((50, 100), np.uint8)
+    mask[:4, 10:30] = 255  # a defect at the top edge is repeated or mirrored into the padding with the image
+    label = prepare_mask(mask, card, g)
+    assert label[16:19, 8:14].all() and label[:16, 8:14].any() and not label[:16, 20:].any()
+    assert label[:16, 8:14].all() if mode == "replicate" else not label[:12].any()
+    # where the source lands is unchanged: outputs map back through the same geometry
+    assert g == preprocess(image, threshold_card())[1]
+
+
 def test_mask_follows_the_image_geometry():
     card = threshold_card()
     mask = np.zeros((50, 100), np.uint8)
