@@ -298,10 +298,11 @@ def make_crops(x: np.ndarray, y: np.ndarray, batch: int, seed: int, crop: int, s
     that a defect pixel drawn at random lies inside it (at least crop/8 from
     the border), which balances the rare small defects against the defect-free
     bulk; the others are drawn uniformly from all images — or, given
-    ``content`` (one ``(y0, y1, x0, x1)`` box per image, ``Arrays.content``), placed like the defect windows over a pixel drawn
-    from the image's box, so that a letterbox's padding does not take the
-    updates (a tile 115 px wide fills a fifth of a 256 x 512 input). Each window then gets
-    one of the 8 symmetries of the square and the gain/offset ``jitter`` (see
+    ``content`` (one ``(y0, y1, x0, x1)`` box per image, ``Arrays.content``),
+    placed like the defect windows over a pixel drawn from the image's box,
+    so that a letterbox's padding does not take the updates (a tile 115 px
+    wide fills a fifth of a 256 x 512 input). Each window then gets one of the
+    8 symmetries of the square and the gain/offset ``jitter`` (see
     :func:`make_augmented`). With ``zoom`` Z > 1 each window is cut at a scale
     s drawn log-uniformly from [1/Z, Z]: a side of crop/s input pixels (at most
     the image) resized to crop (linear; the mask re-thresholded at 0.5), so the
