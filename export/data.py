@@ -79,7 +79,7 @@ class Arrays:
     x: np.ndarray
     y: np.ndarray
     keys: tuple[str, ...]
-    content: np.ndarray | None = None
+    content: np.ndarray
 
 
 def find_samples(root: str | Path, missing_mask_is_free: bool = False) -> Listing:

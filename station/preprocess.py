@@ -220,6 +220,5 @@ def prepare_mask(mask: np.ndarray, card: ModelCard, geometry: Geometry) -> np.nd
     m = (mask > 127).astype(np.uint8) * 255 if mask.dtype != bool else mask.astype(np.uint8) * 255
     if mask.shape[:2] != (geometry.src_h, geometry.src_w):
         raise ValueError(f"mask {mask.shape[:2]} and image {(geometry.src_h, geometry.src_w)} differ in size")
-    pad_mode = next((op.pad_mode for op in card.preprocess if isinstance(op, ResizeOp)), "constant")
-    plane = resize(m, geometry, "area", 0, pad_mode)
+    plane = resize(m, geometry, "area", 0, card.resize.pad_mode)
     return (plane >= 128).astype(np.float32)
