@@ -122,6 +122,36 @@ def test_mask_follows_the_image_geometry():
     assert label[23:28, 32:64].all() and not label[29:].any() and not label[:16].any() and not label[:, :32].any()
 
 
+def test_inspector_counts_no_defect_pixel_of_mirrored_padding(tmp_path):
+    """A defect at the padded edge is mirrored into the padding the model sees; the
+    line's mask and area come from the source frame alone, as with constant padding."""
+    from onnx_builders import write_threshold_model
+
+    from station.config import load_config
+    from station.infer import OnnxModel
+    from station.pipeline import Inspector
+    from station.types import Frame
+
+    image = np.full((100, 200), 60, np.uint8)
+    image[:10, 40:80] = 250  # bright (the threshold model's "defect") along the top edge: 2 % of the frame
+    areas = {}
+    for mode in ("constant", "reflect"):
+        card = threshold_card(preprocess=[
+            {"op": "colour", "to": "gray"},
+            {"op": "resize", "mode": "letterbox", "interpolation": "area", "pad_mode": mode},
+            {"op": "normalize", "scale": 1 / 255, "mean": [0.0], "std": [1.0]},
+        ])
+        model = OnnxModel(write_threshold_model(tmp_path / f"{mode}.onnx", card=card))
+        seen = []
+        real_run = model.run
+        model.run = lambda t, real_run=real_run, seen=seen: seen.append(t.copy()) or real_run(t)
+        result = Inspector({"segmentation": model}, load_config(None)).inspect(Frame(image, "x"))
+        bright_rows = np.flatnonzero((seen[0][0, :, 20:40, 0] > 0.75).any(axis=1))
+        areas[mode] = (result.defect_area_pct, bright_rows.min())
+    assert areas["constant"][1] == 16 and areas["reflect"][1] < 16  # the model saw the mirror in the padding
+    assert areas["reflect"][0] == pytest.approx(areas["constant"][0]) and 1.5 < areas["reflect"][0] < 2.5
+
+
 @pytest.mark.parametrize("which", ["threshold", "bundled demo"])
 def test_inspector_feeds_the_model_exactly_the_card_tensor(which, threshold_model, monkeypatch):
     from station.config import DEMO_MODEL, load_config
