@@ -113,6 +113,28 @@ def test_the_misgraded_defects_lie_at_the_padded_edges_as_the_docs_count():
     assert "and 9 of its 11 misgraded images" in doc
 
 
+def test_the_tall_uneven_tile_the_replicated_padding_lost_reaches_its_padded_sides():
+    """docs/magnetic_tile_unet.md (the replicated-padding trial): the six exposures of the tall
+    tile Uneven/exp*_num_172* are marked over 34-43 % of their left and right edges, the sides a
+    tall tile's letterbox pads, and the shipped model grades all six right."""
+    import cv2
+
+    data = shared_data("magnetic_tile")
+    masks = sorted((data / "Uneven").glob("exp*_num_172*.png"))
+    assert len(masks) == 6
+    for path in masks:
+        mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) >= 128
+        h, w = mask.shape
+        assert h > w, path.name
+        assert all(0.34 <= side.mean() < 0.435 for side in (mask[:, 0], mask[:, -1])), path.name
+    images = json.loads((ROOT / "docs/magnetic_tile_eval.json").read_text())["images"]
+    tile = [im for im in images if re.search(r"Uneven/exp\d_num_172\d+\.jpg$", im["source"])]
+    assert len(tile) == 6 and all(im["grade"] == im["true_grade"] for im in tile)
+    doc = " ".join((ROOT / "docs/magnetic_tile_unet.md").read_text().split())
+    assert "its region covers 34–43 % of the left and right edges" in doc
+    assert "the shipped model grades all six right" in doc
+
+
 def test_the_two_uneven_images_the_readme_names_have_nearly_empty_masks():
     """The README counts two over-graded validation images against their masks, not the model:
     each shows an uneven patch its mask marks with 1 and 3 pixels, so its truth grade is PASS."""
