@@ -135,6 +135,32 @@ def test_the_tall_uneven_tile_the_replicated_padding_lost_reaches_its_padded_sid
     assert "the shipped model grades all six right" in doc
 
 
+def test_after_the_recipes_clahe_broken_and_frayed_defects_are_darker_than_their_tiles():
+    """docs/magnetic_tile_unet.md (the mid-grey padding trial): after the recipe's CLAHE the
+    median defect pixel of a broken or frayed tile is grey 74 (median over the images), the
+    rest of the frame 121 and 102, so a dark chip at a black-padded edge is the smaller step."""
+    import cv2
+    import numpy as np
+
+    from export.magnetic_tile import PREPROCESS
+    from station.preprocess import clahe
+
+    data = shared_data("magnetic_tile")
+    clip, grid = PREPROCESS.clahe
+    for cls, rest in (("Break", 121), ("Fray", 102)):
+        defect, sound = [], []
+        for path in sorted((data / cls).glob("*.jpg")):
+            mask = cv2.imread(str(path.with_suffix(".png")), cv2.IMREAD_GRAYSCALE) >= 128
+            if mask.any():
+                grey = clahe(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), clip, grid)
+                defect.append(np.median(grey[mask]))
+                sound.append(np.median(grey[~mask]))
+        assert round(float(np.median(defect))) == 74, cls
+        assert round(float(np.median(sound))) == rest, cls
+    doc = " ".join((ROOT / "docs/magnetic_tile_unet.md").read_text().split())
+    assert "tile is grey 74 (the median over the images), the rest of the frame 121 and 102" in doc
+
+
 def test_the_two_uneven_images_the_readme_names_have_nearly_empty_masks():
     """The README counts two over-graded validation images against their masks, not the model:
     each shows an uneven patch its mask marks with 1 and 3 pixels, so its truth grade is PASS."""
