@@ -37,6 +37,16 @@ def _readme_figures() -> dict[tuple[str, str], str]:
     return rows
 
 
+def _prose(path: str) -> str:
+    """A Markdown file of the repository with its line breaks and runs of spaces made single spaces."""
+    return " ".join((ROOT / path).read_text().split())
+
+
+def _unet_report() -> dict:
+    """The shipped U-Net's eval report, docs/magnetic_tile_eval.json."""
+    return json.loads((ROOT / SHIPPED["magnetic_tile_unet"][2]).read_text())
+
+
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_the_split_file_is_the_one_on_the_card(name):
     """The committed split: disjoint sides, the counts the card's split names, images that exist."""
@@ -100,7 +110,7 @@ def test_the_misgraded_defects_lie_at_the_padded_edges_as_the_docs_count():
     train = [t for t in map(touches_padded_side, split["train"]) if t is not None]
     assert (len(train), sum(train)) == (236, 86)
     at_edge, misgraded = [], []
-    for im in json.loads((ROOT / "docs/magnetic_tile_eval.json").read_text())["images"]:
+    for im in _unet_report()["images"]:
         touches = touches_padded_side(im["source"].rsplit("magnetic_tile/", 1)[1])
         if touches is None:
             continue
@@ -108,7 +118,7 @@ def test_the_misgraded_defects_lie_at_the_padded_edges_as_the_docs_count():
         misgraded.append(im["grade"] != im["true_grade"])
     assert (len(at_edge), sum(at_edge)) == (81, 32)
     assert (sum(misgraded), sum(a and m for a, m in zip(at_edge, misgraded))) == (11, 9)
-    doc = " ".join((ROOT / "docs/magnetic_tile_unet.md").read_text().split())
+    doc = _prose("docs/magnetic_tile_unet.md")
     assert "32 of the 81 validation images with a defect" in doc and "86 of the 236 on the training side" in doc
     assert "and 9 of its 11 misgraded images" in doc
 
@@ -127,10 +137,10 @@ def test_the_tall_uneven_tile_the_replicated_padding_lost_reaches_its_padded_sid
         h, w = mask.shape
         assert h > w, path.name
         assert all(0.34 <= side.mean() < 0.435 for side in (mask[:, 0], mask[:, -1])), path.name
-    images = json.loads((ROOT / "docs/magnetic_tile_eval.json").read_text())["images"]
+    images = _unet_report()["images"]
     tile = [im for im in images if re.search(r"Uneven/exp\d_num_172\d+\.jpg$", im["source"])]
     assert len(tile) == 6 and all(im["grade"] == im["true_grade"] for im in tile)
-    doc = " ".join((ROOT / "docs/magnetic_tile_unet.md").read_text().split())
+    doc = _prose("docs/magnetic_tile_unet.md")
     assert "its region covers 34–43 % of the left and right edges" in doc
     assert "the shipped model grades all six right" in doc
 
@@ -157,7 +167,7 @@ def test_after_the_recipes_clahe_broken_and_frayed_defects_are_darker_than_their
                 sound.append(np.median(grey[~mask]))
         assert round(float(np.median(defect))) == 74, cls
         assert round(float(np.median(sound))) == rest, cls
-    doc = " ".join((ROOT / "docs/magnetic_tile_unet.md").read_text().split())
+    doc = _prose("docs/magnetic_tile_unet.md")
     assert "tile is grey 74 (the median over the images), the rest of the frame 121 and 102" in doc
 
 
@@ -169,7 +179,7 @@ def test_the_two_uneven_images_the_readme_names_have_nearly_empty_masks():
     data = shared_data("magnetic_tile")
     readme = (ROOT / "README.md").read_text()
     report = {im["source"].rsplit("magnetic_tile/", 1)[1]: im
-              for im in json.loads((ROOT / "docs/magnetic_tile_eval.json").read_text())["images"]}
+              for im in _unet_report()["images"]}
     for name, pixels in (("Uneven/exp3_num_24829", 1), ("Uneven/exp4_num_24843", 3)):
         assert f"`{name}`" in readme
         mask = cv2.imread(str(data / f"{name}.png"), cv2.IMREAD_GRAYSCALE)
@@ -179,7 +189,7 @@ def test_the_two_uneven_images_the_readme_names_have_nearly_empty_masks():
 
 
 def _misgraded(worse: bool) -> list[dict]:
-    report = json.loads((ROOT / "docs/magnetic_tile_eval.json").read_text())["images"]
+    report = _unet_report()["images"]
     severity = {"PASS": 0, "DISCOUNT": 1, "REJECT": 2}
     return [im for im in report if (severity[im["grade"]] > severity[im["true_grade"]]) == worse
             and im["grade"] != im["true_grade"]]
@@ -196,7 +206,7 @@ def test_the_over_graded_validation_images_are_those_the_readme_names():
     assert all(im["grade"] == "DISCOUNT" for im in over if im["cls"] == "Free")
     broken = next(im for im in over if im["cls"] == "Break")
     assert broken["area_pct"] > 30 and broken["true_area_pct"] < 2
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = _prose("README.md")
     assert "Four defect-free tiles are graded DISCOUNT" in readme
 
 
@@ -209,7 +219,7 @@ def test_the_escapes_the_readme_counts_are_the_frayed_and_a_broken_tile():
     assert sum(n.startswith("Fray/") and "_num_135" in n for n in names) == 3
     assert sum(n.startswith("Break/") for n in names) == 3
     assert all(im["width"] > im["height"] for im in escapes)
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = _prose("README.md")
     assert "The 6 escapes are three exposures of the frayed tile" in readme
 
 
@@ -225,9 +235,9 @@ def test_eval_without_card_evaluates_at_the_threshold_asked(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert model.read_bytes() == before
     got = json.loads(out.read_text())["card_figures"]
-    shipped = json.loads((ROOT / "docs/magnetic_tile_eval.json").read_text())["card_figures"]
+    shipped = _unet_report()["card_figures"]
     assert read_card(model).output.threshold == 0.85
     assert got["pixel_recall"] > shipped["pixel_recall"]  # a lower threshold marks more pixels
-    record = " ".join((ROOT / "docs/magnetic_tile_unet.md").read_text().split())
+    record = _prose("docs/magnetic_tile_unet.md")
     assert (f"the shipped model gives IoU {got['iou']:.3f} and agreement {got['grade_agreement_pct']:.1f} % at 0.5 "
             f"against {shipped['iou']:.3f} and {shipped['grade_agreement_pct']:.1f} % at 0.85") in record
