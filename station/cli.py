@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("replay", help="inspect recorded images and videos", description="Run the inspection pipeline on image files, folders (recursive) and video files.")
     r.add_argument("paths", nargs="+", metavar="PATH", help="image file, video file or folder")
     r.add_argument("-c", "--config", type=Path, help="config YAML (default: the bundled default)")
-    r.add_argument("--seg-model", type=Path, help="segmentation ONNX model (overrides the config)")
+    r.add_argument("--seg-model", type=Path, action="append", metavar="FILE",
+                   help="segmentation ONNX model (overrides the config); repeat it to average several")
     r.add_argument("--det-model", type=Path, help="detection ONNX model (overrides the config)")
     r.add_argument("--out", type=Path, help="JSONL output file, one record per frame (default: stdout)")
     r.add_argument("--masks", type=Path, metavar="DIR", help="write each predicted mask as DIR/<stem>.png (0/255, source size)")

@@ -35,29 +35,65 @@ _SHA256 = r"^[0-9a-fA-F]{64}$"
 
 
 class ModelsConfig(_Strict):
-    segmentation: Path | None = Field(None, description="segmentation ONNX file (relative to this file)")
+    segmentation: Path | list[Path] | None = Field(
+        None, description="segmentation ONNX file, or a list of them whose probabilities are averaged at source "
+        "resolution (relative to this file)"
+    )
     detection: Path | None = Field(None, description="detection ONNX file (relative to this file)")
-    segmentation_sha256: str | None = Field(
-        None, pattern=_SHA256, description="pin: sha256 (hex) the segmentation file must have; another file is refused"
+    segmentation_sha256: str | list[str] | None = Field(
+        None, description="pin: sha256 (hex) the segmentation file must have, or one per file of a list; "
+        "another file is refused"
     )
     detection_sha256: str | None = Field(
         None, pattern=_SHA256, description="pin: sha256 (hex) the detection file must have; another file is refused"
     )
 
+    @field_validator("segmentation", mode="after")
+    @classmethod
+    def _some_files(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an empty list: name at least one file, or null for none")
+            if len(set(value)) != len(value):
+                raise ValueError("a file is listed twice")
+        return value
+
     @field_validator("segmentation_sha256", "detection_sha256", mode="before")
     @classmethod
     def _hex_text(cls, value: Any) -> Any:
-        # YAML reads an all-digit hash (or one like 12e45…) as a number, losing digits.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            raise ValueError("YAML read this hash as a number: put it in quotes")
-        return value.lower() if isinstance(value, str) else value
+        def one(v: Any) -> Any:
+            # YAML reads an all-digit hash (or one like 12e45…) as a number, losing digits.
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                raise ValueError("YAML read this hash as a number: put it in quotes")
+            if isinstance(v, str) and not re.fullmatch(_SHA256, v):
+                raise ValueError(f"{v!r} is not a sha256: 64 hex digits expected")
+            return v.lower() if isinstance(v, str) else v
+
+        return [one(v) for v in value] if isinstance(value, list) else one(value)
 
     @model_validator(mode="after")
     def _pin_needs_a_file(self) -> "ModelsConfig":
         for role in ("segmentation", "detection"):
             if getattr(self, f"{role}_sha256") is not None and getattr(self, role) is None:
                 raise ValueError(f"{role}_sha256 pins a model but {role} names no file")
+        pins, files = self.segmentation_sha256, self.segmentation
+        if pins is not None and isinstance(pins, list) != isinstance(files, list):
+            raise ValueError("segmentation_sha256 must be one hash for one file, a list of hashes for a list of files")
+        if isinstance(pins, list) and len(pins) != len(files):
+            raise ValueError(f"segmentation_sha256 lists {len(pins)} hash(es) for {len(files)} segmentation file(s)")
         return self
+
+    @property
+    def segmentation_files(self) -> list[Path]:
+        """The segmentation files, one or several, in order (empty without any)."""
+        seg = self.segmentation
+        return [] if seg is None else (list(seg) if isinstance(seg, list) else [seg])
+
+    @property
+    def segmentation_pins(self) -> list[str | None]:
+        """The pinned sha256 of each of :attr:`segmentation_files` (None: not pinned)."""
+        pins = self.segmentation_sha256
+        return list(pins) if isinstance(pins, list) else [pins] * len(self.segmentation_files)
 
 
 Provider = Literal["tensorrt", "cuda", "cpu"]
@@ -112,6 +148,11 @@ class InferenceConfig(_Strict):
 class PostprocessConfig(_Strict):
     min_area_px: int = Field(16, ge=0, description="segmentation regions smaller than this (source pixels) are dropped")
     min_score: float = Field(0.0, ge=0, le=1, description="defects with a lower score are dropped")
+    mask_threshold: float | None = Field(
+        None, gt=0, lt=1, description="segmentation probability above which a pixel is a defect (of the mean "
+        "probability with several segmentation models); default: the card's output.threshold, or the mean of "
+        "the cards' with several models"
+    )
 
 
 class Thresholds(_Strict):
@@ -601,7 +642,9 @@ def resolve_paths(cfg: StationConfig, base_dir: Path) -> StationConfig:
 
     update: dict[str, Any] = {
         "models": cfg.models.model_copy(
-            update={"segmentation": fix(cfg.models.segmentation), "detection": fix(cfg.models.detection)}
+            update={"segmentation": [fix(p) for p in cfg.models.segmentation]
+                    if isinstance(cfg.models.segmentation, list) else fix(cfg.models.segmentation),
+                    "detection": fix(cfg.models.detection)}
         )
     }
     if cfg.mqtt is not None:

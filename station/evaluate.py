@@ -842,6 +842,8 @@ def build_report(
         "ap50": detection and detection["ap50"],
         "map": detection and detection["map"],
     }
+    from .pipeline import mask_threshold
+
     kinds: dict[str, int] = defaultdict(int)
     for item in discovery.items:
         kinds[item.kind] += 1
@@ -859,7 +861,8 @@ def build_report(
             }
             for role, m in models.items()
         },
-        "rules": {"min_area_px": cfg.postprocess.min_area_px, "grading": cfg.grading.model_dump(mode="json")},
+        "rules": {"min_area_px": cfg.postprocess.min_area_px, "mask_threshold": mask_threshold(models, cfg),
+                  "grading": cfg.grading.model_dump(mode="json")},
         "counts": {
             "images": len(discovery.items) + len(discovery.no_truth) + len(discovery.missing),
             "truth_masks_in_inputs": discovery.masks,
@@ -1060,7 +1063,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     e.add_argument("paths", nargs="+", metavar="PATH", help="image file or folder (recursive)")
     e.add_argument("-c", "--config", type=Path, help="config YAML (default: the bundled default)")
-    e.add_argument("--seg-model", type=Path, help="segmentation ONNX model (overrides the config)")
+    e.add_argument("--seg-model", type=Path, action="append", metavar="FILE",
+                   help="segmentation ONNX model (overrides the config); repeat it to average several")
     e.add_argument("--det-model", type=Path, help="detection ONNX model (overrides the config)")
     e.add_argument("--json", type=Path, metavar="OUT.json", help="write the full report as JSON")
     e.add_argument("--report", type=Path, metavar="OUT.png", help="write the report as a PNG")
@@ -1085,8 +1089,8 @@ def _require(module: str, why: str) -> None:
 def command_line(args: argparse.Namespace) -> list[str]:
     """The canonical command line that reproduces this run."""
     argv = ["station", "eval", *map(str, args.paths)]
-    for flag, value in (("-c", args.config), ("--seg-model", args.seg_model), ("--det-model", args.det_model),
-                        ("--json", args.json), ("--report", args.report)):
+    for flag, value in (("-c", args.config), *(("--seg-model", p) for p in args.seg_model or ()),
+                        ("--det-model", args.det_model), ("--json", args.json), ("--report", args.report)):
         if value is not None:
             argv += [flag, str(value)]
     argv += ["--free-class", args.free_class]

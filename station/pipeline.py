@@ -32,33 +32,52 @@ from .types import Defects, Frame, InspectionResult
 
 log = logging.getLogger(__name__)
 
-ROLES = ("segmentation", "detection")
 WARM_PARTS = 5  # synthetic parts through every stage before the first real one (Inspector.warm_up)
 
 
-def open_models(cfg: StationConfig, seg: Path | None = None, det: Path | None = None) -> dict[str, OnnxModel]:
+def role_of(key: str) -> str:
+    """The role of a model key: ``segmentation``, ``segmentation.2``… → ``segmentation``."""
+    return key.split(".", 1)[0]
+
+
+def segmentation_keys(n: int) -> list[str]:
+    """The keys of ``n`` segmentation models: ``segmentation``, then ``segmentation.2``…"""
+    return ["segmentation"][:n] + [f"segmentation.{i}" for i in range(2, n + 1)]
+
+
+def open_models(cfg: StationConfig, seg: Sequence[Path] | Path | None = None,
+                det: Path | None = None) -> dict[str, OnnxModel]:
     """Open the configured models (command-line paths override the config).
 
     With no model anywhere, the bundled demo segmentation model is used.
-    Each model's card task must match its slot. A sha256 pinned in the config
-    (``models.<role>_sha256``) applies to the config's file, not to an override.
+    Several segmentation models (a list in the config, or several paths given)
+    are keyed ``segmentation``, ``segmentation.2``…; the Inspector averages
+    their probabilities. Each model's card task must match its slot. A sha256
+    pinned in the config (``models.<role>_sha256``) applies to the config's
+    files, not to an override.
     """
-    paths = {"segmentation": seg or cfg.models.segmentation, "detection": det or cfg.models.detection}
-    pins = {"segmentation": None if seg else cfg.models.segmentation_sha256,
-            "detection": None if det else cfg.models.detection_sha256}
-    if paths["segmentation"] is None and paths["detection"] is None:
+    if isinstance(seg, Path):
+        seg = [seg]
+    seg_paths = list(seg) if seg else cfg.models.segmentation_files
+    seg_pins = [None] * len(seg_paths) if seg else cfg.models.segmentation_pins
+    if len(set(map(Path, seg_paths))) != len(seg_paths):
+        raise ConfigError(f"a segmentation model is given twice: {', '.join(map(str, seg_paths))}")
+    det_path = det or cfg.models.detection
+    if not seg_paths and det_path is None:
         log.info("no model configured: using the bundled demo model %s", DEMO_MODEL)
-        paths["segmentation"] = DEMO_MODEL
-    threads = model_threads(cfg, sum(p is not None for p in paths.values()))
+        seg_paths, seg_pins = [DEMO_MODEL], [None]
+    slots = [(key, path, pin) for key, path, pin in zip(segmentation_keys(len(seg_paths)), seg_paths, seg_pins)]
+    if det_path is not None:
+        slots.append(("detection", det_path, None if det else cfg.models.detection_sha256))
+    threads = model_threads(cfg, len(slots))
     models = {}
-    for role, path in paths.items():
-        if path is None:
-            continue
-        model = OnnxModel(path, cfg.inference.providers, threads, sha256=pins[role], settings=cfg.inference)
+    for key, path, pin in slots:
+        role = role_of(key)
+        model = OnnxModel(path, cfg.inference.providers, threads, sha256=pin, settings=cfg.inference)
         if model.task != role:
             raise ConfigError(f"{path}: is a {model.task} model but was given as the {role} model")
-        log.info("%s model %s (%s v%s) on %s", role, path, model.card.name, model.card.version, ", ".join(model.providers))
-        models[role] = model
+        log.info("%s model %s (%s v%s) on %s", key, path, model.card.name, model.card.version, ", ".join(model.providers))
+        models[key] = model
     return models
 
 
@@ -72,21 +91,49 @@ def model_threads(cfg: StationConfig, n_models: int) -> int:
     return threads
 
 
+def mask_threshold(models: dict[str, OnnxModel], cfg: StationConfig) -> float | None:
+    """The segmentation probability threshold: ``postprocess.mask_threshold``, or the
+    card's ``output.threshold`` (the mean of the cards' with several models); None
+    without a segmentation model."""
+    cards = [m.card.output.threshold for k, m in models.items() if role_of(k) == "segmentation"]
+    if not cards:
+        return None
+    return cfg.postprocess.mask_threshold if cfg.postprocess.mask_threshold is not None else float(np.mean(cards))
+
+
 class Inspector:
-    """Inspects frames with up to one segmentation and one detection model.
+    """Inspects frames with segmentation models (one, or several averaged) and up
+    to one detection model.
+
+    Several segmentation models (keys ``segmentation``, ``segmentation.2``…, as
+    :func:`open_models` names them) must have the same classes; each is fed its
+    own card's preprocessing, and their probability maps meet at source
+    resolution, where their mean is thresholded (``postprocess.mask_threshold``,
+    by default the mean of their cards' thresholds) and cut into regions as one
+    model's would be.
 
     keep_mask: keep the (H, W) bool union mask in the result (needed for mask
     files, overlays and mask payloads; costs one frame-sized array per result).
     """
 
     def __init__(self, models: dict[str, OnnxModel], cfg: StationConfig, keep_mask: bool = True):
-        unknown = set(models) - set(ROLES)
-        if unknown or not models:
-            raise ValueError(f"models must be a non-empty subset of {ROLES}, got {sorted(models)}")
+        seg = [k for k in models if role_of(k) == "segmentation"]
+        wanted = segmentation_keys(len(seg)) + ["detection"]
+        if not models or any(k not in wanted for k in models) or seg != segmentation_keys(len(seg)):
+            raise ValueError("models must be keyed segmentation, segmentation.2, … (in order), then detection; "
+                             f"got {list(models)}")
+        for key in seg[1:]:
+            first, other = models[seg[0]], models[key]
+            if list(other.card.classes) != list(first.card.classes):
+                raise ConfigError(f"{other.path}: its classes {list(other.card.classes)} are not those of "
+                                  f"{first.path} ({list(first.card.classes)}): segmentation models are averaged "
+                                  "class by class")
         self.models = models
         self.cfg = cfg
         self.keep_mask = keep_mask
-        self.model_ids = {role: m.sha256 for role, m in models.items()}
+        self.model_ids = {key: m.sha256 for key, m in models.items()}
+        self.segmentation = seg
+        self.mask_threshold = mask_threshold(models, cfg)
 
     def warm_up(self, infer: "Callable[[Work], Work] | None" = None, parts: int = WARM_PARTS) -> None:
         """Inspect ``parts`` synthetic plates, results discarded, through the stages
@@ -140,21 +187,23 @@ class Inspector:
         parts: list[Defects] = []
         mask: np.ndarray | None = None
         post = self.cfg.postprocess
-        for role, model in self.models.items():
-            card = model.card
+        if self.segmentation:
             t = time.perf_counter()
-            outputs, geometry = work.outputs[role], work.geometries[role]
-            if isinstance(card.output, MaskOutput):
-                prob = postprocess.mask_probabilities(outputs[card.output.name], card.output)
-                found, m = postprocess.mask_defects(
-                    prob, geometry, card.output.threshold, card.classes, post.min_area_px, post.min_score
-                )
-                mask = m if mask is None else (mask | m)
-            else:
-                assert isinstance(card.output, DetectionOutputs)
-                found = postprocess.detection_defects(outputs, card.output, card.classes, geometry, post.min_score)
+            prob, geometry = self._segmentation_probabilities(work)
+            classes = self.models["segmentation"].card.classes
+            found, mask = postprocess.mask_defects(
+                prob, geometry, self.mask_threshold, classes, post.min_area_px, post.min_score
+            )
             parts.append(found)
-            latency[f"postprocess.{role}"] = (time.perf_counter() - t) * 1e3
+            latency["postprocess.segmentation"] = (time.perf_counter() - t) * 1e3
+        if "detection" in self.models:
+            card = self.models["detection"].card
+            assert isinstance(card.output, DetectionOutputs)
+            t = time.perf_counter()
+            found = postprocess.detection_defects(work.outputs["detection"], card.output, card.classes,
+                                                  work.geometries["detection"], post.min_score)
+            parts.append(found)
+            latency["postprocess.detection"] = (time.perf_counter() - t) * 1e3
 
         t = time.perf_counter()
         defects = Defects.concat(parts)
@@ -189,6 +238,30 @@ class Inspector:
         )
 
 
+    def _segmentation_probabilities(self, work: "Work") -> tuple[np.ndarray, Geometry]:
+        """The segmentation probabilities to threshold and their geometry: one model's
+        at its input resolution (mapped to the frame by ``mask_defects``), or the mean
+        of several models' at source resolution (each mapped there by its own geometry)."""
+        maps = []
+        for key in self.segmentation:
+            out = self.models[key].card.output
+            assert isinstance(out, MaskOutput)
+            maps.append((postprocess.mask_probabilities(work.outputs[key][out.name], out), work.geometries[key]))
+        if len(maps) == 1:
+            return maps[0]
+        frame = work.frame
+        identity = Geometry.identity(frame.height, frame.width)
+        # The mean cannot exceed the mean of the models' maxima (bilinear resizing
+        # cannot raise a maximum): below the threshold, no map needs resizing, and a
+        # 1 x 1 map of zeros stands for the frame (most good parts).
+        if np.mean([g.crop(p).max() for p, g in maps]) <= self.mask_threshold:
+            return np.zeros((1, 1, maps[0][0].shape[2]), np.float32), Geometry(frame.height, frame.width, 1, 1, 1, 1)
+        total = np.zeros((frame.height, frame.width, maps[0][0].shape[2]), np.float32)
+        for p, g in maps:
+            total += g.to_source(p)
+        return total / len(maps), identity
+
+
 class ParallelInfer:
     """The infer stage with ``inference.parallel_models``: a frame's first model runs
     on the calling thread and each other model on a helper thread of its own, at
@@ -214,14 +287,18 @@ class ParallelInfer:
         self._yield_to = yield_to if yield_s > 0 else None
         self._yield_s = yield_s
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
 
     def __call__(self, work: "Work") -> "Work":
         inspector = work.inspector
         roles = list(inspector.models)
         if len(roles) < 2 or not inspector.cfg.inference.parallel_models:
             return inspector.infer(work)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(len(ROLES) - 1, thread_name_prefix=self._name,
+        if self._pool is None or self._pool_size < len(roles) - 1:  # first use, or a reload added a model
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+            self._pool_size = len(roles) - 1
+            self._pool = ThreadPoolExecutor(self._pool_size, thread_name_prefix=self._name,
                                             initializer=self._helper_start)
         t = time.perf_counter()
         others = [self._pool.submit(self._helper, work, role) for role in roles[1:]]

@@ -631,6 +631,13 @@ def test_a_trial_of_a_shipped_recipe_leaves_the_shipped_files(module, trial, tmp
     assert not mod.DOCS.exists()
     assert mod.main(["train", "--run", str(run)]) == 0
     assert mod.MODEL_PATH.read_text() == "model.onnx" and mod.SPLIT_PATH.read_text() == "split.json"
+    if module == "magnetic_tile":  # the second member, the stretched input, ships beside the first
+        stretch = mod.MEMBERS["stretch"]
+        assert mod.main(["train", "--member", "stretch", "--run", str(run), *trial]) == 0
+        assert not stretch.model.exists()
+        assert mod.main(["train", "--member", "stretch", "--run", str(run)]) == 0
+        assert stretch.model.read_text() == "model.onnx" and stretch.split.read_text() == "split.json"
+        assert (mod.DOCS / stretch.curves).is_file()
 
 
 def _asymmetric_conv_transposes(model) -> list[str]:

@@ -265,7 +265,7 @@ def test_pins_in_the_config(tmp_path, capsys):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("models:\n  segmentation: a.onnx\n  segmentation_sha256: xyz\n", "x.yaml:3: models.segmentation_sha256: String should match pattern"),
+        ("models:\n  segmentation: a.onnx\n  segmentation_sha256: xyz\n", "x.yaml:3: models.segmentation_sha256: Value error, 'xyz' is not a sha256: 64 hex digits expected"),
         ("models:\n  segmentation: a.onnx\n  segmentation_sha256: " + "0" * 64 + "\n", "x.yaml:3: models.segmentation_sha256: Value error, YAML read this hash as a number: put it in quotes"),
         ("models:\n  detection_sha256: " + "a" * 64 + "\n", "x.yaml:1: models: Value error, detection_sha256 pins a model but detection names no file"),
     ],

@@ -258,7 +258,7 @@ def test_eval_without_card_evaluates_at_the_threshold_asked(tmp_path):
     before = model.read_bytes()
     out = tmp_path / "eval.json"
     proc = subprocess.run([sys.executable, "-m", "export.magnetic_tile", "eval", "--data", str(data), "--no-card",
-                           "--threshold", "0.5", "--json", str(out), "--report", str(tmp_path / "eval.png")],
+                           "--model", str(model), "--threshold", "0.5", "--json", str(out), "--report", str(tmp_path / "eval.png")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert model.read_bytes() == before
