@@ -141,7 +141,9 @@ def recipe(data: Path, run: Path, epochs: int | None = None, stop_after: int | N
     cfg = TrainConfig(
         data_dir=data, out_dir=run, preprocess=tuple(preprocess_ops(options)), groups=groups,
         name="magnetic-tile-unet", version="1",
-        description="magnetic-tile surface defects (blowhole, break, crack, fray, uneven) as one 'defect' mask",
+        description="magnetic-tile surface defects (blowhole, break, crack, fray, uneven) as one 'defect' mask"
+        + ("" if member == "letterbox" else "; the tile stretched over the whole input (config/magnetic_tile.yaml "
+           "averages this model with the letterboxed one)"),
         data_description=CITATION + f"; {data}: 1,076 images (757 defect-free), masks beside the images",
         **settings,
     )

@@ -120,16 +120,20 @@ def test_the_default_threshold_is_the_mean_of_the_cards(stretched):
 
 
 def test_two_segmentation_models_and_a_detector_in_parallel_give_the_results_in_turn(stretched):
-    cfg = parse_config(f"models:\n  segmentation: [{UNET}, {stretched}]\n  detection: {DETECTOR}\n"
-                       "inference: {providers: [cpu], parallel_models: true}\npostprocess: {min_score: 0.05}\n", "s.yaml")
-    inspector = Inspector(open_models(cfg), cfg)
+    """Also after a reload from two models to three: the infer stage's helper threads grow."""
     parallel = ParallelInfer("test-ensemble")
     try:
-        for i, path in enumerate(tiles(3)):
-            frame = Frame(read_image(path), str(path), seq=i)
-            together, in_turn = inspector.finish(parallel(inspector.prepare(frame))), inspector.inspect(frame)
-            assert comparable(together) == comparable(in_turn) and np.array_equal(together.mask, in_turn.mask)
-            assert {"infer.segmentation", "infer.segmentation.2", "infer.detection"} <= set(together.latency_ms)
+        for seg in (f"{UNET}", f"[{UNET}, {stretched}]"):
+            cfg = parse_config(f"models:\n  segmentation: {seg}\n  detection: {DETECTOR}\n"
+                               "inference: {providers: [cpu], parallel_models: true}\npostprocess: {min_score: 0.05}\n",
+                               "s.yaml")
+            inspector = Inspector(open_models(cfg), cfg)
+            for i, path in enumerate(tiles(3)):
+                frame = Frame(read_image(path), str(path), seq=i)
+                together, in_turn = inspector.finish(parallel(inspector.prepare(frame))), inspector.inspect(frame)
+                assert comparable(together) == comparable(in_turn) and np.array_equal(together.mask, in_turn.mask)
+                assert {f"infer.{k}" for k in inspector.models} | {"infer"} <= set(together.latency_ms)
+        assert list(inspector.models) == ["segmentation", "segmentation.2", "detection"]
     finally:
         parallel.close()
 
