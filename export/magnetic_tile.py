@@ -254,10 +254,17 @@ def cmd_export_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mask_threshold_of(config: Path) -> float | None:
+    from station.config import load_config
+
+    return load_config(config).postprocess.mask_threshold
+
+
 def _config_with(base: Path, out: Path, models: Sequence[Path] | None = None, threshold: float | None = None,
-                 min_area: int | None = None) -> Path:
+                 min_area: int | None = None, clear_threshold: bool = False) -> Path:
     """``base`` (a station config) written to ``out`` with its models (absolute paths),
-    ``postprocess.mask_threshold`` or ``min_area_px`` replaced where given."""
+    ``postprocess.mask_threshold`` or ``min_area_px`` replaced where given (the threshold
+    removed with ``clear_threshold``: the card's applies)."""
     import yaml
 
     from station.config import load_config
@@ -266,6 +273,8 @@ def _config_with(base: Path, out: Path, models: Sequence[Path] | None = None, th
     loaded = load_config(base).models
     seg = [str(Path(m).resolve()) for m in models] if models else [str(m) for m in loaded.segmentation_files]
     post = dict(text.get("postprocess") or {})
+    if clear_threshold:
+        post.pop("mask_threshold", None)
     if threshold is not None:
         post["mask_threshold"] = threshold
     if min_area is not None:
@@ -295,8 +304,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          args.threshold, ", of a copy: --no-card" if args.no_card else "")
                 embed_card_file(one, card.model_copy(update={"output": card.output.model_copy(
                     update={"threshold": args.threshold})}), None if evaluated[0] == one else evaluated[0])
-        elif args.threshold is not None:
+        if one is not None and _mask_threshold_of(args.config) is not None:
+            # one model alone is thresholded at its card's threshold, not at the one set for the config's models
+            config = _config_with(args.config, Path(tmp) / "station.yaml", evaluated, clear_threshold=True)
+            evaluated = []
+        elif one is None and args.threshold is not None:
             config = _config_with(args.config, Path(tmp) / "station.yaml", models, threshold=args.threshold)
+            evaluated = []
         log.info("station eval on the %d validation images of %s", len(images), args.split)
         seg_flags = [a for m in evaluated for a in ("--seg-model", m)]
         report = run_station_eval(["-c", config, *seg_flags, *images], json_out, png_out)
