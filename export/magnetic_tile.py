@@ -117,7 +117,7 @@ STRETCH_THRESHOLD = 0.85
 class Member(NamedTuple):
     preprocess: PreprocessOptions
     recipe: dict
-    model: Path  # the shipped file
+    model: Path  # where `train` puts its model (the letterbox's is the shipped one)
     split: Path  # its split file
     curves: str  # its training curves, in docs/
     threshold: float  # its mask threshold alone (`eval --model` writes it into the card)
@@ -135,7 +135,7 @@ MEMBERS = {
 
 def recipe(data: Path, run: Path, epochs: int | None = None, stop_after: int | None = None,
            member: str = "letterbox") -> TrainConfig:
-    """The TrainConfig of a shipped member (``epochs`` overrides the recipe's, for trials;
+    """The TrainConfig of a member (``epochs`` overrides the recipe's, for trials;
     ``stop_after`` ends the run early with the recipe's learning-rate schedule)."""
     groups = data / "tile_groups.json"
     options, settings = MEMBERS[member].preprocess, MEMBERS[member].recipe

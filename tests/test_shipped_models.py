@@ -1,7 +1,8 @@
 """The shipped models' figures, reproduced from a fresh checkout.
 
 The README's results table, ``docs/*_eval.json`` and each model's card all come
-from one command per model (``python -m export.<model> eval``), which reads the
+from one command per model (``python -m export.<model> eval``; the U-Net's card
+from ``eval --model models/magnetic_tile_unet.onnx``), which reads the
 validation images from the split file committed beside the model. These tests
 run those commands as a user would and compare what they print and write with
 what the repository says.
