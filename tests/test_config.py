@@ -28,6 +28,16 @@ def test_bundled_default_loads():
         ("station: {id: a}\nstation: {id: b}\n", "x.yaml:2: station: duplicate key (first at line 1)"),
         ("grading: [\n", "x.yaml:2: invalid YAML"),
         ("- a\n- b\n", "x.yaml:1: (top level): expected a mapping"),
+        # a list of segmentation models (tests/test_ensemble.py), its pins, the mean's threshold
+        ("models:\n  segmentation: [a.onnx, b.onnx]\n  segmentation_sha256: " + "a" * 64 + "\n",
+         "x.yaml:1: models: Value error, segmentation_sha256 must be one hash for one file, a list of hashes for a list"),
+        ("models:\n  segmentation: [a.onnx, b.onnx]\n  segmentation_sha256: [" + "a" * 64 + "]\n",
+         "x.yaml:1: models: Value error, segmentation_sha256 lists 1 hash(es) for 2 segmentation file(s)"),
+        ("models:\n  segmentation: [a.onnx, b.onnx]\n  segmentation_sha256: [" + "a" * 64 + ", xyz]\n",
+         "x.yaml:3: models.segmentation_sha256: Value error, 'xyz' is not a sha256"),
+        ("models:\n  segmentation: []\n", "x.yaml:2: models.segmentation: Value error, an empty list"),
+        ("models:\n  segmentation: [a.onnx, a.onnx]\n", "x.yaml:2: models.segmentation: Value error, a file is listed twice"),
+        ("postprocess:\n  mask_threshold: 1.0\n", "x.yaml:2: postprocess.mask_threshold: Input should be less than 1"),
     ],
 )
 def test_errors_name_file_line_field(text, expected):

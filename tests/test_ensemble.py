@@ -145,26 +145,6 @@ def test_models_of_other_classes_are_refused_naming_both(tmp_path):
         Inspector(open_models(cfg), cfg)
 
 
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("models:\n  segmentation: [a.onnx, b.onnx]\n  segmentation_sha256: " + "a" * 64 + "\n",
-         "x.yaml:1: models: Value error, segmentation_sha256 must be one hash for one file, a list of hashes for a list"),
-        ("models:\n  segmentation: [a.onnx, b.onnx]\n  segmentation_sha256: [" + "a" * 64 + "]\n",
-         "x.yaml:1: models: Value error, segmentation_sha256 lists 1 hash(es) for 2 segmentation file(s)"),
-        ("models:\n  segmentation: [a.onnx, b.onnx]\n  segmentation_sha256: [" + "a" * 64 + ", xyz]\n",
-         "x.yaml:3: models.segmentation_sha256: Value error, 'xyz' is not a sha256"),
-        ("models:\n  segmentation: []\n", "x.yaml:2: models.segmentation: Value error, an empty list"),
-        ("models:\n  segmentation: [a.onnx, a.onnx]\n", "x.yaml:2: models.segmentation: Value error, a file is listed twice"),
-        ("postprocess:\n  mask_threshold: 1.0\n", "x.yaml:2: postprocess.mask_threshold: Input should be less than 1"),
-    ],
-)
-def test_bad_lists_and_thresholds_are_config_errors(text, expected):
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, "x.yaml")
-    assert str(info.value).startswith(expected), str(info.value)
-
-
 def test_each_file_of_a_list_has_its_own_pin(tmp_path, stretched, capsys):
     from station.infer import sha256_file
 
