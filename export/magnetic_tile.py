@@ -107,7 +107,7 @@ RECIPE = dict(size=(256, 256), alpha=0.35, epochs=180, batch=16, lr=2e-3, dice_w
 # (1.4x the input pixels of the letterbox on average, no padded edge, aspect ratio
 # distorted up to 2.6 : 1 alike in training and on the line); with no padding there
 # is nothing for the windows to keep off. Alone its threshold, chosen with `tune`
-# on the training split, was 0.7 in one run and 0.85 in the next; it errs on other
+# on the training split, was 0.7, 0.85 and 0.95 in three runs; it errs on other
 # tiles than the letterbox model (docs/magnetic_tile_unet.md). Not shipped.
 STRETCH_PREPROCESS = replace(PREPROCESS, resize_mode="stretch")
 STRETCH_RECIPE = dict(RECIPE, crop_content=False)
