@@ -148,18 +148,7 @@ def split_samples(
     """
     if not 0.0 < val_fraction < 1.0:
         raise ExportError(f"--val-fraction {val_fraction}: must be between 0 and 1 (exclusive)")
-    by_group: dict[str, list[Sample]] = {}
-    ungrouped = 0
-    for s in samples:
-        if groups is not None and s.key in groups:
-            gid = "g:" + groups[s.key]
-        else:
-            gid = "i:" + s.key
-            if groups is not None:
-                ungrouped += 1
-        by_group.setdefault(gid, []).append(s)
-    if ungrouped:
-        log.warning("%d image(s) missing from the groups file: each is its own group", ungrouped)
+    by_group = _grouped(samples, groups)
     if len(by_group) < 2:
         raise ExportError(f"{len(samples)} image(s) in {len(by_group)} group(s): need at least 2 groups to split")
     order = sorted(by_group)
@@ -182,6 +171,79 @@ def split_samples(
         f"validation fraction {val_fraction:g}, seed {seed}"
     )
     return Split(train, val, description)
+
+
+def _grouped(samples: Sequence[Sample], groups: Mapping[str, str] | None) -> dict[str, list[Sample]]:
+    """Samples by group id (``g:<group>``; an image missing from ``groups`` is ``i:<key>``, its own group)."""
+    by_group: dict[str, list[Sample]] = {}
+    ungrouped = 0
+    for s in samples:
+        if groups is not None and s.key in groups:
+            gid = "g:" + groups[s.key]
+        else:
+            gid = "i:" + s.key
+            if groups is not None:
+                ungrouped += 1
+        by_group.setdefault(gid, []).append(s)
+    if ungrouped:
+        log.warning("%d image(s) missing from the groups file: each is its own group", ungrouped)
+    return by_group
+
+
+def fold_of_groups(samples: Sequence[Sample], folds: int, seed: int,
+                   groups: Mapping[str, str] | None = None) -> dict[str, int]:
+    """Grouped, stratified k-fold assignment: sample key → fold index 0..folds-1.
+
+    A group (a physical part; an image without a group is its own) lies in one
+    fold. Strata are the samples' folders (the defect classes of a data set laid
+    out ``<Class>/<name>``): within each folder the groups are shuffled with
+    ``seed`` and each goes, largest first, to the fold that holds the fewest
+    images of that folder so far, so every fold gets its share of every class.
+    """
+    if folds < 2:
+        raise ExportError(f"--folds {folds}: need at least 2")
+    by_group = _grouped(samples, groups)
+    if len(by_group) < folds:
+        raise ExportError(f"{len(samples)} image(s) in {len(by_group)} group(s): cannot make {folds} folds")
+    rng = np.random.default_rng(seed)
+    strata: dict[str, list[str]] = {}
+    for gid, members in sorted(by_group.items()):
+        strata.setdefault(members[0].key.rpartition("/")[0], []).append(gid)
+    assignment: dict[str, int] = {}
+    totals = np.zeros(folds, np.int64)
+    for stratum in sorted(strata):
+        gids = strata[stratum]
+        rng.shuffle(gids)
+        gids.sort(key=lambda g: -len(by_group[g]))  # stable: equal sizes keep the shuffled order
+        counts = np.zeros(folds, np.int64)
+        for gid in gids:
+            # fewest of this folder first, then fewest overall, then a seeded tie-break
+            fold = int(min(range(folds), key=lambda k: (counts[k], totals[k], rng.random())))
+            counts[fold] += len(by_group[gid])
+            totals[fold] += len(by_group[gid])
+            for s in by_group[gid]:
+                assignment[s.key] = fold
+    return assignment
+
+
+def fold_split(samples: Sequence[Sample], folds: int, fold: int, seed: int,
+               groups: Mapping[str, str] | None = None) -> Split:
+    """Fold ``fold`` of :func:`fold_of_groups` held out for validation, the other folds train."""
+    if not 0 <= fold < folds:
+        raise ExportError(f"--fold {fold}: must be between 0 and {folds - 1} (--folds {folds})")
+    assignment = fold_of_groups(samples, folds, seed, groups)
+    train = tuple(s for s in samples if assignment[s.key] != fold)
+    val = tuple(s for s in samples if assignment[s.key] == fold)
+    unit = "group" if groups is not None else "image"
+    description = (f"grouped {folds}-fold by {unit}, stratified by folder, seed {seed}: fold {fold} held out "
+                   f"({len(train)} train / {len(val)} validation images)")
+    return Split(tuple(sorted(train, key=lambda s: s.key)), tuple(sorted(val, key=lambda s: s.key)), description)
+
+
+def all_data_split(samples: Sequence[Sample]) -> Split:
+    """Every image trains, none validates (the shipped model after cross-validation chose its recipe)."""
+    return Split(tuple(sorted(samples, key=lambda s: s.key)), (),
+                 f"all {len(samples)} images train (no validation: the recipe was chosen by cross-validation)")
 
 
 def write_split_file(path: Path, description: str, train_keys: Sequence[str], val_keys: Sequence[str]) -> None:

@@ -72,7 +72,16 @@ from station.modelcard import (
 from . import ExportError
 from .alloc import loaded_allocator
 from .card import DEFAULT_OPSET, MAX_OPSET, NORMALIZATIONS, PreprocessOptions, clahe_arg, draft_card, preprocess_ops
-from .data import Arrays, find_samples, load_arrays, load_groups, split_samples, write_split_file
+from .data import (
+    Arrays,
+    all_data_split,
+    find_samples,
+    fold_split,
+    load_arrays,
+    load_groups,
+    split_samples,
+    write_split_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +112,11 @@ class TrainConfig:
     jitter: float = 0.0  # per-image gain 1±jitter and offset ±jitter on the normalised input (training only)
     seed: int = 0
     val_fraction: float = 0.2
+    folds: int = 0  # grouped k-fold cross-validation (0: the --val-fraction split)
+    fold: int = 0  # with folds: the fold held out for validation
+    all_data: bool = False  # every image trains, none validates (keep last; the shipped model after CV)
+    freeze_epochs: int = 0  # the pretrained encoder frozen (BatchNorm included) for this many first epochs
+    finetune_lr: float = 1.0  # after the frozen epochs: the learning rate scaled by this factor
     missing_mask_is_free: bool = False
     name: str = "seg"
     version: str = "1"
@@ -407,12 +421,12 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path, title: str = ""
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    if kept is None:
-        best = max(history, key=lambda h: h["val_iou"])
+    if kept is None and any(math.isfinite(h["val_iou"]) for h in history):
+        best = max((h for h in history if math.isfinite(h["val_iou"])), key=lambda h: h["val_iou"])
         ax_iou.axvline(best["epoch"], color="grey", ls=":", lw=1)
         ax_iou.annotate(f"best {best['val_iou']:.3f} (epoch {best['epoch']:.0f})", (best["epoch"], best["val_iou"]),
                         textcoords="offset points", xytext=(-10, -18), ha="right", fontsize=8)
-    else:
+    elif kept is not None:
         epoch, iou, what = kept
         ax_iou.plot([epoch], [iou], "*", color="C3", ms=12, label="exported")
         ax_iou.annotate(f"{what}: validation {iou:.3f}", (epoch, iou), textcoords="offset points", xytext=(-10, 10),
@@ -443,6 +457,8 @@ def _history_callback(path: Path, rows: list[dict[str, float]]):
         """Appends one row per epoch to history.csv (flushed, so a running training can be watched)."""
 
         def on_train_begin(self, logs=None):
+            if rows:  # a second stage (after the frozen-encoder epochs) goes on with the same file
+                return
             with path.open("w", newline="") as f:
                 csv.writer(f).writerow(HISTORY_FIELDS)
 
@@ -556,14 +572,12 @@ def recompute_bn(model, x: np.ndarray, batch: int) -> int:
 def final_figures(model, train_arrays, val_arrays, batch: int, best_epoch: int) -> dict[str, float]:
     """The card's figures for the loaded weights: IoU on both sets without
     augmentation, validation loss, and the epoch the weights come from."""
-    val = model.evaluate(val_arrays.x, val_arrays.y, batch_size=batch, verbose=0, return_dict=True)
     train = model.evaluate(train_arrays.x, train_arrays.y, batch_size=batch, verbose=0, return_dict=True)
-    return {
-        "val_iou": round(float(val["iou"]), 4),
-        "train_iou": round(float(train["iou"]), 4),
-        "val_loss": round(float(val["loss"]), 4),
-        "best_epoch": float(best_epoch),
-    }
+    figures = {"train_iou": round(float(train["iou"]), 4), "best_epoch": float(best_epoch)}
+    if len(val_arrays.x):
+        val = model.evaluate(val_arrays.x, val_arrays.y, batch_size=batch, verbose=0, return_dict=True)
+        figures.update(val_iou=round(float(val["iou"]), 4), val_loss=round(float(val["loss"]), 4))
+    return figures
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -597,6 +611,18 @@ def _check(cfg: TrainConfig) -> None:
         raise ExportError(f"--zoom {cfg.zoom}: only with --crop (windows are cut at random scales)")
     if not (cfg.ema == 0 or 0 < cfg.ema < 1):
         raise ExportError(f"--ema {cfg.ema}: must be 0 (off) or a momentum in (0, 1), e.g. 0.99")
+    if cfg.all_data and (cfg.keep != "last" or cfg.folds):
+        raise ExportError("--all-data: keeps the last epoch (--keep last), with no validation side (no --folds)")
+    if cfg.folds and not 0 <= cfg.fold < cfg.folds:
+        raise ExportError(f"--fold {cfg.fold}: must be between 0 and {cfg.folds - 1} (--folds {cfg.folds})")
+    if cfg.freeze_epochs < 0 or cfg.freeze_epochs >= cfg.epochs and cfg.freeze_epochs:
+        raise ExportError(f"--freeze-epochs {cfg.freeze_epochs}: must be in [0, --epochs {cfg.epochs})")
+    if cfg.freeze_epochs and cfg.weights is None:
+        raise ExportError("--freeze-epochs: only with --weights (a random encoder is not worth freezing)")
+    if cfg.freeze_epochs and cfg.ema:
+        raise ExportError("--freeze-epochs: not with --ema")
+    if not cfg.finetune_lr > 0:
+        raise ExportError(f"--finetune-lr {cfg.finetune_lr}: must be positive")
     if cfg.keep not in ("best", "last"):
         raise ExportError(f"--keep {cfg.keep!r}: must be 'best' or 'last'")
     if cfg.steps is not None and cfg.steps < 1:
@@ -636,7 +662,12 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     listing = find_samples(cfg.data_dir, cfg.missing_mask_is_free)
     groups = load_groups(cfg.groups) if cfg.groups is not None else None
-    split = split_samples(listing.samples, cfg.val_fraction, cfg.seed, groups)
+    if cfg.all_data:
+        split = all_data_split(listing.samples)
+    elif cfg.folds:
+        split = fold_split(listing.samples, cfg.folds, cfg.fold, cfg.seed, groups)
+    else:
+        split = split_samples(listing.samples, cfg.val_fraction, cfg.seed, groups)
     log.info("data %s: %d images (%d skipped without mask); split %s", cfg.data_dir, len(listing.samples),
              listing.skipped_no_mask, split.description)
     train_arrays = load_arrays(split.train, draft, progress=True)
@@ -673,29 +704,55 @@ def train(cfg: TrainConfig) -> TrainResult:
         train_data = make_augmented(train_arrays.x, train_arrays.y, cfg.batch, cfg.seed, cfg.defect_repeat,
                                     cfg.jitter)
         steps = len(train_data)
-    schedule = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=steps * cfg.epochs, alpha=0.05)
-    optimizer = keras.optimizers.Adam(schedule, use_ema=cfg.ema > 0, ema_momentum=cfg.ema or 0.99)
-    learner.compile(optimizer=optimizer, loss=loss,
-                    metrics=[make_iou_metric(cfg.threshold)], run_eagerly=cfg.eager)
+    frozen = min(cfg.freeze_epochs, cfg.epochs)
+
+    def compile_stage(first_epoch: int, lr: float) -> None:
+        """Adam with cosine decay from ``lr`` over the epochs from ``first_epoch`` on."""
+        schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps * max(1, cfg.epochs - first_epoch),
+                                                          alpha=0.05)
+        optimizer = keras.optimizers.Adam(schedule, use_ema=cfg.ema > 0, ema_momentum=cfg.ema or 0.99)
+        learner.compile(optimizer=optimizer, loss=loss, metrics=[make_iou_metric(cfg.threshold)],
+                        run_eagerly=cfg.eager)
+
+    encoder = learner.get_layer("encoder") if frozen else None
+    if encoder is not None:
+        # A frozen Keras layer also runs its BatchNorm in inference mode: the pretrained
+        # statistics stay while the random decoder learns to read the features.
+        encoder.trainable = False
+        compile_stage(0, cfg.lr)
+        log.info("encoder frozen for the first %d epoch(s), then trained at %g x the learning rate", frozen,
+                 cfg.finetune_lr)
+    else:
+        compile_stage(0, cfg.lr)
     log.info("model %s: %d parameters, input %s; %d epochs of %d steps%s", model.name, model.count_params(),
              tuple(model.input.shape[1:]), cfg.epochs, steps,
              f" of {cfg.batch} {cfg.crop}x{cfg.crop} crops ({cfg.crop_defect:g} over a defect)" if cfg.crop else "")
 
     best_path = cfg.out_dir / f"{cfg.keep}.weights.h5"
     rows: list[dict[str, float]] = []
-    keep_best = _keep_best("val_iou", best_path, last=cfg.keep == "last",
+    validating = len(val_arrays.x) > 0
+    keep_best = _keep_best("val_iou" if validating else "loss", best_path, last=cfg.keep == "last",
                            save=lambda net, to: save_network_weights(net, cfg, channels, classes, to))
     callbacks = [_history_callback(cfg.out_dir / "history.csv", rows), keep_best]
-    if cfg.crop:
+    if cfg.crop and validating:
         callbacks.insert(0, _validate_whole(model, val_arrays.x, val_arrays.y, cfg.batch))
     if cfg.ema:  # first: from each epoch's end until the next begins the model holds the averaged weights
         callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if cfg.stop_after is not None and cfg.stop_after < cfg.epochs:
         callbacks.append(_stop_after(cfg.stop_after))
     t0 = time.perf_counter()
-    learner.fit(train_data,
-                validation_data=None if cfg.crop else (val_arrays.x, val_arrays.y), validation_batch_size=cfg.batch,
-                epochs=cfg.epochs, shuffle=False, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
+    validation = None if cfg.crop or not validating else (val_arrays.x, val_arrays.y)
+    verbose = 1 if sys.stdout.isatty() else 2
+    stopped = False
+    if encoder is not None:
+        learner.fit(train_data, validation_data=validation, validation_batch_size=cfg.batch, epochs=frozen,
+                    shuffle=False, callbacks=callbacks, verbose=verbose)
+        stopped = bool(learner.stop_training)  # --stop-after within the frozen epochs (compile resets the flag)
+        encoder.trainable = True
+        compile_stage(frozen, cfg.lr * cfg.finetune_lr)
+    if not stopped and frozen < cfg.epochs:
+        learner.fit(train_data, validation_data=validation, validation_batch_size=cfg.batch, epochs=cfg.epochs,
+                    initial_epoch=frozen, shuffle=False, callbacks=callbacks, verbose=verbose)
     seconds = time.perf_counter() - t0
 
     if keep_best.weights is None:
@@ -705,7 +762,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     figures = finish_kept(model, cfg, train_arrays, val_arrays, rows, best)
     save_network_weights(model, cfg, channels, classes, best_path)
     log.info("%s epoch %d of %d: val IoU %.4f, train IoU %.4f (no augmentation); fit took %.0f s",
-             cfg.keep, best["epoch"], cfg.epochs, figures["val_iou"], figures["train_iou"], seconds)
+             cfg.keep, best["epoch"], cfg.epochs, figures.get("val_iou", math.nan), figures["train_iou"], seconds)
 
     data_text = cfg.data_description or (
         f"{len(listing.samples)} images with masks from {cfg.data_dir}"
@@ -723,7 +780,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                      f"over all pixels of each set)",
     )
     card = draft.model_copy(update={"training": training})
-    card = export_model(model, card, cfg.out_dir / "model.onnx", val_arrays.x[: max(1, cfg.parity_count)],
+    parity = val_arrays.x if validating else train_arrays.x
+    card = export_model(model, card, cfg.out_dir / "model.onnx", parity[: max(1, cfg.parity_count)],
                         opset=cfg.opset)
     (cfg.out_dir / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
     return TrainResult(card, cfg.out_dir / "model.onnx", int(best["epoch"]), seconds, rows)
@@ -784,7 +842,7 @@ def finish_kept(model, cfg: TrainConfig, train_arrays: Arrays, val_arrays: Array
     if cfg.recompute_bn:
         figures["val_iou_before_bn"] = round(float(kept["val_iou"]), 4)
     mark = None
-    if cfg.recompute_bn or cfg.keep == "last":  # the exported weights' IoU is not the curve's best
+    if (cfg.recompute_bn or cfg.keep == "last") and "val_iou" in figures:  # not the curve's best
         mark = (kept["epoch"], figures["val_iou"],
                 f"exported ({cfg.keep} epoch{', BatchNorm re-measured' if cfg.recompute_bn else ''})")
     plot_curves(rows, cfg.out_dir / "curves.png",
@@ -821,6 +879,12 @@ def command_of(cfg: TrainConfig) -> str:
     for flag, value in (("--groups", cfg.groups), ("--weights", cfg.weights)):
         if value is not None:
             argv += [flag, str(value)]
+    if cfg.folds:
+        argv += ["--folds", str(cfg.folds), "--fold", str(cfg.fold)]
+    if cfg.all_data:
+        argv += ["--all-data"]
+    if cfg.freeze_epochs:
+        argv += ["--freeze-epochs", str(cfg.freeze_epochs), "--finetune-lr", f"{cfg.finetune_lr:g}"]
     if cfg.decoder_filters:
         argv += ["--decoder-filters", *map(str, cfg.decoder_filters)]
     if cfg.dropout:
@@ -944,6 +1008,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "training images (the input the line feeds)")
     p.add_argument("--seed", type=int, default=0, help="split, augmentation and initialisation seed")
     p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--folds", type=int, default=0, metavar="K",
+                   help="grouped, folder-stratified K-fold split (with --groups: by group); --fold picks the held-out "
+                        "fold (instead of --val-fraction)")
+    p.add_argument("--fold", type=int, default=0, metavar="I", help="the fold held out for validation (0..K-1)")
+    p.add_argument("--all-data", action="store_true",
+                   help="train on every image, validate on none (needs --keep last): the model shipped after "
+                        "cross-validation chose the recipe")
+    p.add_argument("--freeze-epochs", type=int, default=0, metavar="N",
+                   help="with --weights: the pretrained encoder frozen (its BatchNorm too) for the first N epochs")
+    p.add_argument("--finetune-lr", type=float, default=1.0, metavar="F",
+                   help="after the frozen epochs the learning rate restarts at F x --lr (cosine to the end)")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop after N epochs, the learning-rate schedule still spanning --epochs (the card "
                         "records the epochs run)")
@@ -996,7 +1071,9 @@ def config_from_args(args: argparse.Namespace, command: str) -> TrainConfig:
         zoom=args.zoom,
         multiscale=tuple(args.multiscale), ema=args.ema, keep=args.keep,
         recompute_bn=args.recompute_bn,
-        seed=args.seed, val_fraction=args.val_fraction, missing_mask_is_free=args.missing_mask_is_free,
+        seed=args.seed, val_fraction=args.val_fraction,
+        folds=args.folds, fold=args.fold, all_data=args.all_data, freeze_epochs=args.freeze_epochs,
+        finetune_lr=args.finetune_lr, missing_mask_is_free=args.missing_mask_is_free,
         name=args.name, version=args.version, description=args.description,
         data_description=args.data_description, threshold=args.threshold, opset=args.opset, command=command,
         eager=args.eager, stop_after=args.stop_after,
@@ -1014,7 +1091,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExportError as exc:
         log.error("%s", exc)
         return 2
-    log.info("%s: val IoU %.4f (train %.4f)", result.onnx_path, result.card.training.figures["val_iou"],
+    log.info("%s: val IoU %.4f (train %.4f)", result.onnx_path, result.card.training.figures.get("val_iou", math.nan),
              result.card.training.figures["train_iou"])
     return 0
 

@@ -16,7 +16,8 @@ import pytest
 
 from export import ExportError, synth
 from export.card import PreprocessOptions, draft_card, preprocess_ops
-from export.data import find_samples, load_arrays, load_groups, split_samples
+from export.data import find_samples, fold_of_groups, fold_split, load_arrays, load_groups, split_samples
+from conftest import shared_data
 from station.imageio import read_image, read_mask
 from station.modelcard import METADATA_KEY, ModelCard, TrainingInfo
 from station.preprocess import prepare_mask, preprocess
@@ -141,6 +142,45 @@ def test_split_keeps_groups_together(tmp_path: Path) -> None:
     assert split_samples(samples, 0.3, seed=2, groups=groups).val != split.val
     by_image = split_samples(samples, 0.3, seed=1)
     assert by_image.description.startswith("by image")
+
+
+@pytest.mark.parametrize("folds", [2, 5])
+def test_folds_never_split_a_group_and_cover_every_image_once(tmp_path: Path, folds: int) -> None:
+    groups = synth.write_dataset(tmp_path, 40, seed=4, size=(48, 48))
+    samples = find_samples(tmp_path).samples
+    assignment = fold_of_groups(samples, folds, seed=1, groups=groups)
+    assert sorted(assignment) == sorted(s.key for s in samples)
+    assert set(assignment.values()) == set(range(folds))
+    fold_of_group: dict[str, set[int]] = {}
+    for key, fold in assignment.items():
+        fold_of_group.setdefault(groups[key], set()).add(fold)
+    assert all(len(f) == 1 for f in fold_of_group.values())
+    held_out = []
+    for fold in range(folds):
+        split = fold_split(samples, folds, fold, seed=1, groups=groups)
+        assert {groups[s.key] for s in split.train}.isdisjoint({groups[s.key] for s in split.val})
+        assert len(split.train) + len(split.val) == 40
+        held_out += [s.key for s in split.val]
+    assert sorted(held_out) == sorted(s.key for s in samples)  # each image held out exactly once
+    assert fold_of_groups(samples, folds, seed=1, groups=groups) == assignment
+    with pytest.raises(ExportError, match="--fold 5: must be between 0 and 4"):
+        fold_split(samples, 5, 5, seed=1, groups=groups)
+    with pytest.raises(ExportError, match="--folds 1: need at least 2"):
+        fold_of_groups(samples, 1, seed=1, groups=groups)
+
+
+def test_tile_folds_keep_each_physical_tile_on_one_side_and_every_class_in_every_fold() -> None:
+    data = shared_data("magnetic_tile")
+    samples = find_samples(data).samples
+    groups = load_groups(data / "tile_groups.json")
+    assignment = fold_of_groups(samples, 5, seed=7, groups=groups)
+    fold_of_tile: dict[str, set[int]] = {}
+    per_class: dict[str, list[int]] = {}
+    for key, fold in assignment.items():
+        fold_of_tile.setdefault(groups[key], set()).add(fold)
+        per_class.setdefault(key.split("/")[0], [0] * 5)[fold] += 1
+    assert len(assignment) == 1076 and all(len(f) == 1 for f in fold_of_tile.values())
+    assert all(min(counts) >= 1 for counts in per_class.values()), per_class
 
 
 def test_load_groups_errors(tmp_path: Path) -> None:
@@ -602,6 +642,49 @@ def test_unet_shapes_momentum_and_local_weights(tmp_path: Path) -> None:
     assert gray.input.shape[1:] == (64, 64, 1)
     loaded = gray.get_layer("encoder").get_layer("Conv1").get_weights()[0]
     assert loaded.shape[2] == 3 and np.array_equal(loaded, base.get_layer("Conv1").get_weights()[0])
+
+
+@pytest.mark.slow
+def test_pretrained_encoder_is_frozen_then_fine_tuned_on_all_data(tiny_run, tmp_path: Path) -> None:
+    """A local weights file (made here, never the shared one) loads into the encoder; the
+    first --freeze-epochs leave it (BatchNorm statistics included) as loaded; the epochs
+    after train it; --all-data trains on every image and validates on none."""
+    from dataclasses import replace
+
+    import keras
+
+    from export.train import load_served, train
+
+    cfg, _ = tiny_run
+    keras.utils.set_random_seed(5)
+    base = keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=0.35, include_top=False, weights=None)
+    weights = tmp_path / "imagenet-like.weights.h5"
+    base.save_weights(weights)
+    pretrained = {layer.name: layer.get_weights() for layer in base.layers if layer.get_weights()}
+
+    def changed_layers(run_cfg) -> list[str]:
+        """The encoder layers whose weights (BatchNorm statistics included) differ from the file's."""
+        encoder = load_served(run_cfg, 1, 1, run_cfg.out_dir / "last.weights.h5").get_layer("encoder")
+        names = {layer.name for layer in encoder.layers}  # the encoder ends at block_16_project
+        return [name for name, values in pretrained.items() if name in names
+                and not all(np.array_equal(a, b) for a, b in zip(encoder.get_layer(name).get_weights(), values))]
+
+    frozen_cfg = replace(cfg, out_dir=tmp_path / "frozen", weights=weights, freeze_epochs=1, epochs=2, stop_after=1,
+                         all_data=True, keep="last", crop=32, steps=2, val_fraction=0.25)
+    frozen = train(frozen_cfg)
+    assert changed_layers(frozen_cfg) == []
+    t = frozen.card.training
+    assert "val_iou" not in t.figures and t.split.startswith("all 16 images train")
+    assert "--all-data --freeze-epochs 1 --finetune-lr 1" in t.command and "--weights" in t.command
+
+    tuned_cfg = replace(frozen_cfg, out_dir=tmp_path / "tuned", stop_after=None, finetune_lr=0.5)
+    tuned = train(tuned_cfg)
+    assert len(tuned.history) == 2 and len(changed_layers(tuned_cfg)) > 100
+
+    with pytest.raises(ExportError, match="--freeze-epochs: only with --weights"):
+        train(replace(frozen_cfg, weights=None))
+    with pytest.raises(ExportError, match="--all-data: keeps the last epoch"):
+        train(replace(frozen_cfg, keep="best"))
 
 
 @pytest.mark.parametrize("module, trial", [("magnetic_tile", ["--stop-after", "3"]), ("magnetic_tile", ["--epochs", "3"]),
