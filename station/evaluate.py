@@ -56,7 +56,10 @@ Definitions
   model). Per-class grading rules therefore see folder names for mask truth.
 * Grade confusion matrix: rows true grade, columns predicted, order PASS,
   DISCOUNT, REJECT. ``escapes``: predicted milder than true (a defective part
-  let through); ``over_graded``: predicted harsher.
+  let through); ``over_graded``: predicted harsher. The two the line pays for:
+  ``escape_rate`` = escapes / parts whose true grade is not PASS, and
+  ``false_reject_rate`` = parts truly PASS graded worse / parts truly PASS.
+  The same figures per class (the image's folder), under ``per_class``.
 * Detection: COCO AP (pycocotools) over the images with box truth; AP50 at IoU
   0.5, mAP over 0.50:0.95, per class, and the precision/recall curve at IoU 0.5
   (101 recall points, area "all", 100 detections) per class.
@@ -441,20 +444,43 @@ def confusion_matrix(true: Any, pred: Any, n: int = len(GRADES)) -> np.ndarray:
 
 
 def grade_agreement(cm: np.ndarray) -> dict[str, Any]:
-    """A grade confusion matrix → agreement and its two kinds of disagreement."""
+    """A grade confusion matrix (rows true, columns predicted, PASS first) → agreement,
+    its two kinds of disagreement, and the two rates the line pays for:
+
+    * ``escape_rate``: parts graded milder than their truth / parts whose truth is not
+      PASS (a defective part let through, or let through at a discount);
+    * ``false_reject_rate``: parts truly PASS graded worse / parts truly PASS.
+
+    A rate with no part to count over is None."""
     cm = np.asarray(cm, np.int64)
     total = int(cm.sum())
     agree = int(np.trace(cm))
     escapes = int(np.tril(cm, -1).sum())
+    defective = int(cm[1:].sum())
+    good = int(cm[0].sum())
+    false_rejects = int(cm[0, 1:].sum())
     return {
         "images": total,
         "agree": agree,
         "agreement_pct": 100.0 * agree / total if total else None,
         "escapes": escapes,
         "over_graded": total - agree - escapes,
+        "truly_defective": defective,
+        "escape_rate": escapes / defective if defective else None,
+        "truly_pass": good,
+        "false_rejects": false_rejects,
+        "false_reject_rate": false_rejects / good if good else None,
         "labels": [g.value for g in GRADES],
         "matrix": cm.tolist(),
     }
+
+
+def grades_per_class(classes: Sequence[str], true: Any, pred: Any) -> dict[str, dict[str, Any]]:
+    """:func:`grade_agreement` of the images of each class (e.g. the folder), sorted by class."""
+    classes = np.asarray(list(classes), dtype=object)
+    true, pred = np.asarray(true, np.int64), np.asarray(pred, np.int64)
+    return {str(c): grade_agreement(confusion_matrix(true[classes == c], pred[classes == c]))
+            for c in sorted(set(classes.tolist()))}
 
 
 def truth_mask_defects(mask: np.ndarray, cls: str, min_area_px: int) -> tuple[Defects, np.ndarray]:
@@ -819,8 +845,9 @@ def build_report(
 
     grades = None
     if rows:
-        cm = confusion_matrix(grade_index(r.true_grade for r in rows), grade_index(r.grade for r in rows))
-        grades = grade_agreement(cm)
+        true, pred = grade_index(r.true_grade for r in rows), grade_index(r.grade for r in rows)
+        grades = grade_agreement(confusion_matrix(true, pred))
+        grades["per_class"] = grades_per_class([r.cls or "(no class)" for r in rows], true, pred)
 
     detection: dict[str, Any] | None = None
     det_model = models.get("detection")
@@ -839,6 +866,8 @@ def build_report(
         "pixel_precision": segmentation and segmentation["all_defects"]["precision"],
         "pixel_recall": segmentation and segmentation["all_defects"]["recall"],
         "grade_agreement_pct": grades and grades["agreement_pct"],
+        "escape_rate": grades and grades["escape_rate"],
+        "false_reject_rate": grades and grades["false_reject_rate"],
         "ap50": detection and detection["ap50"],
         "map": detection and detection["map"],
     }
@@ -912,6 +941,10 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "—" if v is None else format(v, spec)
 
 
+def _pct(rate: float | None) -> str:
+    return "—" if rate is None else f"{100.0 * rate:.1f} %"
+
+
 def headline(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The few figures worth a glance, as (label, value) rows."""
     c = report["counts"]
@@ -927,8 +960,11 @@ def headline(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ]
     g = report.get("grades")
     if g:
-        rows.append(("grade agreement", f"{_fmt(g['agreement_pct'], '.1f')} % ({g['agree']}/{g['images']}, "
-                                         f"{g['escapes']} escapes)"))
+        rows.append(("grade agreement", f"{_fmt(g['agreement_pct'], '.1f')} % ({g['agree']}/{g['images']})"))
+        rows.append(("escape rate", f"{_pct(g['escape_rate'])} ({g['escapes']}/{g['truly_defective']} "
+                                    "not-PASS parts graded milder)"))
+        rows.append(("false-reject rate", f"{_pct(g['false_reject_rate'])} ({g['false_rejects']}/{g['truly_pass']} "
+                                          "PASS parts graded worse)"))
     det = report.get("detection")
     if det:
         rows += [("AP50", _fmt(det["ap50"])), ("mAP 0.50:0.95", _fmt(det["map"]))]
@@ -955,6 +991,14 @@ def format_table(report: Mapping[str, Any]) -> str:
         lines.append("true \\ predicted  " + "  ".join(f"{x:>8}" for x in g["labels"]))
         for label, row in zip(g["labels"], g["matrix"]):
             lines.append(f"{label:<16}  " + "  ".join(f"{v:>8}" for v in row))
+        per_class = g.get("per_class") or {}
+        if len(per_class) > 1:
+            cw = max(5, *(len(k) for k in per_class))
+            lines.append("")
+            lines.append(f"{'class':<{cw}}  {'images':>6}  {'agree':>7}  {'escapes':>11}  {'false rejects':>13}")
+            for name, c in per_class.items():
+                lines.append(f"{name:<{cw}}  {c['images']:>6}  {_fmt(c['agreement_pct'], '.1f'):>5} %  "
+                             f"{c['escapes']:>4}/{c['truly_defective']:<4}  {c['false_rejects']:>6}/{c['truly_pass']:<4}")
     det = report.get("detection")
     if det:
         cw = max(5, *(len(k) for k in det["per_class"]))

@@ -189,7 +189,7 @@ class Inspector:
         post = self.cfg.postprocess
         if self.segmentation:
             t = time.perf_counter()
-            prob, geometry = self._segmentation_probabilities(work)
+            prob, geometry = self.segmentation_probabilities(work)
             classes = self.models["segmentation"].card.classes
             found, mask = postprocess.mask_defects(
                 prob, geometry, self.mask_threshold, classes, post.min_area_px, post.min_score
@@ -238,7 +238,7 @@ class Inspector:
         )
 
 
-    def _segmentation_probabilities(self, work: "Work") -> tuple[np.ndarray, Geometry]:
+    def segmentation_probabilities(self, work: "Work") -> tuple[np.ndarray, Geometry]:
         """The segmentation probabilities to threshold and their geometry: one model's
         at its input resolution (mapped to the frame by ``mask_defects``), or the mean
         of several models' at source resolution (each mapped there by its own geometry)."""

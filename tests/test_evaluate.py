@@ -26,6 +26,7 @@ from station.evaluate import (
     discover,
     grade_agreement,
     grade_index,
+    grades_per_class,
     iou_distribution,
     overlap_scores,
     parse_voc,
@@ -146,6 +147,35 @@ def test_per_image_iou_leaves_out_images_where_both_are_empty():
     assert d["histogram"]["counts"] == [1, 0, 0, 0, 0, 1, 0, 0, 0, 1]  # 1.0 falls in the last bin
     none = iou_distribution([0], [0], [0])
     assert none["images"] == 0 and none["both_empty"] == 1 and none["mean"] is None
+
+
+@pytest.mark.parametrize(
+    "true, pred, escape_rate, false_reject_rate",
+    [
+        ([], [], None, None),
+        (["PASS", "PASS"], ["PASS", "DISCOUNT"], None, 0.5),  # no defective part: no escape rate
+        (["REJECT", "DISCOUNT"], ["REJECT", "PASS"], 0.5, None),  # no good part: no false-reject rate
+        (["REJECT", "REJECT", "DISCOUNT", "PASS"], ["DISCOUNT", "PASS", "DISCOUNT", "PASS"], 2 / 3, 0.0),
+        (["REJECT", "DISCOUNT", "PASS", "PASS", "PASS"], ["REJECT", "REJECT", "REJECT", "DISCOUNT", "PASS"], 0.0, 2 / 3),
+        # over-grading a defective part is neither an escape nor a false reject
+        (["DISCOUNT", "PASS"], ["REJECT", "PASS"], 0.0, 0.0),
+    ],
+)
+def test_escape_and_false_reject_rates(true, pred, escape_rate, false_reject_rate):
+    a = grade_agreement(confusion_matrix(grade_index(true), grade_index(pred)))
+    assert a["escape_rate"] == (None if escape_rate is None else pytest.approx(escape_rate))
+    assert a["false_reject_rate"] == (None if false_reject_rate is None else pytest.approx(false_reject_rate))
+    assert a["truly_defective"] == sum(t != "PASS" for t in true) and a["truly_pass"] == true.count("PASS")
+
+
+def test_grades_per_class_split_the_matrix_by_class():
+    true = grade_index(["PASS", "REJECT", "PASS", "DISCOUNT"])
+    pred = grade_index(["PASS", "PASS", "REJECT", "DISCOUNT"])
+    per = grades_per_class(["Free", "Crack", "Free", "Crack"], true, pred)
+    assert list(per) == ["Crack", "Free"]
+    assert per["Crack"]["escape_rate"] == 0.5 and per["Crack"]["false_reject_rate"] is None
+    assert per["Free"]["false_reject_rate"] == 0.5 and per["Free"]["escape_rate"] is None
+    assert sum(np.array(c["matrix"]) for c in per.values()).tolist() == confusion_matrix(true, pred).tolist()
 
 
 @pytest.mark.parametrize(
@@ -381,6 +411,7 @@ def test_eval_synthetic_segmentation_figures_known_by_construction(tmp_path, syn
     g = r["grades"]
     assert g["matrix"] == [[3, 1, 0], [1, 0, 0], [0, 0, 2]]
     assert g["agreement_pct"] == pytest.approx(500 / 7) and g["escapes"] == 1 and g["over_graded"] == 1
+    assert g["escape_rate"] == pytest.approx(1 / 3) and g["false_reject_rate"] == pytest.approx(1 / 4)
     rows = {Path(i["source"]).stem: i for i in r["images"]}
     assert (rows["c3"]["true_grade"], rows["c3"]["grade"]) == ("DISCOUNT", "PASS")
     assert rows["c1"]["iou"] == pytest.approx(1 / 3) and rows["f1"]["iou"] is None
@@ -391,7 +422,8 @@ def test_eval_synthetic_segmentation_figures_known_by_construction(tmp_path, syn
     assert r["command"][:3] == ["station", "eval", str(synthetic)] and "--seg-model" in r["command"]
     assert r["rules"]["min_area_px"] == 16
     assert r["card_figures"] == {"iou": a["iou"], "dice": a["dice"], "pixel_precision": a["precision"],
-                                 "pixel_recall": a["recall"], "grade_agreement_pct": g["agreement_pct"]}
+                                 "pixel_recall": a["recall"], "grade_agreement_pct": g["agreement_pct"],
+                                 "escape_rate": g["escape_rate"], "false_reject_rate": g["false_reject_rate"]}
 
     png = cv2.imread(str(out_png))
     assert png is not None and png.shape[0] > 400
