@@ -1,6 +1,6 @@
 # Two commands for a fresh machine:
 #   make demo   install the daemon into .venv and inspect the bundled samples
-#   make test   install the daemon, the export tools and pytest into .venv, run the tests
+#   make test   install the daemon, the export tools and pytest into .venv; lint (ruff), type-check (mypy), run the tests
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -29,6 +29,8 @@ demo: $(VENV)/.installed-base
 	@echo "results: out/demo/results.jsonl  masks: out/demo/masks/  overlays: out/demo/overlays/"
 
 test: $(VENV)/.installed-test
+	$(PY) -m ruff check station export tests
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 # Retrain the bundled demo model and regenerate the samples (about 3 minutes on 2 cores).

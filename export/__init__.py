@@ -26,7 +26,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from station.errors import StationError
 
@@ -35,7 +35,7 @@ class ExportError(StationError):
     """Training data, a training option or an exported model is unusable; the message names it."""
 
 
-def run_commands(parser: argparse.ArgumentParser, commands: dict[str, Callable[[argparse.Namespace], int]],
+def run_commands(parser: argparse.ArgumentParser, commands: Mapping[str, Callable[[argparse.Namespace], int]],
                  argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, log to stdout and run ``commands[args.cmd]``; an ExportError is
     logged (the message names what was wrong) and exits 2."""
@@ -49,7 +49,7 @@ def run_commands(parser: argparse.ArgumentParser, commands: dict[str, Callable[[
         return 2
 
 
-def run_station_eval(station_args: Sequence[str], json_out: Path, png_out: Path) -> dict:
+def run_station_eval(station_args: Sequence[str | Path], json_out: Path, png_out: Path) -> dict:
     """``station eval STATION_ARGS --json JSON_OUT --report PNG_OUT`` in a child process
     (the line's own code and ONNX Runtime, as an operator runs it); its JSON report."""
     json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,7 @@ def preprocess_ops(opts: PreprocessOptions) -> list[PreprocessOp]:
         elif opts.equalize:
             ops.append(EqualizeHistOp())
     except ValidationError as exc:
+        assert opts.clahe is not None  # only ClaheOp(...) validates anything here
         raise ExportError(f"--clahe {opts.clahe[0]:g},{opts.clahe[1]}: {_validation_message(exc)}") from exc
     try:
         if opts.dilate:

@@ -50,7 +50,6 @@ from station.errors import StationError
 from station.evaluate import (
     confusion_matrix,
     grade_agreement,
-    grade_index,
     grades_per_class,
     read_truth_mask,
     true_grade,
@@ -128,8 +127,8 @@ def predict_out_of_fold(run: Path, data: Path, cfg: StationConfig, progress: boo
 def true_grades(images: Sequence[OutOfFold], cfg: StationConfig, min_area_px: int) -> np.ndarray:
     """(N,) severity of each image's true grade (truth regions under ``min_area_px``
     dropped, as ``station eval`` does)."""
-    return np.asarray([true_grade(*im.truth.shape, cfg.grading, min_area_px, im.truth, im.cls)[0].severity
-                       for im in images], np.int64)
+    return np.asarray([true_grade(im.truth.shape[0], im.truth.shape[1], cfg.grading, min_area_px, im.truth,
+                                  im.cls)[0].severity for im in images], np.int64)
 
 
 def score(images: Sequence[OutOfFold], cfg: StationConfig, threshold: float, min_area_px: int,

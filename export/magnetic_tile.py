@@ -55,6 +55,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+from station.modelcard import MaskOutput
+
 from . import ExportError, run_commands, run_station_eval
 from .card import PreprocessOptions, preprocess_ops
 from .data import read_split_file, write_split_file
@@ -219,6 +221,7 @@ def cmd_export_checkpoint(args: argparse.Namespace) -> int:
                        training=TrainingInfo(data="(pending)"), threshold=cfg.threshold,
                        description=cfg.description, opset=cfg.opset)
     listing = find_samples(cfg.data_dir)
+    assert cfg.groups is not None  # the recipe names tile_groups.json
     split = split_samples(listing.samples, cfg.val_fraction, cfg.seed, load_groups(cfg.groups))
     train_arrays = load_arrays(split.train, draft)
     val_arrays = load_arrays(split.val, draft)
@@ -298,6 +301,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         config, evaluated = args.config, list(models)
         if one is not None and args.threshold is not None:
             card = read_card(one)
+            assert isinstance(card.output, MaskOutput)  # a segmentation model
             if card.output.threshold != args.threshold:
                 # --no-card leaves the file as it is and evaluates a copy at the asked threshold
                 evaluated = [one if not args.no_card else Path(tmp) / one.name]
@@ -333,6 +337,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.no_card:
         return 0
     card = read_card(one)
+    assert isinstance(card.output, MaskOutput)  # a segmentation model
     training = card.training
     argv = ["eval", "--data", str(args.data), "--split", str(args.split), "--model", str(one),
             "--config", str(args.config), "--json", str(json_out), "--report", str(png_out),

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 
 from station.imageio import read_image
-from station.modelcard import ModelCard
+from station.modelcard import MaskOutput, ModelCard
 from station.preprocess import preprocess, to_tensor
 
 from . import ExportError
@@ -101,6 +101,7 @@ def grade(area_pct: float) -> str:
 def predicted_area_pct(session, card: ModelCard, image: np.ndarray) -> float:
     """Defect area (% of the source image) the model finds: probabilities above the
     card's threshold, mapped back to the source frame through the preprocessing geometry."""
+    assert isinstance(card.output, MaskOutput)  # the demo model segments
     x, geometry = preprocess(image, card)
     (prob,) = session.run([card.output.name], {card.input.name: to_tensor(x, card.input)})
     mask = (prob[0, :, :, 0] > card.output.threshold).astype(np.float32)

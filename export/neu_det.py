@@ -44,7 +44,7 @@ import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import ExportError, run_commands, run_station_eval
 from .data import read_split_file
@@ -71,7 +71,7 @@ SEED = 0
 # over the image and its left-right mirror (`--tta h`, chosen on the training split by
 # `python -m export.neu_det tta`): +0.015 mAP on validation at two detector runs a frame,
 # which still end before the U-Net's beside them (docs/neu_det_detector.md).
-RECIPE = dict(size=(192, 192), alpha=0.5, width=64, head_depth=2, levels=(8, 16, 32), epochs=160,
+RECIPE: dict[str, Any] = dict(size=(192, 192), alpha=0.5, width=64, head_depth=2, levels=(8, 16, 32), epochs=160,
               batch=16, lr=2e-3, crop_min=0.6, jitter=0.1, keep="last", seed=SEED, val_fraction=0.2,
               quality="iou", centre_radius=1.5, box_weight=2.0, nms_iou=0.6, tta=("h",))
 

@@ -342,6 +342,7 @@ def parity(keras_model, model: onnx.ModelProto, card: ModelCard, inputs: np.ndar
     if total:
         result["mask_agreement"] = agree / total
     if pairs:
+        assert isinstance(card.output, DetectionOutputs)  # only a detection card adds pairs
         result.update(detection_parity(pairs, card.output))
     return result
 
@@ -490,6 +491,7 @@ def average_models(models: Sequence[onnx.ModelProto], cards: Sequence[ModelCard]
         inits += g.initializer
         infos += [v for v in g.value_info if v.name != in_name]
         out = prefix + out_name
+        assert isinstance(c.output, MaskOutput)  # checked in the loop above
         if c.output.activation == "sigmoid":
             nodes.append(helper.make_node("Sigmoid", [out], [out + "__prob"], name=prefix + "to_probability"))
             out += "__prob"
@@ -531,6 +533,7 @@ def average_files(paths: Sequence[Path], out_path: Path, card: ModelCard | None 
 
     def prob(session_bytes: bytes, c: ModelCard) -> np.ndarray:
         s = ort.InferenceSession(session_bytes, providers=["CPUExecutionProvider"])
+        assert isinstance(c.output, MaskOutput)  # the members' (average_models) and the card's were checked
         y = s.run([c.output.name], {c.input.name: x})[0].astype(np.float64)
         return 1 / (1 + np.exp(-y)) if c.output.activation == "sigmoid" else y
 

@@ -117,6 +117,7 @@ class TrainConfig:
     all_data: bool = False  # every image trains, none validates (keep last; the shipped model after CV)
     freeze_epochs: int = 0  # the pretrained encoder frozen (BatchNorm included) for this many first epochs
     finetune_lr: float = 1.0  # after the frozen epochs: the learning rate scaled by this factor
+    freeze_bn: bool = False  # the encoder's BatchNorm layers keep the pretrained statistics throughout
     missing_mask_is_free: bool = False
     name: str = "seg"
     version: str = "1"
@@ -152,12 +153,6 @@ class TrainResult:
 # --- loss, metric, augmentation (TensorFlow imported lazily) -----------------
 
 
-def _keras():
-    import keras
-
-    return keras
-
-
 def make_loss(dice_weight: float = 1.0, smooth: float = 1.0, kind: str = "bce", gamma: float = 2.0,
               tversky_beta: float = 0.5):
     """Pixel term + ``dice_weight`` × (1 − soft Dice). The pixel term is binary
@@ -170,7 +165,7 @@ def make_loss(dice_weight: float = 1.0, smooth: float = 1.0, kind: str = "bce", 
     ``(Σ y·p + smooth) / (Σ y·p + (1 − β)·Σ (1 − y)·p + β·Σ y·(1 − p) + smooth)``
     (Salehi et al. 2017; β 0.5 is Dice): above 0.5 a missed defect pixel costs
     more than a false one, for models that find defects too small."""
-    keras = _keras()
+    import keras
     ops = keras.ops
     if kind not in ("bce", "focal"):
         raise ExportError(f"--loss {kind!r}: expected bce or focal")
@@ -204,7 +199,7 @@ def make_iou_metric(threshold: float = 0.5, channel: int = 0, name: str = "iou")
     batches since the last reset (an epoch): Σ|T∩P| / Σ|T∪P|, and 1.0 when the
     union is empty (nothing to find, nothing found). Truth T = y_true ≥ 0.5,
     prediction P = y_pred > threshold."""
-    keras = _keras()
+    import keras
     ops = keras.ops
 
     class DefectIoU(keras.metrics.Metric):
@@ -282,7 +277,7 @@ def seeded_batches(steps: int, seed: int, make_batch):
     """A ``keras.utils.PyDataset`` of ``steps`` batches an epoch: batch ``idx`` of epoch ``e`` is
     ``make_batch(rng, e, idx)`` with ``rng`` seeded by (seed, e, idx), so the batches are a
     function of the seed whatever Keras prefetches."""
-    keras = _keras()
+    import keras
 
     class Batches(keras.utils.PyDataset):
         def __init__(self) -> None:
@@ -451,7 +446,7 @@ def curves_title(cfg: TrainConfig, n_train: int, n_val: int) -> str:
 
 
 def _history_callback(path: Path, rows: list[dict[str, float]]):
-    keras = _keras()
+    import keras
 
     class EpochLog(keras.callbacks.Callback):
         """Appends one row per epoch to history.csv (flushed, so a running training can be watched)."""
@@ -480,7 +475,7 @@ def _history_callback(path: Path, rows: list[dict[str, float]]):
 
 
 def _stop_after(epochs: int):
-    keras = _keras()
+    import keras
 
     class StopAfter(keras.callbacks.Callback):
         """Ends training after ``epochs`` epochs (the optimiser's schedule is unchanged)."""
@@ -493,7 +488,7 @@ def _stop_after(epochs: int):
 
 
 def _keep_best(monitor: str = "val_iou", path: Path | None = None, last: bool = False, save=None):
-    keras = _keras()
+    import keras
     save = save or (lambda model, to: model.save_weights(to))
 
     class KeepBest(keras.callbacks.Callback):
@@ -520,7 +515,7 @@ def _keep_best(monitor: str = "val_iou", path: Path | None = None, last: bool = 
 
 
 def _validate_whole(full_model, x: np.ndarray, y: np.ndarray, batch: int):
-    keras = _keras()
+    import keras
 
     class ValidateWhole(keras.callbacks.Callback):
         """Crop training: at each epoch's end the weights go into ``full_model`` (the same
@@ -569,7 +564,7 @@ def recompute_bn(model, x: np.ndarray, batch: int) -> int:
 # --- the run -----------------------------------------------------------------
 
 
-def final_figures(model, train_arrays, val_arrays, batch: int, best_epoch: int) -> dict[str, float]:
+def final_figures(model, train_arrays, val_arrays, batch: int, best_epoch: float) -> dict[str, float]:
     """The card's figures for the loaded weights: IoU on both sets without
     augmentation, validation loss, and the epoch the weights come from."""
     train = model.evaluate(train_arrays.x, train_arrays.y, batch_size=batch, verbose=0, return_dict=True)
@@ -621,6 +616,8 @@ def _check(cfg: TrainConfig) -> None:
         raise ExportError("--freeze-epochs: only with --weights (a random encoder is not worth freezing)")
     if cfg.freeze_epochs and cfg.ema:
         raise ExportError("--freeze-epochs: not with --ema")
+    if cfg.freeze_bn and cfg.weights is None:
+        raise ExportError("--freeze-bn: only with --weights (the statistics kept are the pretrained ones)")
     if not cfg.finetune_lr > 0:
         raise ExportError(f"--finetune-lr {cfg.finetune_lr}: must be positive")
     if cfg.keep not in ("best", "last"):
@@ -714,6 +711,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         learner.compile(optimizer=optimizer, loss=loss, metrics=[make_iou_metric(cfg.threshold)],
                         run_eagerly=cfg.eager)
 
+    if cfg.freeze_bn:
+        # Small batches of windows, many over a defect, then whole letterboxed tiles on the
+        # line: the pretrained statistics serve both alike; a frozen Keras BatchNormalization
+        # normalises with its moving statistics in training too.
+        from keras import layers as klayers
+
+        norms = [la for la in learner.get_layer("encoder").layers if isinstance(la, klayers.BatchNormalization)]
+        for layer in norms:
+            layer.trainable = False
+        log.info("%d encoder BatchNorm layers frozen at the pretrained statistics", len(norms))
     encoder = learner.get_layer("encoder") if frozen else None
     if encoder is not None:
         # A frozen Keras layer also runs its BatchNorm in inference mode: the pretrained
@@ -748,7 +755,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         learner.fit(train_data, validation_data=validation, validation_batch_size=cfg.batch, epochs=frozen,
                     shuffle=False, callbacks=callbacks, verbose=verbose)
         stopped = bool(learner.stop_training)  # --stop-after within the frozen epochs (compile resets the flag)
-        encoder.trainable = True
+        encoder.trainable = True  # sets every sub-layer's flag: the frozen BatchNorm layers again below
+        if cfg.freeze_bn:
+            for layer in norms:
+                layer.trainable = False
         compile_stage(frozen, cfg.lr * cfg.finetune_lr)
     if not stopped and frozen < cfg.epochs:
         learner.fit(train_data, validation_data=validation, validation_batch_size=cfg.batch, epochs=cfg.epochs,
@@ -885,6 +895,8 @@ def command_of(cfg: TrainConfig) -> str:
         argv += ["--all-data"]
     if cfg.freeze_epochs:
         argv += ["--freeze-epochs", str(cfg.freeze_epochs), "--finetune-lr", f"{cfg.finetune_lr:g}"]
+    if cfg.freeze_bn:
+        argv += ["--freeze-bn"]
     if cfg.decoder_filters:
         argv += ["--decoder-filters", *map(str, cfg.decoder_filters)]
     if cfg.dropout:
@@ -1017,6 +1029,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cross-validation chose the recipe")
     p.add_argument("--freeze-epochs", type=int, default=0, metavar="N",
                    help="with --weights: the pretrained encoder frozen (its BatchNorm too) for the first N epochs")
+    p.add_argument("--freeze-bn", action="store_true",
+                   help="with --weights: the encoder's BatchNorm layers keep the pretrained statistics (and scale, "
+                        "offset) throughout training")
     p.add_argument("--finetune-lr", type=float, default=1.0, metavar="F",
                    help="after the frozen epochs the learning rate restarts at F x --lr (cosine to the end)")
     p.add_argument("--stop-after", type=int, metavar="N",
@@ -1073,7 +1088,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> TrainConfig:
         recompute_bn=args.recompute_bn,
         seed=args.seed, val_fraction=args.val_fraction,
         folds=args.folds, fold=args.fold, all_data=args.all_data, freeze_epochs=args.freeze_epochs,
-        finetune_lr=args.finetune_lr, missing_mask_is_free=args.missing_mask_is_free,
+        finetune_lr=args.finetune_lr, freeze_bn=args.freeze_bn, missing_mask_is_free=args.missing_mask_is_free,
         name=args.name, version=args.version, description=args.description,
         data_description=args.data_description, threshold=args.threshold, opset=args.opset, command=command,
         eager=args.eager, stop_after=args.stop_after,

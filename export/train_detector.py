@@ -300,6 +300,7 @@ def detect(infer_model, arrays: BoxArrays, card: ModelCard, batch: int = 32) -> 
     """Run the inference graph on ``arrays.x`` and decode each image with the daemon's
     :func:`station.postprocess.detection_defects` → list of Defects (source pixels)."""
     spec = card.output
+    assert isinstance(spec, DetectionOutputs)  # a detector's card
     found = []
     for start in range(0, len(arrays), batch):
         outs = infer_model(arrays.x[start : start + batch], training=False)

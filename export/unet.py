@@ -93,7 +93,7 @@ def set_bn_momentum(model: keras.Model, momentum: float) -> int:
 
 
 def build_unet(
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int | None, int | None, int],
     num_classes: int = 1,
     alpha: float = 0.35,
     weights: str | Path | None = None,
@@ -104,7 +104,7 @@ def build_unet(
 ) -> keras.Model:
     """Build the U-Net (see the module docstring).
 
-    input_shape: (H, W, C), H and W multiples of 32, C 1 or 3. alpha: MobileNetV2
+    input_shape: (H, W, C), H and W multiples of 32 (both None: any size), C 1 or 3. alpha: MobileNetV2
     width multiplier (0.35, 0.5, 0.75, 1.0, 1.3, 1.4). weights: None (random) or
     a local MobileNetV2 ``include_top=False`` weights file of the same alpha.
     decoder_filters: four values, deepest first (default: scaled with alpha).
@@ -112,7 +112,7 @@ def build_unet(
     h, w, c = input_shape
     if (h is None) != (w is None):
         raise ExportError(f"--size {h} {w}: both or neither of height and width may be left open")
-    if h is not None and (h % 32 or w % 32 or h < 32 or w < 32):
+    if h is not None and w is not None and (h % 32 or w % 32 or h < 32 or w < 32):  # both, as just checked
         raise ExportError(f"--size {h} {w}: height and width must be multiples of 32 (MobileNetV2 has stride 32)")
     if c not in (1, 3):
         raise ExportError(f"input channels {c}: must be 1 (gray) or 3 (colour)")

@@ -44,7 +44,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 
@@ -178,7 +178,7 @@ class Broker:
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.stop()
-                    raise StationError(f"mosquitto did not start on 127.0.0.1:{self.port}")
+                    raise StationError(f"mosquitto did not start on 127.0.0.1:{self.port}") from None
                 time.sleep(0.02)
 
     def stop(self) -> None:
@@ -296,6 +296,7 @@ class _Run:
         self.daemon.on_ack = self._on_ack
         self.daemon.on_published = self._on_published
         self.done = threading.Event()
+        assert isinstance(cfg.camera, FakeCamera)  # _configure put one there
         self.expected = cfg.camera.frames or 0
 
     def _mark(self, name: str) -> None:
@@ -470,7 +471,7 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
 
     src = FakeSource(None, cam.height, cam.width, cam.seed, distinct=8)
     src.open()
-    sample = [src.read(1.0) for _ in range(8)]
+    sample = cast(list[Frame], [src.read(1.0) for _ in range(8)])  # unpaced, endless: every read is a frame
     report: dict = {
         "station": __version__,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),

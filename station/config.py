@@ -79,7 +79,7 @@ class ModelsConfig(_Strict):
         pins, files = self.segmentation_sha256, self.segmentation
         if pins is not None and isinstance(pins, list) != isinstance(files, list):
             raise ValueError("segmentation_sha256 must be one hash for one file, a list of hashes for a list of files")
-        if isinstance(pins, list) and len(pins) != len(files):
+        if isinstance(pins, list) and isinstance(files, list) and len(pins) != len(files):  # both lists: checked above
             raise ValueError(f"segmentation_sha256 lists {len(pins)} hash(es) for {len(files)} segmentation file(s)")
         return self
 
@@ -99,6 +99,11 @@ class ModelsConfig(_Strict):
 Provider = Literal["tensorrt", "cuda", "cpu"]
 
 
+def _default_providers() -> list[Provider]:
+    # a typed function, not a lambda: mypy reads a lambda's ["cuda", "cpu"] as list[str]
+    return ["cuda", "cpu"]
+
+
 class TensorRTConfig(_Strict):
     """TensorRT execution provider options (used when ``tensorrt`` is in providers)."""
 
@@ -111,7 +116,7 @@ class TensorRTConfig(_Strict):
 
 class InferenceConfig(_Strict):
     providers: list[Provider] = Field(
-        default_factory=lambda: ["cuda", "cpu"],
+        default_factory=_default_providers,
         min_length=1,
         description="execution providers in order of preference; those not available are skipped",
     )
@@ -491,6 +496,15 @@ class OutboxConfig(_Strict):
 # --- archive and metrics -----------------------------------------------------------
 
 ArchivePart = Literal["image", "mask", "overlay"]
+ArchiveGrade = Literal["PASS", "DISCOUNT", "REJECT"]
+
+
+def _default_archive_grades() -> list[ArchiveGrade]:
+    return ["REJECT", "DISCOUNT"]
+
+
+def _default_archive_parts() -> list[ArchivePart]:
+    return ["image", "mask", "overlay"]
 
 
 class ArchiveConfig(_Strict):
@@ -505,13 +519,13 @@ class ArchiveConfig(_Strict):
         Path("archive"),
         description="archive root folder; a relative path is relative to the state directory ($STATE_DIRECTORY under systemd)",
     )
-    grades: list[Literal["PASS", "DISCOUNT", "REJECT"]] = Field(
-        default_factory=lambda: ["REJECT", "DISCOUNT"],
+    grades: list[ArchiveGrade] = Field(
+        default_factory=_default_archive_grades,
         description="grades whose results are archived (PASS, DISCOUNT, REJECT)",
     )
     errors: bool = Field(False, description="also archive frames that could not be inspected (error records)")
     what: list[ArchivePart] = Field(
-        default_factory=lambda: ["image", "mask", "overlay"],
+        default_factory=_default_archive_parts,
         description="files written per result besides the record JSON: image (source frame), mask (0/255 PNG, when the result has one), overlay",
     )
     max_age_days: float | None = Field(

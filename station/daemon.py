@@ -54,7 +54,7 @@ from .config import StationConfig, load_config
 from .errors import CameraError, PublishError, StationError
 from .memory import steady_malloc
 from .messages import error_record, result_record, stats_record, topics_for
-from .metrics import Metrics
+from .metrics import Metrics, MetricsServer
 from .outbox import Outbox, OutboxFull
 from .pipeline import Inspector, ParallelInfer, Work, open_models
 from .priority import (adopt_opencv_pool, infer_policy_this_thread, lower_this_thread, non_inference_increment,
@@ -196,7 +196,7 @@ class Trigger:
 class _Failed:
     """A frame whose inspection raised: it becomes an error record."""
 
-    frame: Frame
+    frame: Item  # a FrameError too, should a stage fail on one (_stage_loop)
     error: str
 
 
@@ -338,7 +338,7 @@ class Daemon:
         inf = cfg.inference
         self.settling = Settling() if inf.parallel_models and inf.helper_yield_ms > 0 else None
         self.metrics = Metrics()
-        self._metrics_server = None
+        self._metrics_server: MetricsServer | None = None
         self.archive = Archive(cfg.archive, self._archive_root(cfg)) if cfg.archive.enabled else None
         models = open_models(cfg)
         self.inspector = Inspector(models, cfg, keep_mask=self._keep_mask(cfg))
@@ -411,11 +411,11 @@ class Daemon:
                     continue
                 self.metrics.frame_captured()
                 if isinstance(item, Frame):
-                    part = self.trigger.take(item)
-                    if part is None:
+                    taken = self.trigger.take(item)
+                    if taken is None:
                         self.source.done(item)
                         continue
-                    item = part
+                    item = taken
                 dropped = self.queue.put(self._prepare(item), must_keep, self.stop_event)
                 if dropped is not None:
                     frame = dropped if isinstance(dropped, (Frame, FrameError)) else dropped.frame
@@ -466,7 +466,7 @@ class Daemon:
                 except Exception as exc:  # one bad part must not stop the line: log, count, go on
                     log.exception("%s: %s failed", getattr(item, "source", "?"), name)
                     self.metrics.error(name)
-                    out = _Failed(item.frame if isinstance(item, Work) else item, f"{name} failed: {exc}")
+                    out = _Failed(item.frame if isinstance(item, (Work, _Failed)) else item, f"{name} failed: {exc}")
                 finally:
                     self._busy[name] = None
                 if outq is not None:
@@ -479,6 +479,7 @@ class Daemon:
         off the path of puts and acks (Outbox.take_over_checkpoints), until the stop."""
         lower_this_thread(self.nice_non_inference)
         period = self.cfg.outbox.checkpoint_s
+        assert self.outbox is not None  # the thread is started only with an outbox
         while not self.stop_event.wait(period):
             try:
                 self.outbox.checkpoint()
@@ -551,6 +552,7 @@ class Daemon:
         if self.archive is None:
             return
         if result is not None:
+            assert isinstance(item, Frame)  # a result is a frame's
             if self.archive.wants(result):
                 self.archive.save(item.image, result, record)
         else:
@@ -768,6 +770,7 @@ class Daemon:
         if self.publisher is not None:
             flushed = self.publisher.stop(max(0.5, deadline - time.monotonic()))
             if not flushed:
+                assert self.outbox is not None  # made with the publisher
                 log.warning("stop: %d results stay in the outbox for the next start", self.outbox.depth())
         self._parallel_infer.close()
         if self.outbox is not None:

@@ -398,9 +398,9 @@ def segmentation_summary(tp: Any, fp: Any, fn: Any) -> dict[str, Any]:
 
 def per_class_summary(classes: Sequence[str], tp: Any, fp: Any, fn: Any) -> dict[str, dict[str, Any]]:
     """Per-image counts grouped by the image's class → :func:`segmentation_summary` per class."""
-    classes = np.asarray(classes, dtype=str).reshape(-1)
+    labels = np.asarray(classes, dtype=str).reshape(-1)
     tp, fp, fn = (np.asarray(v, np.int64).reshape(-1) for v in (tp, fp, fn))
-    names, inverse = np.unique(classes, return_inverse=True)
+    names, inverse = np.unique(labels, return_inverse=True)
     return {str(n): segmentation_summary(tp[inverse == i], fp[inverse == i], fn[inverse == i]) for i, n in enumerate(names)}
 
 
@@ -477,10 +477,10 @@ def grade_agreement(cm: np.ndarray) -> dict[str, Any]:
 
 def grades_per_class(classes: Sequence[str], true: Any, pred: Any) -> dict[str, dict[str, Any]]:
     """:func:`grade_agreement` of the images of each class (e.g. the folder), sorted by class."""
-    classes = np.asarray(list(classes), dtype=object)
+    labels = np.asarray(list(classes), dtype=object)
     true, pred = np.asarray(true, np.int64), np.asarray(pred, np.int64)
-    return {str(c): grade_agreement(confusion_matrix(true[classes == c], pred[classes == c]))
-            for c in sorted(set(classes.tolist()))}
+    return {str(c): grade_agreement(confusion_matrix(true[labels == c], pred[labels == c]))
+            for c in sorted(set(labels.tolist()))}
 
 
 def truth_mask_defects(mask: np.ndarray, cls: str, min_area_px: int) -> tuple[Defects, np.ndarray]:

@@ -60,11 +60,12 @@ def grade(defects: Defects, total_area_pct: float, frame_area_px: int, rules: Gr
         level, limit = _level(value, th)
         if level is Grade.PASS:
             continue
+        assert limit is not None  # a level above PASS comes with the threshold it exceeded
         if worst is None or level.severity > worst.grade.severity:
             worst = GradeDecision(level, rule_id, f"{label} {_fmt(value, unit)} > {_fmt(limit, unit)}")
     if worst is not None:
         return worst
     th = rules.total_area_pct
     bound = th.discount if th.discount is not None else th.reject
-    limit = f" ≤ {_fmt(bound, '%')}" if bound is not None else ""
-    return GradeDecision(Grade.PASS, "total_area_pct", f"total defect area {_fmt(total_area_pct, '%')}{limit}; no rule exceeded")
+    within = f" ≤ {_fmt(bound, '%')}" if bound is not None else ""
+    return GradeDecision(Grade.PASS, "total_area_pct", f"total defect area {_fmt(total_area_pct, '%')}{within}; no rule exceeded")

@@ -13,13 +13,13 @@ import io
 import logging
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from .config import InferenceConfig
+from .config import InferenceConfig, Provider
 from .errors import ModelError
 from .modelcard import METADATA_KEY, DetectionOutputs, MaskOutput, ModelCard
 
@@ -92,10 +92,10 @@ def check_card(session: ort.InferenceSession, card: ModelCard, where: str) -> No
             raise ModelError(f"{where}: card output.boxes {out.boxes!r} should be (1, K, 4), the model gives {shape}")
 
 
-def _provider_options(provider: str, settings: InferenceConfig) -> dict:
+def _provider_options(provider: str, settings: InferenceConfig) -> dict[str, Any]:
     if provider == "TensorrtExecutionProvider":
         trt = settings.tensorrt
-        opts = {"device_id": settings.device_id, "trt_fp16_enable": trt.fp16,
+        opts: dict[str, Any] = {"device_id": settings.device_id, "trt_fp16_enable": trt.fp16,
                 "trt_max_workspace_size": trt.workspace_mb * 2**20}
         if trt.engine_cache is not None:
             opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(trt.engine_cache))
@@ -187,7 +187,7 @@ class OnnxModel:
     another hash is refused before ONNX Runtime parses it.
     """
 
-    def __init__(self, path: str | Path, providers: Sequence[str] = ("cuda", "cpu"), intra_op_threads: int = 0,
+    def __init__(self, path: str | Path, providers: Sequence[Provider] = ("cuda", "cpu"), intra_op_threads: int = 0,
                  sha256: str | None = None, settings: InferenceConfig | None = None):
         self.path = Path(path)
         where = str(self.path)

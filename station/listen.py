@@ -349,7 +349,7 @@ def cmd_listen(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
 def _make_client(target: _Target, tls, password, topics: list[str], post: Callable[[tuple], None]) -> mqtt.Client:
     cfg = target.mqtt
     v5 = cfg.protocol == "5"
-    kwargs = {} if v5 else {"clean_session": True}
+    kwargs: dict[str, Any] = {} if v5 else {"clean_session": True}
     # Reconnecting is ours (_reconnect): paho's own would sleep through a stop
     # request for up to a second, and would retry refused credentials forever.
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id,

@@ -10,12 +10,12 @@ evaluation figures, and the toolchain that produced the file.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal, Union
+from typing import Annotated, Final, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 METADATA_KEY = "station.modelcard"
-CARD_SCHEMA_VERSION = 1
+CARD_SCHEMA_VERSION: Final = 1
 
 
 class _Strict(BaseModel):
@@ -184,8 +184,10 @@ class ModelCard(_Strict):
         ops = [op.op for op in self.preprocess]
         if ops.count("colour") != 1 or ops[0] != "colour":
             raise ValueError("preprocess must start with exactly one 'colour' op")
-        if self.preprocess[0].to != self.input.colour:
-            raise ValueError(f"colour op converts to {self.preprocess[0].to!r} but input.colour is {self.input.colour!r}")
+        colour = self.preprocess[0]
+        assert isinstance(colour, ColourOp)  # ops[0] == "colour", and the "op" discriminator made that a ColourOp
+        if colour.to != self.input.colour:
+            raise ValueError(f"colour op converts to {colour.to!r} but input.colour is {self.input.colour!r}")
         want_channels = 1 if self.input.colour == "gray" else 3
         if self.input.channels != want_channels:
             raise ValueError(f"input.colour {self.input.colour!r} needs {want_channels} channel(s), card says {self.input.channels}")

@@ -127,7 +127,7 @@ class Outbox:
         self._write_errors = 0
         self._lockfile = self._take_file_lock()
         try:
-            self._db = self._open(synchronous)
+            self._db: sqlite3.Connection | None = self._open(synchronous)
             self._depth, self._bytes = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
             ).fetchone()
@@ -241,6 +241,7 @@ class Outbox:
                 log.error(
                     "outbox %s is full: dropped the %d oldest results (%d dropped in all)", self.path, dropped, self._dropped
                 )
+            assert seq is not None  # an INSERT always sets lastrowid
             return int(seq)
 
     def _drop_oldest(self, db: sqlite3.Connection, over_rows: int, over_bytes: int) -> tuple[int, int]:
@@ -264,15 +265,15 @@ class Outbox:
 
     def ack_many(self, seqs: Iterable[int]) -> int:
         """Delete several entries in one transaction; returns how many were here."""
-        seqs = [(int(s),) for s in seqs]
-        if not seqs:
+        keys = [(int(s),) for s in seqs]
+        if not keys:
             return 0
         with self._lock, self._guard("ack"):
             db = self._conn()
             db.execute("BEGIN IMMEDIATE")
             try:
                 n = size = 0
-                for (seq,) in seqs:
+                for (seq,) in keys:
                     row = db.execute("DELETE FROM outbox WHERE seq = ? RETURNING LENGTH(payload)", (seq,)).fetchone()
                     if row is not None:
                         n, size = n + 1, size + row[0]
@@ -391,7 +392,7 @@ class Outbox:
         the next writes. Best effort: with no room for the database to grow either,
         the next write fails too. Callers hold self._lock."""
         try:
-            busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            busy = self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         except sqlite3.Error as exc:
             log.debug("outbox %s: checkpoint after a failed write failed too (%s)", self.path, exc)
             return

@@ -13,10 +13,11 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -91,11 +92,12 @@ def model_threads(cfg: StationConfig, n_models: int) -> int:
     return threads
 
 
-def mask_threshold(models: dict[str, OnnxModel], cfg: StationConfig) -> float | None:
+def mask_threshold(models: Mapping[str, OnnxModel], cfg: StationConfig) -> float | None:
     """The segmentation probability threshold: ``postprocess.mask_threshold``, or the
     card's ``output.threshold`` (the mean of the cards' with several models); None
     without a segmentation model."""
-    cards = [m.card.output.threshold for k, m in models.items() if role_of(k) == "segmentation"]
+    # a segmentation slot holds a segmentation card (open_models), whose output is a mask (ModelCard's validator)
+    cards = [cast(MaskOutput, m.card.output).threshold for k, m in models.items() if role_of(k) == "segmentation"]
     if not cards:
         return None
     return cfg.postprocess.mask_threshold if cfg.postprocess.mask_threshold is not None else float(np.mean(cards))
@@ -191,6 +193,7 @@ class Inspector:
             t = time.perf_counter()
             prob, geometry = self.segmentation_probabilities(work)
             classes = self.models["segmentation"].card.classes
+            assert self.mask_threshold is not None  # set whenever there is a segmentation model
             found, mask = postprocess.mask_defects(
                 prob, geometry, self.mask_threshold, classes, post.min_area_px, post.min_score
             )

@@ -40,7 +40,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -48,7 +48,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from .config import MqttAuthConfig, MqttConfig, MqttTlsConfig, StationConfig, warn_if_exposed
 from .errors import ConfigError, PublishError
-from .messages import Topics, dumps, stamp_sent, status_record, topics_for
+from .messages import StatusState, Topics, dumps, stamp_sent, status_record, topics_for
 from .outbox import Outbox
 from .priority import lower_this_thread
 
@@ -108,6 +108,7 @@ def tls_context(tls: MqttTlsConfig | None) -> ssl.SSLContext | None:
     try:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None)
         if tls.cert_file is not None:
+            assert tls.key_file is not None  # the config takes cert_file and key_file only together
             warn_if_exposed(tls.key_file, "mqtt.tls.key_file", secret=True)
             ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     except (OSError, ssl.SSLError) as exc:
@@ -266,7 +267,7 @@ class MqttPublisher:
         """Link state and counters: sent, acked, late, broker_rejected, connects,
         connect_attempts, stats_sent, stats_dropped, errors; plus the outbox's."""
         with self._cond:
-            out = {
+            out: dict[str, Any] = {
                 "state": self._state.value,
                 "connected": self._state is LinkState.CONNECTED,
                 "last_error": self._last_error,
@@ -402,6 +403,7 @@ class MqttPublisher:
         self._send(s, self.topics.status, self._status("online"), 1, True, None)
         with self._cond:
             topics = list(self._subscriptions)
+        assert s.client is not None  # _serve set it before connecting
         for topic in topics:
             s.client.subscribe(topic, qos=1)
         while True:
@@ -432,6 +434,7 @@ class MqttPublisher:
                 info.wait_for_publish(1.0)
             except (RuntimeError, ValueError):
                 pass  # the connection went; the broker publishes the Last Will instead
+        assert s.client is not None  # _serve set it before connecting
         s.client.disconnect()
         s.lost.wait(1.0)  # on_disconnect: the DISCONNECT was written
 
@@ -465,6 +468,7 @@ class MqttPublisher:
             if not entries:
                 return
             now = time.time()
+            assert s.connected_at is not None  # s.accepted: _on_connect set it before the CONNACK event
             # Counted before sending: should the daemon die before the PUBACK, the
             # next run knows these were sent once. A count that cannot be written
             # (disk full) does not hold the results back: a re-send after a restart
@@ -489,6 +493,7 @@ class MqttPublisher:
         self, s: _Session, topic: str, payload: bytes, qos: int, retain: bool, seq: int | None
     ) -> mqtt.MQTTMessageInfo | None:
         """client.publish() and remember mid → seq; None when paho did not take it."""
+        assert s.client is not None  # _serve set it before connecting
         info = s.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return None
@@ -571,7 +576,7 @@ class MqttPublisher:
     # --- helpers --------------------------------------------------------------------
 
     def _new_client(self, s: _Session) -> mqtt.Client:
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if self._protocol != mqtt.MQTTv5:
             kwargs["clean_session"] = True  # no broker session: the outbox is the persistence
         client = mqtt.Client(
@@ -614,11 +619,11 @@ class MqttPublisher:
         sock = client.socket()
         if sock is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]  # paho's SocketLike type lacks shutdown()
             except OSError:
                 pass
 
-    def _status(self, state: str) -> bytes:
+    def _status(self, state: StatusState) -> bytes:
         record = status_record(state, self.station_id)
         if state == "online":
             record.update(self._status_details)

@@ -96,7 +96,7 @@ class LocalBroker:
                 return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mosquitto did not start (see {workdir / 'mosquitto.log'})")
+                    raise RuntimeError(f"mosquitto did not start (see {workdir / 'mosquitto.log'})") from None
                 time.sleep(0.05)
 
     def stop(self) -> None:
@@ -212,6 +212,7 @@ def _prepare_config(config: Path | None, workdir: Path, broker: str | None) -> t
     path = workdir / "soak.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     cfg = load_config(path)  # validated as the daemon will read it
+    assert cfg.mqtt is not None  # written above
     from .messages import topics_for
 
     topic = topics_for(cfg.mqtt, cfg.station.id).result

@@ -122,7 +122,7 @@ class Mosquitto:
                     self.kill()
                     raise RuntimeError(
                         f"mosquitto did not accept connections on {HOST}:{self.port} within {self.start_timeout} s"
-                    )
+                    ) from None
                 # the process is starting: poll the port again shortly
                 time.sleep(0.01)
 

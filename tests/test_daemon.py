@@ -263,7 +263,7 @@ run: {{reconnect_min_s: 0.2, reconnect_max_s: 0.4}}
 def write_video(path: Path, frames: int) -> None:
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (256, 256))
     plate = cv2.imread(str(SAMPLES[0]), cv2.IMREAD_GRAYSCALE)
-    for i in range(frames):
+    for _ in range(frames):
         writer.write(cv2.cvtColor(cv2.resize(plate, (256, 256)), cv2.COLOR_GRAY2BGR))
     writer.release()
 

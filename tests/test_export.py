@@ -35,8 +35,8 @@ def _grade(area_pct: float) -> str:
     return "PASS" if area_pct <= 0.5 else "DISCOUNT" if area_pct <= 2.0 else "REJECT"
 
 
-def _card(opts: PreprocessOptions = PreprocessOptions(), size: tuple[int, int] = (64, 64)) -> ModelCard:
-    return draft_card(name="t", version="1", size=size, preprocess=preprocess_ops(opts),
+def _card(opts: PreprocessOptions | None = None, size: tuple[int, int] = (64, 64)) -> ModelCard:
+    return draft_card(name="t", version="1", size=size, preprocess=preprocess_ops(opts or PreprocessOptions()),
                       training=TrainingInfo(data="test"))
 
 
@@ -626,8 +626,8 @@ def test_unet_shapes_momentum_and_local_weights(tmp_path: Path) -> None:
     assert model.get_layer("mask").activation.__name__ == "sigmoid"
     encoder = model.get_layer("encoder")
     assert [t.name for t in encoder.outputs] and len(encoder.outputs) == len(SKIP_LAYERS)
-    bns = [l for l in encoder.layers if isinstance(l, keras.layers.BatchNormalization)]
-    assert bns and all(l.momentum == 0.9 for l in bns)
+    bns = [layer for layer in encoder.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and all(layer.momentum == 0.9 for layer in bns)
 
     with pytest.raises(ExportError, match="multiples of 32"):
         build_unet((100, 64, 1))

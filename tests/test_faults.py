@@ -142,7 +142,7 @@ camera: {{type: folder, path: {inbox}, after: delete, settle_s: 0}}
     log_from = sub_from = 0
     try:
         for threshold in (150, 400, 650):
-            assert sub.wait_for(lambda m: received(m) >= threshold, 120), (received.names, station.text()[-3000:])
+            assert sub.wait_for(lambda m, at_least=threshold: received(m) >= at_least, 120), (received.names, station.text()[-3000:])
             outages = station.text().count("MQTT disconnected:")
             pause(station.proc.pid, signal.SIGSTOP)
             seen = [delivery(broker, log_from, sub, sub_from, topic)]
@@ -153,7 +153,8 @@ camera: {{type: folder, path: {inbox}, after: delete, settle_s: 0}}
                 seen.append(delivery(broker, log_from, sub, sub_from, topic))
             broker.kill()
             pause(station.proc.pid, signal.SIGCONT)
-            wait_until(lambda: station.text().count("MQTT disconnected:") > outages, 20, "the lost connection")
+            wait_until(lambda before=outages: station.text().count("MQTT disconnected:") > before, 20,
+                       "the lost connection")
             pause(station.proc.pid, signal.SIGSTOP)
             log_from = len(broker.log_text())
             broker.start()
@@ -428,11 +429,11 @@ def test_reload_refuses_a_corrupt_model_and_keeps_the_running_one(tmp_path, proc
     for n, data in enumerate([good[: len(good) // 2], b"\x00not an onnx file" * 100], start=1):
         replace(data)
         station.signal(signal.SIGHUP)
-        wait_until(lambda: station.text().count("reload refused") >= n, 30, "the refused reload")
+        wait_until(lambda refusals=n: station.text().count("reload refused") >= refusals, 30, "the refused reload")
         refused = [line for line in station.text().splitlines() if "reload refused" in line][-1]
         assert f"{model}: ONNX Runtime cannot load the model" in refused, refused
         count = len(jsonl(out))
-        wait_until(lambda: len(jsonl(out)) >= count + 5, 20, "results after the refused reload")
+        wait_until(lambda before=count: len(jsonl(out)) >= before + 5, 20, "results after the refused reload")
     # a valid model with a wrong pin is refused too, naming file, expected and actual
     replace(good)
     station.cfg.write_text(base.replace("segmentation: seg.onnx}", f"segmentation: seg.onnx, segmentation_sha256: {'ab' * 32}}}"))

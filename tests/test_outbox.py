@@ -168,7 +168,7 @@ def test_put_and_ack_from_two_threads(box):
         try:
             while done < n:
                 with cond:
-                    cond.wait_for(lambda: len(stored) > done, timeout=10)
+                    cond.wait_for(lambda seen=done: len(stored) > seen, timeout=10)
                     batch = stored[done:]
                 for seq in batch:
                     assert box.ack(seq)

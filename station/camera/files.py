@@ -30,7 +30,7 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            found = []
+            found: list[Path] = []
             for root, dirs, files in os.walk(p):
                 dirs.sort()
                 found.extend(Path(root) / f for f in sorted(files) if Path(f).suffix.lower() in known)
