@@ -4,16 +4,16 @@ Run the modules as ``python -m export.<module>`` from the repository root:
 
 * ``export.synth``       synthetic light-guide-plate images with truth masks
 * ``export.train``       train a MobileNetV2 U-Net and export it with its model card
-* ``export.pretrain``    pretrain a gray MobileNetV2 encoder on NEU-DET image classes (for ``train --weights``)
 * ``export.onnx_export`` (re)embed or show the model card of an ONNX file
 * ``export.make_demo``   reproduce ``station/assets/demo_seg.onnx`` and ``samples/``
 * ``export.train_detector`` train the FCOS-style box detector and export it with its card
-* ``export.magnetic_tile`` / ``export.neu_det``  the shipped models' recipes: ``train``, ``eval``
+* ``export.crossval``    out-of-fold predictions of k fold runs → threshold and min_area_px under an escape budget
+* ``export.magnetic_tile`` / ``export.neu_det``  the shipped models' recipes (``cv``, ``train``; ``train``, ``eval``)
 * ``export.alloc``      the memory allocator training runs get (they restart under jemalloc where installed)
 
 Library modules: ``card`` (model-card drafts, preprocessing flags → ops),
 ``data`` (image/mask pairs → arrays through ``station.preprocess``), ``unet``
-(the Keras model). TensorFlow is imported only by ``unet``, when ``pretrain`` trains, by ``train`` and
+(the Keras model), ``crossval`` (out-of-fold figures and thresholds). TensorFlow is imported only by ``unet``, by ``train`` and
 ``onnx_export`` when they train or convert, and by ``make_demo`` through them;
 ``synth``, ``data`` and ``card`` need numpy and OpenCV alone, like ``station``.
 """

@@ -125,8 +125,8 @@ def build_unet(
             raise ExportError(f"--weights {weights}: no such file")
 
     base, encoder_channels, errors = None, c, []
-    # A weights file of the input's channels (an encoder pretrained on gray images,
-    # python -m export.pretrain) loads as it is; a 3-channel one (ImageNet) gets the
+    # A weights file of the input's channels (an encoder pretrained on gray images)
+    # loads as it is; a 3-channel one (ImageNet) gets the
     # gray input repeated to 3 channels.
     for encoder_channels in ((c, 3) if weights is not None and c != 3 else (c,)):
         try:
