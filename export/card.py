@@ -160,3 +160,12 @@ def draft_card(
         )
     except ValidationError as exc:
         raise ExportError(f"model card {name!r}: {_validation_message(exc)}") from exc
+
+
+PIX2PIX_FILTERS: tuple[int, ...] = (512, 256, 128, 64)
+
+
+def default_decoder_filters(alpha: float) -> tuple[int, ...]:
+    """pix2pix's (512, 256, 128, 64) scaled by the encoder's width multiplier,
+    rounded to multiples of 8 (alpha 0.35 → (176, 88, 48, 24))."""
+    return tuple(max(8, int(round(f * alpha / 8.0)) * 8) for f in PIX2PIX_FILTERS)

@@ -99,28 +99,38 @@ def fold_dirs(run: Path) -> list[Path]:
     return dirs
 
 
-def predict_out_of_fold(run: Path, data: Path, cfg: StationConfig, progress: bool = True) -> list[OutOfFold]:
-    """Every held-out image of every fold, predicted by its fold's model (see the module docstring)."""
+def predict_images(model: Path, paths: Sequence[Path], data: Path, cfg: StationConfig, fold: int = 0,
+                   progress: bool = True) -> list[OutOfFold]:
+    """``paths`` (images under ``data``, each with its ``<name>.png`` mask beside it, or
+    none: defect-free) predicted by ``model`` through the line's Inspector."""
     from tqdm import tqdm
 
+    inspector = Inspector(open_models(cfg, seg=[model]), cfg)
+    images = []
+    for path in tqdm(paths, desc=f"fold {fold}", unit="image", disable=not progress, file=sys.stderr):
+        frame = Frame(read_image(path), str(path))
+        prob, geometry = inspector.segmentation_probabilities(inspector.infer(inspector.prepare(frame)))
+        mask_path = path.with_suffix(".png")
+        truth = (read_truth_mask(mask_path, frame.height, frame.width) if mask_path.is_file()
+                 else np.zeros((frame.height, frame.width), bool))
+        images.append(OutOfFold(path.relative_to(data).as_posix(), path.parent.name, fold, prob.astype(np.float16),
+                                geometry, truth))
+    return images
+
+
+def predict_out_of_fold(run: Path, data: Path, cfg: StationConfig, progress: bool = True) -> list[OutOfFold]:
+    """Every held-out image of every fold, predicted by its fold's model (see the module docstring)."""
     images: list[OutOfFold] = []
     seen: dict[str, int] = {}
     for d in fold_dirs(run):
         fold = int(d.name[4:])
         paths = read_split_file(d / "split.json", data, "val")
-        models = open_models(cfg, seg=[d / "model.onnx"])
-        inspector = Inspector(models, cfg)
-        for path in tqdm(paths, desc=f"fold {fold}", unit="image", disable=not progress, file=sys.stderr):
+        for path in paths:
             key = path.relative_to(data).as_posix()
             if key in seen:
                 raise ExportError(f"{key}: held out by fold {seen[key]} and fold {fold}: not a k-fold run")
             seen[key] = fold
-            frame = Frame(read_image(path), str(path))
-            prob, geometry = inspector.segmentation_probabilities(inspector.infer(inspector.prepare(frame)))
-            mask_path = path.with_suffix(".png")
-            truth = (read_truth_mask(mask_path, frame.height, frame.width) if mask_path.is_file()
-                     else np.zeros((frame.height, frame.width), bool))
-            images.append(OutOfFold(key, path.parent.name, fold, prob.astype(np.float16), geometry, truth))
+        images += predict_images(d / "model.onnx", paths, data, cfg, fold, progress)
     return images
 
 
@@ -140,6 +150,7 @@ def score(images: Sequence[OutOfFold], cfg: StationConfig, threshold: float, min
     true = true_grades(images, cfg, min_area_px) if true is None else true
     pred = np.zeros(n, np.int64)
     tp, fp, fn = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    found, defective = np.zeros(n, bool), np.zeros(n, bool)
     for i, im in enumerate(images):
         h, w = im.truth.shape
         defects, mask = mask_defects(im.prob.astype(np.float32), im.geometry, threshold, list(classes), min_area_px,
@@ -149,15 +160,22 @@ def score(images: Sequence[OutOfFold], cfg: StationConfig, threshold: float, min
         tp[i] = np.count_nonzero(mask & im.truth)
         fp[i] = np.count_nonzero(mask & ~im.truth)
         fn[i] = np.count_nonzero(~mask & im.truth)
-    return {"true": true, "pred": pred, "tp": tp, "fp": fp, "fn": fn}
+        found[i], defective[i] = bool(len(defects)), bool(im.truth.any())
+    return {"true": true, "pred": pred, "tp": tp, "fp": fp, "fn": fn, "found": found, "defective": defective}
 
 
 def figures(scored: dict[str, np.ndarray], classes: Sequence[str] | None = None) -> dict[str, Any]:
-    """Defect IoU (pixels summed over the images) and the grade figures of
-    :func:`station.evaluate.grade_agreement` (per class too when ``classes`` are given)."""
+    """Defect IoU (pixels summed over the images), the grade figures of
+    :func:`station.evaluate.grade_agreement` (per class too when ``classes`` are given), and
+    the image-level ones: ``image_recall`` (images with any truth defect pixel in which a
+    region was found / such images), ``image_specificity`` (images without one in which
+    none was found / such images)."""
     tp, fp, fn = (int(scored[k].sum()) for k in ("tp", "fp", "fn"))
     grades = grade_agreement(confusion_matrix(scored["true"], scored["pred"]))
-    out = {"iou": tp / (tp + fp + fn) if tp + fp + fn else None, **grades}
+    found, defective = scored["found"], scored["defective"]
+    out = {"iou": tp / (tp + fp + fn) if tp + fp + fn else None, **grades,
+           "image_recall": float(found[defective].mean()) if defective.any() else None,
+           "image_specificity": float((~found[~defective]).mean()) if (~defective).any() else None}
     if classes is not None:
         out["per_class"] = grades_per_class(classes, scored["true"], scored["pred"])
     return out
@@ -203,7 +221,8 @@ def tune(images: Sequence[OutOfFold], cfg: StationConfig, thresholds: Sequence[f
             scores[(t, a)] = s
             f = figures(s)
             table.append({"threshold": t, "min_area_px": a, **{k: f[k] for k in (*FOLD_FIGURES, "escapes",
-                                                                                   "false_rejects")}})
+                                                                                   "false_rejects", "image_recall",
+                                                                                   "image_specificity")}})
             log.info("threshold %.2f min_area_px %3d: escapes %3d (%.1f %%), false rejects %3d (%.1f %%), "
                      "agreement %.1f %%, IoU %.3f", t, a, f["escapes"], 100 * (f["escape_rate"] or 0),
                      f["false_rejects"], 100 * (f["false_reject_rate"] or 0), f["agreement_pct"] or 0, f["iou"] or 0)

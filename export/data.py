@@ -246,6 +246,28 @@ def all_data_split(samples: Sequence[Sample]) -> Split:
                  f"all {len(samples)} images train (no validation: the recipe was chosen by cross-validation)")
 
 
+def auto_size(samples: Sequence[Sample], pixels: int = 256 * 256, multiple: int = 64,
+              smallest: int = 128, largest: int = 512) -> tuple[int, int]:
+    """A model input (H, W) of about ``pixels`` pixels in the images' median aspect ratio,
+    each side a multiple of ``multiple`` within [``smallest``, ``largest``] (``--size auto``).
+
+    Square tiles get 256 x 256; images about 1250 x 500 (tall) get 384 x 192, so that a
+    letterbox spends its pixels on the part, not on padding."""
+    if not samples:
+        raise ExportError("no images to size the model input from")
+    ratios = []
+    for s in samples:
+        image = read_image(s.image)
+        ratios.append(image.shape[0] / image.shape[1])
+    ratio = float(np.median(ratios))
+    height = (pixels * ratio) ** 0.5
+
+    def side(v: float) -> int:
+        return int(min(largest, max(smallest, multiple * round(v / multiple))))
+
+    return side(height), side(height / ratio)
+
+
 def write_split_file(path: Path, description: str, train_keys: Sequence[str], val_keys: Sequence[str]) -> None:
     """``{"description", "train", "val"}``: the image keys of each side (paths relative to the data root)."""
     path.write_text(json.dumps({"description": description, "train": list(train_keys), "val": list(val_keys)},

@@ -46,12 +46,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import math
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -69,19 +70,35 @@ from station.modelcard import (
     TrainingInfo,
 )
 
+from station.errors import StationError
+
 from . import ExportError
 from .alloc import loaded_allocator
-from .card import DEFAULT_OPSET, MAX_OPSET, NORMALIZATIONS, PreprocessOptions, clahe_arg, draft_card, preprocess_ops
+from .card import (
+    DEFAULT_OPSET,
+    MAX_OPSET,
+    NORMALIZATIONS,
+    PreprocessOptions,
+    clahe_arg,
+    default_decoder_filters,
+    draft_card,
+    preprocess_ops,
+)
 from .data import (
     Arrays,
     all_data_split,
+    auto_size,
     find_samples,
     fold_split,
     load_arrays,
     load_groups,
+    read_split_file,
     split_samples,
     write_split_file,
 )
+
+AUTO_SIZE = (0, 0)  # TrainConfig.size: chosen from the data when training starts (--size auto)
+RECIPE_DECODER = [128, 64, 48, 32]  # the CLI's decoder widths: narrow enough for two models at 25 frames/s
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +113,7 @@ class TrainConfig:
     out_dir: Path
     preprocess: tuple[PreprocessOp, ...] = field(default_factory=lambda: tuple(preprocess_ops(PreprocessOptions())))
     groups: Path | None = None
-    size: tuple[int, int] = (128, 128)
+    size: tuple[int, int] = (128, 128)  # AUTO_SIZE: from the images' aspect ratio (export.data.auto_size)
     alpha: float = 0.35
     decoder_filters: tuple[int, ...] | None = None
     dropout: float = 0.0
@@ -650,6 +667,10 @@ def _check(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Load data, train, keep the best-validation-IoU weights and export them (see the module docstring)."""
+    if cfg.size == AUTO_SIZE:
+        listed = find_samples(cfg.data_dir, cfg.missing_mask_is_free).samples
+        cfg = replace(cfg, size=auto_size(listed, multiple=32 * max((1, *cfg.multiscale))))
+        log.info("input size %dx%d, from the images' median aspect ratio (--size auto)", *cfg.size)
     _check(cfg)
     command = cfg.command or command_of(cfg)
     log.info("memory allocator: %s (export/alloc.py)", loaded_allocator())
@@ -797,6 +818,53 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(card, cfg.out_dir / "model.onnx", int(best["epoch"]), seconds, rows)
 
 
+def calibrate(result: TrainResult, cfg: TrainConfig, config: Path | None, max_escape_rate: float) -> dict:
+    """The exported model on the run's validation images through station's Inspector
+    (:mod:`export.crossval`): the mask threshold and ``min_area_px`` with the fewest
+    false rejects within the escape budget go into the card (threshold) and, with the
+    figures at that pair, into ``RUN_DIR/eval.json``. Returns that report.
+
+    The figures are those of the pair chosen on the same images: somewhat optimistic;
+    a grouped k-fold run (``--folds``) gives figures no choice has seen."""
+    from station.config import load_config
+    from station.modelcard import MaskOutput
+
+    from . import crossval
+    from .onnx_export import embed_card_file
+
+    station_cfg = load_config(config)
+    images = crossval.predict_images(result.onnx_path, read_split_file(cfg.out_dir / "split.json", cfg.data_dir),
+                                     cfg.data_dir, station_cfg)
+    report = crossval.tune(images, station_cfg, crossval.DEFAULT_THRESHOLDS, crossval.DEFAULT_MIN_AREAS,
+                           max_escape_rate)
+    chosen, pooled = report["chosen"], report["pooled"]
+    card = result.card
+    assert isinstance(card.output, MaskOutput)
+    figures = {f"val_{k}": round(float(pooled[k]), 4)
+               for k in ("escape_rate", "false_reject_rate", "agreement_pct", "image_recall", "image_specificity")
+               if pooled[k] is not None}
+    figures["val_iou_calibrated"] = round(float(pooled["iou"] or 0.0), 4)
+    card = card.model_copy(update={
+        "output": card.output.model_copy(update={"threshold": float(chosen["threshold"])}),
+        "training": card.training.model_copy(update={
+            "figures": {**card.training.figures, **figures},
+            "evaluated_by": card.training.evaluated_by + (
+                f"; val_*_rate, val_agreement_pct, val_image_*, val_iou_calibrated: station's Inspector on the "
+                f"validation images at mask threshold {chosen['threshold']:g} and min_area_px "
+                f"{chosen['min_area_px']}, chosen there for the fewest false rejects with an escape rate <= "
+                f"{max_escape_rate:g} (report eval.json)")}),
+    })
+    embed_card_file(result.onnx_path, card)
+    (cfg.out_dir / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
+    report["model"] = str(result.onnx_path)
+    (cfg.out_dir / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+    for line in crossval.summary_lines(report):
+        log.info("calibration: %s", line)
+    log.info("mask threshold %g written into %s; set postprocess.min_area_px: %d in the station config",
+             chosen["threshold"], result.onnx_path, chosen["min_area_px"])
+    return report
+
+
 def build_network(cfg: TrainConfig, channels: int, classes: int, height: int | None, width: int | None):
     """The U-Net of ``cfg`` at one input size (None, None: any size)."""
     from .unet import build_unet
@@ -881,7 +949,8 @@ def command_of(cfg: TrainConfig) -> str:
     """A command line reproducing ``cfg`` (for configs built in Python rather than from
     a command line). Preprocess settings the flags cannot express are named in a
     trailing ``# ...`` comment."""
-    argv = [str(cfg.data_dir), "--out", str(cfg.out_dir), "--size", str(cfg.size[0]), str(cfg.size[1]),
+    argv = [str(cfg.data_dir), "--out", str(cfg.out_dir),
+            "--size", *(("auto",) if cfg.size == AUTO_SIZE else (str(cfg.size[0]), str(cfg.size[1]))),
             "--alpha", f"{cfg.alpha:g}", "--epochs", str(cfg.epochs), "--batch", str(cfg.batch),
             "--lr", f"{cfg.lr:g}", "--dice-weight", f"{cfg.dice_weight:g}", "--seed", str(cfg.seed),
             "--val-fraction", f"{cfg.val_fraction:g}", "--name", cfg.name, "--version", cfg.version,
@@ -893,12 +962,11 @@ def command_of(cfg: TrainConfig) -> str:
         argv += ["--folds", str(cfg.folds), "--fold", str(cfg.fold)]
     if cfg.all_data:
         argv += ["--all-data"]
-    if cfg.freeze_epochs:
+    if cfg.weights is not None:
         argv += ["--freeze-epochs", str(cfg.freeze_epochs), "--finetune-lr", f"{cfg.finetune_lr:g}"]
     if cfg.freeze_bn:
         argv += ["--freeze-bn"]
-    if cfg.decoder_filters:
-        argv += ["--decoder-filters", *map(str, cfg.decoder_filters)]
+    argv += ["--decoder-filters", *map(str, cfg.decoder_filters or default_decoder_filters(cfg.alpha))]
     if cfg.dropout:
         argv += ["--dropout", f"{cfg.dropout:g}"]
     if cfg.loss != "bce":
@@ -907,24 +975,16 @@ def command_of(cfg: TrainConfig) -> str:
         argv += ["--tversky-beta", f"{cfg.tversky_beta:g}"]
     if cfg.defect_repeat != 1:
         argv += ["--defect-repeat", str(cfg.defect_repeat)]
+    argv += ["--crop", str(cfg.crop or 0)]
     if cfg.crop:
-        argv += ["--crop", str(cfg.crop), "--crop-defect", f"{cfg.crop_defect:g}"]
-        if cfg.crop_content:
-            argv.append("--crop-content")
-        if cfg.crop_balance != "image":
-            argv += ["--crop-balance", cfg.crop_balance]
+        argv += ["--crop-defect", f"{cfg.crop_defect:g}", "--crop-balance", cfg.crop_balance,
+                 "--crop-content" if cfg.crop_content else "--no-crop-content"]
     if cfg.steps:
         argv += ["--steps", str(cfg.steps)]
-    if cfg.jitter:
-        argv += ["--jitter", f"{cfg.jitter:g}"]
-    if cfg.zoom != 1.0:
-        argv += ["--zoom", f"{cfg.zoom:g}"]
-    if cfg.multiscale:
-        argv += ["--multiscale", *map(str, cfg.multiscale)]
+    argv += ["--jitter", f"{cfg.jitter:g}", "--zoom", f"{cfg.zoom:g}", "--multiscale", *map(str, cfg.multiscale)]
     if cfg.ema:
         argv += ["--ema", f"{cfg.ema:g}"]
-    if cfg.keep != "best":
-        argv += ["--keep", cfg.keep]
+    argv += ["--keep", cfg.keep]
     if cfg.recompute_bn:
         argv.append("--recompute-bn")
     if cfg.missing_mask_is_free:
@@ -972,16 +1032,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run directory (history, curves, weights, model.onnx)")
     p.add_argument("--groups", type=Path, help="JSON {image path relative to DATA_DIR: group}; split by group")
     p.add_argument("--missing-mask-is-free", action="store_true", help="use images without mask as defect-free")
-    p.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"),
-                   help="model input, pixels (multiples of 32)")
-    p.add_argument("--alpha", type=float, default=0.35, help="MobileNetV2 width multiplier")
-    p.add_argument("--decoder-filters", type=int, nargs=4, metavar="F", help="decoder widths, deepest first; unset: "
-                   "pix2pix's 512 256 128 64 scaled by alpha")
+    p.add_argument("--size", nargs="+", default=["auto"], metavar="H W",
+                   help="model input, pixels (multiples of 32), or auto: about 256 x 256 pixels in the images' median "
+                        "aspect ratio, sides multiples of 64")
+    p.add_argument("--alpha", type=float, default=1.0, help="MobileNetV2 width multiplier (the ImageNet weights: 1.0)")
+    p.add_argument("--decoder-filters", type=int, nargs=4, metavar="F", default=RECIPE_DECODER,
+                   help="decoder widths, deepest first")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout in the decoder blocks")
     p.add_argument("--weights", type=Path, help="local MobileNetV2 include_top=False weights file (never downloaded)")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3, help="initial Adam learning rate (cosine decay to 5 %%)")
+    p.add_argument("--lr", type=float, default=1e-3, help="initial Adam learning rate (cosine decay to 5 %%)")
     p.add_argument("--dice-weight", type=float, default=1.0, help="weight of the soft-Dice term next to BCE")
     p.add_argument("--loss", choices=("bce", "focal"), default="bce",
                    help="pixel loss next to Dice: binary cross-entropy or binary focal cross-entropy")
@@ -991,29 +1052,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "recall weighs more)")
     p.add_argument("--defect-repeat", type=int, default=1, metavar="K",
                    help="training images with any defect appear K times per epoch (oversampling)")
-    p.add_argument("--crop", type=int, metavar="C",
-                   help="train on CxC windows of the input-size images (multiple of 32); validate and export whole")
-    p.add_argument("--crop-defect", type=float, default=0.5, metavar="P",
+    p.add_argument("--crop", type=int, metavar="C", default=128,
+                   help="train on CxC windows of the input-size images (multiple of 32; 0: whole images); validate "
+                        "and export whole")
+    p.add_argument("--crop-defect", type=float, default=0.3, metavar="P",
                    help="with --crop: share of windows placed over a defect pixel")
-    p.add_argument("--crop-content", action="store_true",
+    p.add_argument("--crop-content", action=argparse.BooleanOptionalAction, default=None,
                    help="with --crop and a letterbox: place the windows not over a defect over the image, "
-                        "not its padding")
-    p.add_argument("--crop-balance", choices=("image", "folder"), default="image",
+                        "not its padding (default: on with both)")
+    p.add_argument("--crop-balance", choices=("image", "folder"), default="folder",
                    help="with --crop: draw the windows over a defect per defective image, or first a class folder "
                         "(the image's parent folder) uniformly, then an image of it")
-    p.add_argument("--steps", type=int, metavar="N",
-                   help="with --crop: batches per epoch (default: as many as one pass over the training images)")
-    p.add_argument("--jitter", type=float, default=0.0,
+    p.add_argument("--steps", type=int, metavar="N", default=70,
+                   help="with --crop: batches per epoch (0: as many as one pass over the training images)")
+    p.add_argument("--jitter", type=float, default=0.1,
                    help="augmentation: per-image gain 1±J and offset ±J on the normalised input (0: off)")
-    p.add_argument("--zoom", type=float, default=1.0, metavar="Z",
+    p.add_argument("--zoom", type=float, default=2.0, metavar="Z",
                    help="with --crop: cut windows at a scale drawn log-uniformly from [1/Z, Z] (1: off)")
-    p.add_argument("--multiscale", type=int, nargs="+", default=(), metavar="K",
+    p.add_argument("--multiscale", type=int, nargs="*", default=[2], metavar="K",
                    help="also run the network on the input shrunk K times (area) and keep the pixel-wise maximum of "
                         "the masks scaled back (validated and exported so; K: integers >= 2, input/K a multiple of 32)")
     p.add_argument("--ema", type=float, default=0.0, metavar="M",
                    help="validate and export the exponential moving average of the weights, momentum M per step "
                         "(0: off)")
-    p.add_argument("--keep", choices=("best", "last"), default="best",
+    p.add_argument("--keep", choices=("best", "last"), default="last",
                    help="export the best validation IoU epoch's weights, or the last epoch's")
     p.add_argument("--recompute-bn", action="store_true",
                    help="after training, re-measure the BatchNorm statistics of the kept weights on the whole "
@@ -1027,12 +1089,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-data", action="store_true",
                    help="train on every image, validate on none (needs --keep last): the model shipped after "
                         "cross-validation chose the recipe")
-    p.add_argument("--freeze-epochs", type=int, default=0, metavar="N",
-                   help="with --weights: the pretrained encoder frozen (its BatchNorm too) for the first N epochs")
+    p.add_argument("--freeze-epochs", type=int, metavar="N",
+                   help="with --weights: the pretrained encoder frozen (its BatchNorm too) for the first N epochs "
+                        "(default: 2 with --weights, else 0)")
     p.add_argument("--freeze-bn", action="store_true",
                    help="with --weights: the encoder's BatchNorm layers keep the pretrained statistics (and scale, "
                         "offset) throughout training")
-    p.add_argument("--finetune-lr", type=float, default=1.0, metavar="F",
+    p.add_argument("--finetune-lr", type=float, default=0.5, metavar="F",
                    help="after the frozen epochs the learning rate restarts at F x --lr (cosine to the end)")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop after N epochs, the learning-rate schedule still spanning --epochs (the card "
@@ -1040,12 +1103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eager", action="store_true", help="run eagerly (no graph tracing: for tiny debug runs)")
     g = p.add_argument_group("preprocessing (written to the model card, applied by station at run time)")
     g.add_argument("--colour", choices=("gray", "rgb", "bgr"), default="gray", help="model input colour")
-    g.add_argument("--clahe", type=clahe_arg, default=(2.0, 8), metavar="CLIP,GRID", help="CLAHE parameters")
-    g.add_argument("--no-clahe", action="store_true", help="no contrast op")
+    g.add_argument("--clahe", type=clahe_arg, metavar="CLIP,GRID", help="CLAHE parameters (default: none)")
+    g.add_argument("--no-clahe", action="store_true", help="no contrast op (the default)")
     g.add_argument("--equalize", action="store_true", help="global histogram equalisation instead of CLAHE")
-    g.add_argument("--dilate", type=int, default=3, metavar="K", help="grey dilation kernel, source pixels; 0: none")
+    g.add_argument("--dilate", type=int, default=0, metavar="K", help="grey dilation kernel, source pixels; 0: none")
     g.add_argument("--dilate-shape", choices=("rect", "ellipse"), default="rect")
-    g.add_argument("--resize-mode", choices=("stretch", "letterbox"), default="stretch")
+    g.add_argument("--resize-mode", choices=("stretch", "letterbox"), default="letterbox")
     g.add_argument("--interpolation", choices=("area", "linear", "nearest"), default="area")
     g.add_argument("--pad-value", type=int, default=0, help="letterbox padding gray level (--pad-mode constant)")
     g.add_argument("--pad-mode", choices=("constant", "replicate", "reflect"), default="constant",
@@ -1059,7 +1122,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-description", default="", help="where the data came from (default: folder and count)")
     c.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold")
     c.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (at most {MAX_OPSET})")
+    k = p.add_argument_group("calibration (after training, on the validation images, through station's Inspector)")
+    k.add_argument("--max-escape-rate", type=float, default=0.05,
+                   help="the mask threshold and min_area_px with the fewest false rejects among those letting at "
+                        "most this share of not-PASS parts through are written into the card and eval.json")
+    k.add_argument("--config", type=Path, help="station config whose grading rules calibrate (default: the bundled)")
+    k.add_argument("--no-calibrate", action="store_true", help="keep --threshold; no eval.json")
     return p
+
+
+def _size_arg(values: Sequence[str]) -> tuple[int, int]:
+    if list(values) == ["auto"]:
+        return AUTO_SIZE
+    try:
+        h, w = (int(v) for v in values)
+    except ValueError:
+        raise ExportError(f"--size {' '.join(values)}: expected H W (pixels) or auto") from None
+    return h, w
 
 
 def config_from_args(args: argparse.Namespace, command: str) -> TrainConfig:
@@ -1075,19 +1154,23 @@ def config_from_args(args: argparse.Namespace, command: str) -> TrainConfig:
         pad_mode=args.pad_mode,
         normalize=args.normalize,
     )
+    crop = args.crop or None
+    crop_content = args.crop_content if args.crop_content is not None else bool(crop and
+                                                                                args.resize_mode == "letterbox")
+    freeze = args.freeze_epochs if args.freeze_epochs is not None else (2 if args.weights is not None else 0)
     return TrainConfig(
         data_dir=args.data_dir, out_dir=args.out, preprocess=tuple(preprocess_ops(opts)), groups=args.groups,
-        size=tuple(args.size), alpha=args.alpha,
+        size=_size_arg(args.size), alpha=args.alpha,
         decoder_filters=tuple(args.decoder_filters) if args.decoder_filters else None, dropout=args.dropout,
         weights=args.weights, epochs=args.epochs, batch=args.batch, lr=args.lr, dice_weight=args.dice_weight,
         loss=args.loss, focal_gamma=args.focal_gamma, defect_repeat=args.defect_repeat, jitter=args.jitter,
-        crop=args.crop, crop_defect=args.crop_defect, crop_content=args.crop_content, steps=args.steps,
+        crop=crop, crop_defect=args.crop_defect, crop_content=crop_content, steps=(args.steps or None) if crop else None,
         crop_balance=args.crop_balance, tversky_beta=args.tversky_beta,
         zoom=args.zoom,
         multiscale=tuple(args.multiscale), ema=args.ema, keep=args.keep,
         recompute_bn=args.recompute_bn,
         seed=args.seed, val_fraction=args.val_fraction,
-        folds=args.folds, fold=args.fold, all_data=args.all_data, freeze_epochs=args.freeze_epochs,
+        folds=args.folds, fold=args.fold, all_data=args.all_data, freeze_epochs=freeze,
         finetune_lr=args.finetune_lr, freeze_bn=args.freeze_bn, missing_mask_is_free=args.missing_mask_is_free,
         name=args.name, version=args.version, description=args.description,
         data_description=args.data_description, threshold=args.threshold, opset=args.opset, command=command,
@@ -1103,11 +1186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(args, "python -m export.train " + shlex.join(argv))
         result = train(cfg)
-    except ExportError as exc:
+        log.info("%s: val IoU %.4f (train %.4f)", result.onnx_path,
+                 result.card.training.figures.get("val_iou", math.nan), result.card.training.figures["train_iou"])
+        if not args.no_calibrate and "val_iou" in result.card.training.figures:
+            calibrate(result, cfg, args.config, args.max_escape_rate)
+    except StationError as exc:
         log.error("%s", exc)
         return 2
-    log.info("%s: val IoU %.4f (train %.4f)", result.onnx_path, result.card.training.figures.get("val_iou", math.nan),
-             result.card.training.figures["train_iou"])
     return 0
 
 

@@ -41,6 +41,7 @@ import keras
 from keras import layers
 
 from . import ExportError
+from .card import PIX2PIX_FILTERS, default_decoder_filters  # noqa: F401  (re-exported: the decoder's widths)
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,6 @@ SKIP_LAYERS: tuple[str, ...] = (
 )
 INPUT_NAME = "image"
 OUTPUT_NAME = "mask"
-PIX2PIX_FILTERS: tuple[int, ...] = (512, 256, 128, 64)
-
-
-def default_decoder_filters(alpha: float) -> tuple[int, ...]:
-    """pix2pix's (512, 256, 128, 64) scaled by the encoder's width multiplier,
-    rounded to multiples of 8 (alpha 0.35 → (176, 88, 48, 24))."""
-    return tuple(max(8, int(round(f * alpha / 8.0)) * 8) for f in PIX2PIX_FILTERS)
 
 
 def upsample(filters: int, dropout: float, name: str, momentum: float) -> keras.Sequential:

@@ -49,6 +49,8 @@ def test_score_grades_each_part_as_the_line_would() -> None:
     assert f["escapes"] == 2 and f["escape_rate"] == pytest.approx(2 / 3)
     assert f["false_rejects"] == 1 and f["false_reject_rate"] == pytest.approx(1 / 3)
     assert s["tp"][0] == 400 and s["fn"][1] == 400 and s["fp"][5] == 64
+    # image level: a region found in 1 of the 3 defective frames, in 1 of the 3 good ones (the dust)
+    assert f["image_recall"] == pytest.approx(1 / 3) and f["image_specificity"] == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize(

@@ -409,8 +409,41 @@ def test_balance_and_tversky_options_reach_the_command_line(tmp_path: Path) -> N
     again = config_from_args(build_parser().parse_args(line.split()[3:]), "")
     assert (again.crop_balance, again.tversky_beta) == ("folder", 0.7)
     assert again.preprocess == cfg.preprocess
-    plain = command_of(config_from_args(build_parser().parse_args(argv[:5]), ""))
-    assert "--crop-balance" not in plain and "--tversky-beta" not in plain and "--pad-mode" not in plain
+    plain = command_of(config_from_args(build_parser().parse_args(argv[:3]), ""))
+    assert "--tversky-beta" not in plain and "--pad-mode" not in plain
+
+
+def test_the_command_line_defaults_to_the_pretrained_recipe_and_its_command_reproduces_any_config(
+        tmp_path: Path) -> None:
+    """``python -m export.train DATA --weights W`` is the recipe the shipped U-Net was cross-validated
+    with; the command a card records parses back to the same config, whatever the CLI defaults."""
+    from dataclasses import replace
+
+    from export.card import default_decoder_filters
+    from export.train import AUTO_SIZE, TrainConfig, build_parser, command_of, config_from_args
+
+    weights = tmp_path / "w.weights.h5"
+    cfg = config_from_args(build_parser().parse_args([str(tmp_path), "--out", "run", "--weights", str(weights)]), "")
+    assert (cfg.size, cfg.alpha, cfg.decoder_filters, cfg.crop, cfg.multiscale) == (AUTO_SIZE, 1.0, (128, 64, 48, 32),
+                                                                                    128, (2,))
+    assert (cfg.freeze_epochs, cfg.finetune_lr, cfg.keep, cfg.crop_content, cfg.crop_balance) == (2, 0.5, "last",
+                                                                                                   True, "folder")
+    assert [op.op for op in cfg.preprocess] == ["colour", "resize", "normalize"]  # no CLAHE, no dilation
+    assert config_from_args(build_parser().parse_args([str(tmp_path), "--out", "run"]), "").freeze_epochs == 0
+    # configs built in Python (TrainConfig's own defaults: whole images, no multiscale, best epoch) round-trip
+    for made in (TrainConfig(tmp_path, tmp_path / "run"),
+                 replace(cfg, crop=None, steps=None, crop_content=False, multiscale=(), zoom=1.0, jitter=0.0,
+                         size=(96, 64)),
+                 replace(cfg, crop_content=False, decoder_filters=None, alpha=0.35, weights=None, freeze_epochs=0),
+                 cfg):
+        line = command_of(made)
+        again = config_from_args(build_parser().parse_args(line.split()[3:]), "")
+        assert command_of(again) == line  # a fixed point: the command says everything
+        fields = ("size", "alpha", "crop", "steps", "multiscale", "zoom", "jitter", "keep", "freeze_epochs",
+                  "weights", "crop_content", "preprocess", "epochs", "lr")
+        assert [getattr(again, f) for f in fields] == [getattr(made, f) for f in fields], line
+        assert (again.decoder_filters or default_decoder_filters(again.alpha)) == (
+            made.decoder_filters or default_decoder_filters(made.alpha))
 
 
 def test_crop_content_needs_windows_and_a_letterbox(tmp_path: Path) -> None:
@@ -653,6 +686,7 @@ def test_pretrained_encoder_is_frozen_then_fine_tuned_on_all_data(tiny_run, tmp_
 
     import keras
 
+    from export.onnx_export import read_card
     from export.train import load_served, train
 
     cfg, _ = tiny_run
@@ -677,9 +711,26 @@ def test_pretrained_encoder_is_frozen_then_fine_tuned_on_all_data(tiny_run, tmp_
     assert "val_iou" not in t.figures and t.split.startswith("all 16 images train")
     assert "--all-data --freeze-epochs 1 --finetune-lr 1" in t.command and "--weights" in t.command
 
-    tuned_cfg = replace(frozen_cfg, out_dir=tmp_path / "tuned", stop_after=None, finetune_lr=0.5)
-    tuned = train(tuned_cfg)
-    assert len(tuned.history) == 2 and len(changed_layers(tuned_cfg)) > 100
+    # The one command of a user with their own data: the pretrained recipe (here shrunk), a grouped
+    # split, the threshold calibrated on the validation images under the escape budget, eval.json.
+    from export.train import main
+
+    run = tmp_path / "tuned"
+    assert main([str(cfg.data_dir), "--out", str(run), "--weights", str(weights), "--groups",
+                 str(cfg.groups), "--alpha", "0.35", "--size", "64", "64", "--crop", "32", "--steps", "2",
+                 "--epochs", "2", "--freeze-epochs", "1", "--batch", "8", "--multiscale", "--eager",
+                 "--val-fraction", "0.5", "--max-escape-rate", "0.5"]) == 0
+    tuned_cfg = replace(frozen_cfg, out_dir=run, decoder_filters=(128, 64, 48, 32))  # the command line's
+    assert len(changed_layers(tuned_cfg)) > 100
+    report = json.loads((run / "eval.json").read_text())
+    card = read_card(run / "model.onnx")
+    assert card.output.threshold == report["chosen"]["threshold"]
+    for key in ("escape_rate", "false_reject_rate", "image_recall"):
+        value = report["pooled"][key]
+        assert card.training.figures.get(f"val_{key}") == (None if value is None else round(value, 4))
+    assert report["pooled"]["truly_defective"] + report["pooled"]["truly_pass"] == report["pooled"]["images"]
+    assert report["pooled"]["images"] == len(json.loads((run / "split.json").read_text())["val"])
+    assert "by group" in card.training.split and "eval.json" in card.training.evaluated_by
 
     with pytest.raises(ExportError, match="--freeze-epochs: only with --weights"):
         train(replace(frozen_cfg, weights=None))
