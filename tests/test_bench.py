@@ -16,10 +16,25 @@ from test_priority import FIFO_REFUSED, NICE_REFUSED
 from station.cli import main
 
 
+def _shorter_probes(monkeypatch, wake: bool = True) -> None:
+    """The bench's fixed probes on fewer samples, for tests that check a setting or that a figure is
+    written, not its value: the same functions, 30 thread wake-ups instead of 300 (``wake``), 500
+    results through the outbox and through the broker instead of 5,000 (together about 4 s a bench)."""
+    from functools import partial
+
+    from station import bench
+
+    if wake:
+        monkeypatch.setattr(bench, "wake_latency", partial(bench.wake_latency, n=30))
+    monkeypatch.setattr(bench, "outbox_throughput", partial(bench.outbox_throughput, n=500))
+    monkeypatch.setattr(bench, "publisher_throughput", partial(bench.publisher_throughput, n=500))
+
+
 @pytest.mark.skipif(not have_mosquitto(), reason="mosquitto binary not installed")
-def test_bench_writes_every_figure(tmp_path, capsys):
+def test_bench_writes_every_figure(tmp_path, capsys, monkeypatch):
+    _shorter_probes(monkeypatch, wake=False)  # the wake-up probe's sample count is checked below
     out = tmp_path / "bench.json"
-    assert main(["bench", "--frames", "40", "--latency-frames", "10", "--latency-load", "0.8", "0.5",
+    assert main(["bench", "--frames", "20", "--latency-frames", "10", "--latency-load", "0.8", "0.5",
                  "--size", "240", "320", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     for key in ("host", "bare", "pipeline", "latency", "outbox", "ratios", "targets"):
@@ -145,12 +160,14 @@ def test_other_processes_cpu_counts_every_process_but_the_bench_and_its_broker()
     assert _host_figures(None, a) == {"host_steal_pct": None, "others_cpu_pct": None}
 
 
-def _short_bench(tmp_path, config: str) -> dict:
-    """The report of a 40-frame bench of the demo model under ``config`` (YAML text)."""
+def _short_bench(tmp_path, monkeypatch, config: str) -> dict:
+    """The report of a 20-frame bench (the least it takes) of the demo model under ``config`` (YAML
+    text), its probes shortened."""
+    _shorter_probes(monkeypatch)
     cfg = tmp_path / "bench.yaml"
     cfg.write_text(config)
     out = tmp_path / "bench.json"
-    assert main(["bench", "-c", str(cfg), "--frames", "40", "--latency-frames", "10", "--size", "240", "320",
+    assert main(["bench", "-c", str(cfg), "--frames", "20", "--latency-frames", "10", "--size", "240", "320",
                  "--json", str(out)]) == 0
     return json.loads(out.read_text())
 
@@ -167,7 +184,7 @@ def test_bench_says_whether_the_models_ran_under_sched_fifo(tmp_path, capsys, mo
             raise PermissionError(1, "Operation not permitted")
 
         monkeypatch.setattr(os, "sched_setscheduler", refuse)
-    report = _short_bench(tmp_path, "run: {realtime_inference: 3}\n")
+    report = _short_bench(tmp_path, monkeypatch, "run: {realtime_inference: 3}\n")
     assert report["machine"]["realtime_inference"] == 3
     assert report["bare"]["realtime"] is allowed
     # run.nice_non_inference unset: the rest stays at the process's priority once FIFO is granted
@@ -182,11 +199,11 @@ def test_bench_says_whether_the_models_ran_under_sched_fifo(tmp_path, capsys, mo
 @pytest.mark.skipif(not have_mosquitto(), reason="mosquitto binary not installed")
 @pytest.mark.skipif(FIFO_REFUSED is not None, reason=str(FIFO_REFUSED))
 @pytest.mark.skipif(NICE_REFUSED is not None, reason=str(NICE_REFUSED))
-def test_bench_runs_the_first_model_at_infer_nice_without_resting(tmp_path, capsys):
+def test_bench_runs_the_first_model_at_infer_nice_without_resting(tmp_path, capsys, monkeypatch):
     """run.infer_nice: the bare runs' first model runs under the ordinary policy at that nice
     value, as the infer thread does, so they need no rest against the kernel's real-time limit
     (bare.realtime false); the report names the setting."""
-    report = _short_bench(tmp_path, "run: {realtime_inference: 3, infer_nice: -4}\n")
+    report = _short_bench(tmp_path, monkeypatch, "run: {realtime_inference: 3, infer_nice: -4}\n")
     assert report["machine"]["infer_nice"] == -4 and report["bare"]["realtime"] is False
     assert "infer thread at nice -4, other models under SCHED_FIFO 3" in capsys.readouterr().out
 
@@ -206,13 +223,14 @@ def test_bench_keeps_its_broker_and_the_helper_off_the_infer_cpu(tmp_path, capsy
         return real(pid, cpus)
 
     monkeypatch.setattr(os, "sched_setaffinity", recording)
+    _shorter_probes(monkeypatch)
     cfg = tmp_path / "bench.yaml"
     models = Path(__file__).resolve().parents[1] / "models"
     cfg.write_text(f"models: {{segmentation: {models / 'magnetic_tile_unet.onnx'}, "
                    f"detection: {models / 'neu_det_detector.onnx'}}}\n"
                    f"inference: {{parallel_models: true}}\nrun: {{infer_cpu: {cpu}}}\n")
     out = tmp_path / "bench.json"
-    assert main(["bench", "-c", str(cfg), "--frames", "40", "--latency-frames", "10", "--size", "96", "128",
+    assert main(["bench", "-c", str(cfg), "--frames", "20", "--latency-frames", "10", "--size", "96", "128",
                  "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["machine"]["infer_cpu"] == cpu

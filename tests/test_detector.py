@@ -8,8 +8,9 @@ Tests marked ``slow`` import TensorFlow."""
 from __future__ import annotations
 
 import csv
-import shlex
 import json
+import shlex
+import shutil
 from pathlib import Path
 
 import cv2
@@ -235,17 +236,41 @@ def test_encode_targets_assigns_boxes_to_levels_by_size() -> None:
             check_strides(bad)
 
 
-@pytest.mark.slow
-def test_three_level_detector_decodes_each_level_and_exports(tmp_path: Path) -> None:
+THREE_LEVELS = (8, 16, 32)
+
+
+@pytest.fixture(scope="module")
+def three_level_model():
+    """A tiny three-level detector (64 x 96) after four steps of training towards an off-centre
+    box and the whole input (positive cells on the stride-8 and stride-16 levels), so that its
+    outputs depend on where things are: (model, inputs, targets, loss, the four losses). Shared
+    by the decoding / export test and the test-time flip test, which only read it.
+    The steps run eagerly: tracing Keras' training step costs more than these few steps."""
     import keras
 
-    from export.detector import DecodeNms, build_detector, build_inference, cell_grid, encode_targets, make_loss
+    from export.detector import build_detector, encode_targets, make_loss
+
+    keras.utils.set_random_seed(1)
+    model = build_detector((64, 96, 1), 2, alpha=0.35, width=16, head_depth=1, strides=THREE_LEVELS)
+    x = np.random.default_rng(1).normal(0, 0.5, (2, 64, 96, 1)).astype(np.float32)
+    boxes = np.array([[4, 6, 40, 30], [0, 0, 96, 64]], np.float32)
+    y = np.stack([encode_targets(boxes, np.array([1, 0]), 64, 96, 2, THREE_LEVELS)] * 2)
+    loss = make_loss(2, 64, 96, strides=THREE_LEVELS)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss, run_eagerly=True)
+    losses = [float(model.train_on_batch(x, y)) for _ in range(4)]
+    return model, x, y, loss, losses
+
+
+@pytest.mark.slow
+def test_three_level_detector_decodes_each_level_and_exports(three_level_model, tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    from export.detector import DecodeNms, build_inference, cell_grid
     from export.onnx_export import export_model
     from station.infer import OnnxModel
 
-    keras.utils.set_random_seed(0)
-    model = build_detector((64, 64, 1), 2, alpha=0.35, width=16, head_depth=1, strides=(8, 16, 32))
-    assert model.output.shape[1:] == (64 + 16 + 4, 2 + 5)
+    model, x, y, loss, losses = three_level_model
+    assert model.output.shape[1:] == (96 + 24 + 6, 2 + 5)
     # a stride-16 cell's distances are in units of 16 px, a stride-32 cell's of 32 px
     cx, cy, stride = cell_grid(64, 64, (8, 16, 32))
     raw = np.full((1, 84, 7), -20.0, np.float32)
@@ -260,20 +285,19 @@ def test_three_level_detector_decodes_each_level_and_exports(tmp_path: Path) -> 
                    for x, y, s in ((cx[69], cy[69], 16), (cx[83], cy[83], 32))])
     np.testing.assert_allclose(got, want, atol=1e-6)
 
-    # the loss of targets on every level is finite and falls with one step of training
-    x = np.random.default_rng(0).normal(0, 0.5, (4, 64, 64, 1)).astype(np.float32)
-    y = np.stack([encode_targets(np.array([[4, 4, 60, 60], [30, 30, 38, 38]], np.float32), np.array([0, 1]), 64, 64,
-                                 2, (8, 16, 32))] * 4)
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=make_loss(2, 64, 64, strides=(8, 16, 32)))
-    first = model.train_on_batch(x, y)
-    for _ in range(5):
-        last = model.train_on_batch(x, y)
-    assert np.isfinite(first) and last < first
+    # the targets are on two levels; their loss is finite and falls with training
+    pos = y[0, :, -1] > 0
+    assert set(cell_grid(64, 96, THREE_LEVELS)[2][pos]) == {8, 16}
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    # the loss traces into a graph (as Keras' compiled training step runs it) to the eager value
+    out = model(x, training=False)
+    assert float(tf.function(lambda t, p: loss(t, p))(tf.constant(y), out)) == pytest.approx(float(loss(y, out)),
+                                                                                            rel=1e-5)
 
     with pytest.raises(ExportError, match="cells"):
         build_inference(model, 2, strides=(8,))
-    infer = build_inference(model, 2, score_threshold=0.001, strides=(8, 16, 32))
-    card = export_model(infer, _card(), tmp_path / "det3.onnx", x[:2])
+    infer = build_inference(model, 2, score_threshold=0.001, strides=THREE_LEVELS)
+    card = export_model(infer, _card((64, 96)), tmp_path / "det3.onnx", x)
     assert card.export.parity["count_agreement"] == 1.0 and card.export.parity["detection_match"] > 0.99
     outs = OnnxModel(tmp_path / "det3.onnx", providers=("cpu",)).run(x[:1])
     assert outs["boxes"].shape == (1, 100, 4) and int(outs["count"][0]) > 0
@@ -330,22 +354,16 @@ def test_iou_quality_target_is_the_predicted_box_iou() -> None:
 
 
 @pytest.mark.slow
-def test_test_time_flips_mirror_back_and_export(tmp_path: Path) -> None:
+def test_test_time_flips_mirror_back_and_export(three_level_model, tmp_path: Path) -> None:
     import keras
 
-    from export.detector import FlipImage, UnflipCells, build_detector, build_inference, encode_targets, make_loss
+    from export.detector import FlipImage, UnflipCells, build_inference
     from export.onnx_export import export_model
     from station.infer import OnnxModel
 
-    keras.utils.set_random_seed(1)
-    strides = (8, 16, 32)
-    model = build_detector((64, 96, 1), 2, alpha=0.35, width=16, head_depth=1, strides=strides)
-    x = np.random.default_rng(1).normal(0, 0.5, (2, 64, 96, 1)).astype(np.float32)
-    # a few steps towards one off-centre box, so that the outputs depend on where things are
-    y = np.stack([encode_targets(np.array([[4, 6, 40, 30]], np.float32), np.array([1]), 64, 96, 2, strides)] * 2)
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=make_loss(2, 64, 96, strides=strides))
-    for _ in range(5):
-        model.train_on_batch(x, y)
+    strides = THREE_LEVELS
+    # trained a few steps towards an off-centre box: its outputs depend on where things are
+    model, x, _, _, _ = three_level_model
     # a raw output of a mirrored image, mirrored back, is that of the image: each level's grid, and l↔r / t↔b
     raw = np.random.default_rng(2).normal(0, 1, (1, 8 * 12 + 4 * 6 + 2 * 3, 7)).astype(np.float32)
     level8 = raw[0, :96].reshape(8, 12, 7)
@@ -362,12 +380,13 @@ def test_test_time_flips_mirror_back_and_export(tmp_path: Path) -> None:
     def plain(t):
         return model(t, training=False)
 
+    averaged_x, plain_x = np.asarray(averaged(x)), np.asarray(plain(x))
     for flip in ("h", "v", "hv"):
         mirrored_x = np.asarray(FlipImage(flip)(x))
         unflip = UnflipCells(64, 96, 2, strides, flip)
-        np.testing.assert_allclose(np.asarray(unflip(averaged(mirrored_x))), np.asarray(averaged(x)), atol=1e-4)
+        np.testing.assert_allclose(np.asarray(unflip(averaged(mirrored_x))), averaged_x, atol=1e-4)
         # the model alone is not (so the check above can fail)
-        assert np.abs(np.asarray(unflip(plain(mirrored_x))) - np.asarray(plain(x))).max() > 1e-2
+        assert np.abs(np.asarray(unflip(plain(mirrored_x))) - plain_x).max() > 1e-2
     n = int(np.asarray(infer(x[:1])[3])[0])
     card = export_model(infer, _card((64, 96)), tmp_path / "tta.onnx", x)
     assert card.export.parity["count_agreement"] == 1.0 and card.export.parity["detection_match"] > 0.99
@@ -382,8 +401,9 @@ def tiny_det_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tinydet")
     data = write_voc_dataset(root / "data", 12)
+    # batch 9: the 9 training images make one (eager, slow) step an epoch
     cfg = DetTrainConfig(data_dir=data, out_dir=root / "run", size=(64, 64), alpha=0.35, width=16, head_depth=1,
-                         epochs=2, batch=6, seed=3, val_fraction=0.25, score_threshold=0.001, name="tinydet",
+                         epochs=2, batch=9, seed=3, val_fraction=0.25, score_threshold=0.001, name="tinydet",
                          eager=True, parity_count=3, crop_min=0.6, jitter=0.1, keep="last", tta=("h",))
     return cfg, train(cfg)
 
@@ -477,8 +497,6 @@ def test_neu_det_recipe_is_the_command_on_its_card() -> None:
 
 @pytest.mark.slow
 def test_neu_det_eval_writes_reports_and_card_figures(tiny_det_run, tmp_path: Path, caplog) -> None:
-    import shutil
-
     from export.neu_det import main
     from export.onnx_export import read_card
 
@@ -516,8 +534,17 @@ def _save_recipe_weights(path: Path) -> None:
     model.save_weights(path)
 
 
+@pytest.fixture(scope="module")
+def recipe_weights(tmp_path_factory) -> Path:
+    """:func:`_save_recipe_weights` once for the tests of the commands that read a run's weights."""
+    path = tmp_path_factory.mktemp("recipe") / "last.weights.h5"
+    _save_recipe_weights(path)
+    return path
+
+
 @pytest.mark.slow
-def test_neu_det_export_ships_a_runs_last_weights_under_the_recipe(tmp_path: Path, monkeypatch, caplog) -> None:
+def test_neu_det_export_ships_a_runs_last_weights_under_the_recipe(recipe_weights, tmp_path: Path, monkeypatch,
+                                                                  caplog) -> None:
     """`python -m export.neu_det export`: no training; the run's last weights in the recipe's
     graph (its test-time flips, its NMS), copied to models/ with the recipe's train command on
     the card."""
@@ -530,7 +557,7 @@ def test_neu_det_export_ships_a_runs_last_weights_under_the_recipe(tmp_path: Pat
     monkeypatch.chdir(tmp_path)
     assert main(["export", "--data", str(data), "--run", str(run)]) == 2
     assert f"{run / 'last.weights.h5'}: no weights; train first" in caplog.text
-    _save_recipe_weights(run / "last.weights.h5")
+    shutil.copyfile(recipe_weights, run / "last.weights.h5")
     assert main(["export", "--data", str(data), "--run", str(run)]) == 0
     card = read_card(tmp_path / MODEL_PATH)
     assert card.training.command.startswith(f"python -m export.neu_det train --data {data} --run {run}")
@@ -540,7 +567,7 @@ def test_neu_det_export_ships_a_runs_last_weights_under_the_recipe(tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_neu_det_tta_compares_flip_sets_on_the_training_side(tmp_path: Path, caplog) -> None:
+def test_neu_det_tta_compares_flip_sets_on_the_training_side(recipe_weights, tmp_path: Path, caplog) -> None:
     """`python -m export.neu_det tta`: the recipe's model with a run's last weights, each flip set
     of TTA_CHOICES scored on the split's training images (never its validation ones)."""
     import logging
@@ -557,7 +584,7 @@ def test_neu_det_tta_compares_flip_sets_on_the_training_side(tmp_path: Path, cap
     run.mkdir()
     assert main(["tta", "--data", str(data), "--run", str(run), "--split", str(split)]) == 2
     assert f"{run / 'last.weights.h5'}: no weights; train first" in caplog.text
-    _save_recipe_weights(run / "last.weights.h5")
+    shutil.copyfile(recipe_weights, run / "last.weights.h5")
     caplog.clear()
     assert main(["tta", "--data", str(data), "--run", str(run), "--split", str(split)]) == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training split")]

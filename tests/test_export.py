@@ -459,22 +459,30 @@ def test_crop_content_needs_windows_and_a_letterbox(tmp_path: Path) -> None:
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before any output
 
 
-@pytest.mark.slow
-def test_crop_training_validates_and_exports_at_the_input_size(tiny_run, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def crop_run(tiny_run, tmp_path_factory: pytest.TempPathFactory):
+    """One crop-training run of the tiny U-Net with the crop recipe's options together (zoomed
+    windows, the multi-scale served network, a weight EMA, the last epoch kept, BatchNorm
+    re-measured), as the shipped recipe combines them: (config, result), for the two tests below."""
     from dataclasses import replace
 
     from export.train import train
 
     cfg, _ = tiny_run
-    crop_cfg = replace(cfg, out_dir=tmp_path / "crop", crop=32, crop_defect=0.5, steps=2, epochs=2, zoom=1.5,
-                       ema=0.9, keep="last", recompute_bn=True)
-    result = train(crop_cfg)
+    crop_cfg = replace(cfg, out_dir=tmp_path_factory.mktemp("crop") / "run", crop=32, crop_defect=0.5, steps=2,
+                       epochs=2, zoom=2.0, multiscale=(2,), ema=0.9, keep="last", recompute_bn=True)
+    return crop_cfg, train(crop_cfg)
+
+
+@pytest.mark.slow
+def test_crop_training_validates_and_exports_at_the_input_size(crop_run) -> None:
+    crop_cfg, result = crop_run
     assert result.card.input.height == result.card.input.width == 64
     assert len(result.history) == 2 and all(0.0 <= row["val_iou"] <= 1.0 for row in result.history)
-    assert result.best_epoch == 2 and (tmp_path / "crop" / "last.weights.h5").is_file()
+    assert result.best_epoch == 2 and (crop_cfg.out_dir / "last.weights.h5").is_file()
     training = result.card.training
-    assert "--crop 32 --crop-defect 0.5 --steps 2" in training.command
-    assert "--zoom 1.5 --ema 0.9 --keep last --recompute-bn" in training.command
+    assert "--crop 32 --crop-defect 0.5 --crop-balance image --no-crop-content --steps 2" in training.command
+    assert "--zoom 2 --multiscale 2 --ema 0.9 --keep last --recompute-bn" in training.command
     assert "last epoch's weights" in training.evaluated_by and "moving average" in training.evaluated_by
     assert "BatchNorm statistics re-measured" in training.evaluated_by and "val_iou_before_bn" in training.figures
     import onnxruntime as ort
@@ -484,7 +492,7 @@ def test_crop_training_validates_and_exports_at_the_input_size(tiny_run, tmp_pat
 
 
 @pytest.mark.slow
-def test_multiscale_network_is_the_maximum_of_its_scales_and_exports_so(tiny_run, tmp_path: Path) -> None:
+def test_multiscale_network_is_the_maximum_of_its_scales_and_exports_so(crop_run) -> None:
     from dataclasses import replace
 
     import onnxruntime as ort
@@ -492,15 +500,13 @@ def test_multiscale_network_is_the_maximum_of_its_scales_and_exports_so(tiny_run
 
     from export.train import build_network, load_served, train
 
-    cfg, _ = tiny_run
-    ms_cfg = replace(cfg, out_dir=tmp_path / "ms", crop=32, crop_defect=0.5, steps=2, epochs=2, zoom=2.0,
-                     multiscale=(2,))
-    result = train(ms_cfg)
+    ms_cfg, result = crop_run
     assert "--zoom 2 --multiscale 2" in result.card.training.command
-    # the checkpoint is the plain U-Net's; the served network is rebuilt from it
+    # the checkpoint (the exported weights) is the plain U-Net's; the served network is rebuilt from it
+    weights = ms_cfg.out_dir / "last.weights.h5"
     plain = build_network(ms_cfg, 1, 1, 64, 64)
-    plain.load_weights(tmp_path / "ms" / "best.weights.h5")
-    served = load_served(ms_cfg, 1, 1, tmp_path / "ms" / "best.weights.h5")
+    plain.load_weights(weights)
+    served = load_served(ms_cfg, 1, 1, weights)
     half = build_network(ms_cfg, 1, 1, 32, 32)
     half.set_weights(plain.get_weights())
     x = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 1)).astype(np.float32)

@@ -457,7 +457,8 @@ def test_reload_refuses_a_corrupt_model_and_keeps_the_running_one(tmp_path, proc
 
 def test_short_soak_reports_flat_resources(tmp_path):
     out, plot = tmp_path / "soak.json", tmp_path / "soak.png"
-    run = subprocess.run([sys.executable, "-m", "station.soak", "--minutes", "0.33", "--interval", "2", "--warmup", "8",
+    # 12 s: the daemon is steady (every thread and fd open, results flowing) about 3 s after its start
+    run = subprocess.run([sys.executable, "-m", "station.soak", "--minutes", "0.2", "--interval", "1.5", "--warmup", "6",
                           "--out", str(out), "--plot", str(plot), "--workdir", str(tmp_path / "work"), "-q"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
