@@ -623,10 +623,39 @@ def format_validation_error(exc: ValidationError, where: str, lines: dict[tuple,
     return "\n".join(msgs)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; a larger file is a mistake or an attack
+MAX_CONFIG_VALUES = 20_000  # keys, values and list items, aliases counted each time they are used
+
+
+def _check_expanded_size(root: yaml.Node, where: str) -> None:
+    """Refuse a document whose values, with every alias expanded, exceed MAX_CONFIG_VALUES
+    (nested aliases — "billion laughs" — expand exponentially in whatever walks them).
+    Stops counting at the limit, so it costs at most that many steps."""
+    stack, count = [root], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{where}:{node.start_mark.line + 1}: more than {MAX_CONFIG_VALUES} values once YAML "
+                              "aliases are expanded: refused (nested aliases?)")
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack += (key, value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
+
+
 def parse_config(text: str, where: str = "<config>", base_dir: Path | None = None) -> StationConfig:
-    """Parse YAML text into a StationConfig; ConfigError names where, line and field."""
+    """Parse YAML text into a StationConfig; ConfigError names where, line and field.
+
+    Bounded: a text over MAX_CONFIG_BYTES, or a document over MAX_CONFIG_VALUES values
+    with its aliases expanded, is refused before anything walks it."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: {len(text)} characters: a config is at most {MAX_CONFIG_BYTES} (refused unread)")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            _check_expanded_size(root, where)
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -643,6 +672,12 @@ def parse_config(text: str, where: str = "<config>", base_dir: Path | None = Non
         cfg = StationConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, where, lines, data)) from exc
+    # `run` builds the ISA-95 topics from the station id unless a prefix is given: refuse here
+    # what it would refuse there.
+    if cfg.mqtt is not None and cfg.mqtt.topic_prefix is None and not re.match(_TOPIC_LEVEL, cfg.station.id):
+        id_line = lines.get(("station", "id"))
+        raise ConfigError(f"{where}{f':{id_line}' if id_line else ''}: station.id: {cfg.station.id!r} cannot be an MQTT "
+                          "topic level (no '/', '+', '#'); change it or set mqtt.topic_prefix")
     if base_dir is not None:
         cfg = resolve_paths(cfg, base_dir)
     return cfg
@@ -686,6 +721,9 @@ def load_config(path: str | Path | None) -> StationConfig:
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG
     try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size} bytes: a config is at most {MAX_CONFIG_BYTES} (refused unread)")
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from exc

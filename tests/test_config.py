@@ -38,12 +38,40 @@ def test_bundled_default_loads():
         ("models:\n  segmentation: []\n", "x.yaml:2: models.segmentation: Value error, an empty list"),
         ("models:\n  segmentation: [a.onnx, a.onnx]\n", "x.yaml:2: models.segmentation: Value error, a file is listed twice"),
         ("postprocess:\n  mask_threshold: 1.0\n", "x.yaml:2: postprocess.mask_threshold: Input should be less than 1"),
+        # what `run` would refuse, refused by check-config too: a station id that cannot be a topic level
+        ("mqtt: {host: 127.0.0.1}\nstation:\n  id: 'cam#1'\n", "x.yaml:3: station.id: 'cam#1' cannot be an MQTT topic"),
+        ("station: {id: a/b}\nmqtt: {host: 127.0.0.1}\n", "x.yaml:1: station.id: 'a/b' cannot be an MQTT topic"),
+        # nested aliases ("billion laughs"): refused before anything expands them
+        ("".join(f"{k}: &{k} [" + ", ".join([f"*{p}"] * 9 if p else ["x"] * 9) + "]\n"
+                 for p, k in zip([None, "a", "b", "c", "d", "e", "f"], "abcdefg")),
+         "x.yaml:1: more than 20000 values once YAML aliases are expanded"),
+        ("station: {id: " + "x" * (1 << 20) + "}\n", "x.yaml: 1048592 characters: a config is at most 1048576"),
     ],
 )
 def test_errors_name_file_line_field(text, expected):
     with pytest.raises(ConfigError) as info:
         parse_config(text, "x.yaml")
     assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_a_station_id_with_a_topic_prefix_may_hold_any_character():
+    cfg = parse_config("station: {id: 'cam#1'}\nmqtt: {host: 127.0.0.1, topic_prefix: plant/line1/cam1}\n", "x.yaml")
+    assert cfg.station.id == "cam#1"
+
+
+def test_an_alias_bomb_or_a_huge_file_is_refused_at_once(tmp_path):
+    import time
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("".join(f"{k}: &{k} [" + ", ".join([f"*{p}"] * 9 if p else ["lol"] * 9) + "]\n"
+                            for p, k in zip([None, *"abcdefgh"], "abcdefghi")))
+    huge = tmp_path / "huge.yaml"
+    huge.write_bytes(b"#" * (2 << 20))
+    for path, message in ((bomb, "aliases are expanded"), (huge, "2097152 bytes: a config is at most")):
+        t0 = time.perf_counter()
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
+        assert time.perf_counter() - t0 < 1.0
 
 
 def test_every_error_is_reported():
