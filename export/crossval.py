@@ -67,7 +67,7 @@ from .data import read_split_file
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7)
-DEFAULT_MIN_AREAS = (0, 16, 32, 64, 100, 150)
+DEFAULT_MIN_AREAS = (0, 32, 64, 100, 150, 250, 400)
 MAX_ESCAPE_RATE = 0.05
 
 

@@ -181,9 +181,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{report['command']}: {len(report['per_fold'])}-fold cross-validation grouped by physical tile, "
                 f"each image predicted by the fold model that never saw its tile (station's Inspector, "
                 f"{report['config']}); mask threshold {chosen['threshold']:g} and min_area_px "
-                f"{chosen['min_area_px']} chosen on those predictions for the fewest false rejects with an escape "
-                f"rate <= {report['max_escape_rate']:g}; oof_* pooled over all images, cv_*_mean/_sd over the "
-                f"folds; train_iou: this model on its own training images (Keras, at 0.5)"),
+                f"{chosen['min_area_px']} chosen on those predictions: "
+                + (f"the fewest false rejects with an escape rate <= {report['max_escape_rate']:g}"
+                   if report.get("budget_met", True) else
+                   f"no pair had an escape rate <= {report['max_escape_rate']:g}, so the fewest escapes")
+                + "; oof_* pooled over all images, cv_*_mean/_sd over the "
+                "folds; train_iou: this model on its own training images (Keras, at 0.5)"),
         }),
     })
     embed_card_file(result.onnx_path, card)
