@@ -627,7 +627,7 @@ def _check(cfg: TrainConfig) -> None:
         raise ExportError("--all-data: keeps the last epoch (--keep last), with no validation side (no --folds)")
     if cfg.folds and not 0 <= cfg.fold < cfg.folds:
         raise ExportError(f"--fold {cfg.fold}: must be between 0 and {cfg.folds - 1} (--folds {cfg.folds})")
-    if cfg.freeze_epochs < 0 or cfg.freeze_epochs >= cfg.epochs and cfg.freeze_epochs:
+    if not (cfg.freeze_epochs == 0 or 0 < cfg.freeze_epochs < cfg.epochs):
         raise ExportError(f"--freeze-epochs {cfg.freeze_epochs}: must be in [0, --epochs {cfg.epochs})")
     if cfg.freeze_epochs and cfg.weights is None:
         raise ExportError("--freeze-epochs: only with --weights (a random encoder is not worth freezing)")
