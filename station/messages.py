@@ -96,6 +96,27 @@ def result_record(result: InspectionResult, include_mask: bool = False) -> dict:
     return record
 
 
+def text(value: str | bytes) -> str:
+    """Any file name, payload or message → text that encodes as valid UTF-8.
+
+    Bytes that are not UTF-8 (a file name from another code page, a binary
+    trigger payload) and the lone surrogates ``os.fsdecode`` makes of them are
+    written as ``\\xNN`` escapes, so a record names what arrived and stays
+    valid JSON for every consumer."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            value = value.encode("utf-8", "surrogateescape" if _only_escapes(value) else "surrogatepass")
+    return bytes(value).decode("utf-8", "backslashreplace")
+
+
+def _only_escapes(value: str) -> bool:
+    """Whether every surrogate in ``value`` is one of surrogateescape's (U+DC80–U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in value)
+
+
 def error_record(source: str, error: str, seq: int = 0, station_id: str | None = None, part_id: str | None = None) -> dict:
     """A frame or file that could not be inspected: no grade, the reason in ``error``."""
     return {
