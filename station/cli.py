@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .errors import StationError
+from .errors import ConfigError, StationError
 
 log = logging.getLogger("station")
 
@@ -90,9 +90,15 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from .config import load_config
     from .pipeline import open_models
+    from .preflight import problems_for_run
 
     args.config = args.config or args.config_option
     cfg = load_config(args.config)
+    problems = problems_for_run(cfg, camera_optional=True)
+    if cfg.camera is None:  # a config for replay: the rest is checked as run would check it
+        print(f"{args.config}: no camera section: fit for `station replay`; `station run` needs one")
+    if problems:
+        raise ConfigError(f"{args.config}: `station run` refuses it:\n  " + "\n  ".join(problems))
     if not args.no_models:
         models = open_models(cfg)
         for role, m in models.items():

@@ -28,7 +28,8 @@ class _Strict(BaseModel):
 
 
 class StationInfo(_Strict):
-    id: str = Field("station-1", min_length=1, description="station identifier, in every result")
+    id: str = Field("station-1", min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$",
+                    description="station identifier, in every result (printable text, at most 128 characters)")
 
 
 _SHA256 = r"^[0-9a-fA-F]{64}$"
@@ -645,6 +646,26 @@ def _check_expanded_size(root: yaml.Node, where: str) -> None:
             stack += node.value
 
 
+MAX_CONFIG_DEPTH = 32  # sections nest 3-4 deep; YAML's composer recurses once per level
+_OPENS = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+          yaml.FlowSequenceStartToken)
+_CLOSES = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
+def _check_depth(text: str, where: str) -> None:
+    """Refuse a document nested deeper than MAX_CONFIG_DEPTH, from its tokens (the
+    scanner does not recurse), before the composer would recurse into it."""
+    depth = 0
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(token, _OPENS):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                raise ConfigError(f"{where}:{token.start_mark.line + 1}: nested more than {MAX_CONFIG_DEPTH} levels "
+                                  "deep: refused")
+        elif isinstance(token, _CLOSES):
+            depth -= 1
+
+
 def parse_config(text: str, where: str = "<config>", base_dir: Path | None = None) -> StationConfig:
     """Parse YAML text into a StationConfig; ConfigError names where, line and field.
 
@@ -653,6 +674,7 @@ def parse_config(text: str, where: str = "<config>", base_dir: Path | None = Non
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{where}: {len(text)} characters: a config is at most {MAX_CONFIG_BYTES} (refused unread)")
     try:
+        _check_depth(text, where)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         if root is not None:
             _check_expanded_size(root, where)

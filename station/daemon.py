@@ -57,6 +57,7 @@ from .messages import error_record, result_record, stats_record, topics_for
 from .metrics import Metrics, MetricsServer
 from .outbox import Outbox, OutboxFull
 from .pipeline import Inspector, ParallelInfer, Work, open_models
+from .preflight import check_for_run
 from .priority import (adopt_opencv_pool, infer_policy_this_thread, lower_this_thread, non_inference_increment,
                        pin_this_thread, split_cpus)
 from .publish import MqttPublisher
@@ -299,8 +300,7 @@ class Daemon:
 
     def __init__(self, cfg: StationConfig, config_path: Path | None = None, state_dir: Path | None = None,
                  sink: Callable[[dict], None] | None = None):
-        if cfg.camera is None:
-            raise StationError("camera: section missing: `station run` needs a frame source")
+        check_for_run(cfg, str(config_path) if config_path is not None else "config")
         self.cfg = cfg
         self.config_path = config_path
         self.state_dir = state_dir or cfg.run.state_dir or _env_state_dir()
@@ -310,6 +310,7 @@ class Daemon:
         self.nice_non_inference = non_inference_increment(cfg.run.nice_non_inference, cfg.run.realtime_inference)
         # run.infer_cpu: (the infer thread's CPUs, every other thread's), or None.
         self.cpus = split_cpus(cfg.run.infer_cpu)
+        assert cfg.camera is not None  # check_for_run refused a config without one
         self.source: LiveSource = make_source(cfg.camera)
         self.queue = FrameQueue(cfg.run.queue_size, cfg.run.overflow)
         self.trigger = Trigger(cfg)
@@ -321,6 +322,7 @@ class Daemon:
         self._busy: dict[str, float | None] = {}
         self._abort = threading.Event()  # set when the stop deadline passed with parts in the pipeline
         self._reload = threading.Event()
+        self._reloading: threading.Thread | None = None
         self._signals = 0
         self.outbox: Outbox | None = None
         self.publisher: MqttPublisher | None = None
@@ -623,6 +625,16 @@ class Daemon:
             camera=self.camera_state,
         )
 
+    def _reload_in_background(self) -> None:
+        """:meth:`reload` off the main thread, which goes on feeding the watchdog and
+        sending stats while a config is parsed and models are loaded and warmed up.
+        A SIGHUP during a reload is kept and runs the next reload after this one."""
+        sdnotify.notify("RELOADING=1")
+        try:
+            self.reload()
+        finally:
+            sdnotify.notify("READY=1")
+
     def reload(self) -> None:
         """Re-read the config: models, grading, postprocessing and trigger rates
         apply to the next frame; an invalid config or model keeps the running one."""
@@ -636,6 +648,9 @@ class Daemon:
             inspector.warm_up()  # on this thread: the running models keep the infer stage
         except StationError as exc:
             log.error("reload refused, keeping the running config and models: %s", exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - MemoryError and the like: a reload never stops the line
+            log.error("reload failed, keeping the running config and models: %s: %s", type(exc).__name__, exc)
             return
         restart = [k for k in ("camera", "mqtt", "outbox", "run", "station") if getattr(cfg, k) != getattr(self.cfg, k)]
         if cfg.trigger.type != self.cfg.trigger.type:
@@ -676,8 +691,6 @@ class Daemon:
             if self.trigger.mode == "mqtt":
                 self.publisher.subscribe(topics_for(cfg.mqtt, cfg.station.id).trigger, self.trigger.on_message)
             self.publisher.start()
-        elif self.trigger.mode == "mqtt":
-            raise StationError("trigger.type: mqtt needs an mqtt section")
         if cfg.metrics.enabled:
             self._metrics_server = self.metrics.start_server(cfg.metrics.host, cfg.metrics.port)
             log.info("metrics on %s", self._metrics_server.url)
@@ -727,11 +740,10 @@ class Daemon:
                 self.stop_event.wait(min(watchdog or 1.0, 1.0) / 2)
                 if watchdog and self._healthy():
                     sdnotify.notify("WATCHDOG=1")
-                if self._reload.is_set():
+                if self._reload.is_set() and not (self._reloading and self._reloading.is_alive()):
                     self._reload.clear()
-                    sdnotify.notify("RELOADING=1")
-                    self.reload()
-                    sdnotify.notify("READY=1")
+                    self._reloading = threading.Thread(target=self._reload_in_background, name="reload", daemon=True)
+                    self._reloading.start()
                 self._update_gauges()
                 if self.archive is not None and time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + 60.0
