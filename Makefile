@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test demo-model bench-models clean
+.PHONY: demo test docs demo-model bench-models clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(VENV)/.installed-test
 	$(PY) -m ruff check station export tests
 	$(PY) -m mypy
 	$(PY) -m pytest
+
+# The configuration reference, generated from the config models.
+docs: $(VENV)/.installed-base
+	$(PY) -m station.configdoc > docs/configuration.md
 
 # Retrain the bundled demo model and regenerate the samples (about 3 minutes on 2 cores).
 demo-model: $(VENV)/.installed-test
