@@ -51,7 +51,7 @@ import numpy as np
 from keras import layers
 
 from . import ExportError
-from .train_detector import LEVEL_STRIDES, QUALITY_TARGETS, check_strides, check_tta
+from .detector_options import LEVEL_STRIDES, QUALITY_TARGETS, check_strides, check_tta
 from .unet import set_bn_momentum
 
 log = logging.getLogger(__name__)

@@ -64,6 +64,7 @@ from . import ExportError
 from .alloc import loaded_allocator
 from .card import DEFAULT_OPSET, MAX_OPSET, PreprocessOptions, clahe_arg, package_version, preprocess_ops
 from .data import split_samples, write_split_file
+from .detector_options import QUALITY_TARGETS, TTA_FLIPS, check_strides, check_tta
 from .voc import BoxArrays, class_names, find_voc_samples, load_box_arrays, near_duplicate_groups
 
 log = logging.getLogger(__name__)
@@ -73,33 +74,6 @@ DETECTION_PREPROCESS = PreprocessOptions(colour="gray", clahe=None, dilate=0, re
                                          interpolation="area", normalize="symmetric")
 DATA_CITATION = ("NEU surface defect database, detection version (Song & Yan 2013; He et al., IEEE TIM 2020), "
                  "copy of siddhartamukherjee/NEU-DET-Steel-Surface-Defect-Detection @351bee2")
-
-
-LEVEL_STRIDES: tuple[int, ...] = (8, 16, 32)  # the FPN levels a detector head may read (export.detector)
-
-
-def check_strides(strides: Sequence[int]) -> tuple[int, ...]:
-    """``strides`` as a tuple, or ExportError: increasing values from 8, 16, 32, starting at 8."""
-    out = tuple(int(v) for v in strides)
-    if not out or out[0] != LEVEL_STRIDES[0] or any(v not in LEVEL_STRIDES for v in out) \
-            or list(out) != sorted(set(out)):
-        raise ExportError(f"--levels {' '.join(map(str, strides))}: strides must increase, start at 8 "
-                          f"and come from {' '.join(map(str, LEVEL_STRIDES))}")
-    return out
-
-
-TTA_FLIPS: tuple[str, ...] = ("h", "v", "hv")  # test-time flips: left-right, top-bottom, both (export.detector)
-
-
-QUALITY_TARGETS: tuple[str, ...] = ("centreness", "iou")  # what the quality logit learns (detector.make_loss)
-
-
-def check_tta(flips: Sequence[str]) -> tuple[str, ...]:
-    """``flips`` as a tuple, or ExportError: each of h, v, hv at most once."""
-    out = tuple(flips)
-    if any(f not in TTA_FLIPS for f in out) or len(set(out)) != len(out):
-        raise ExportError(f"--tta {' '.join(out)}: each of {', '.join(TTA_FLIPS)} at most once")
-    return out
 
 
 @dataclass(frozen=True)

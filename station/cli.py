@@ -18,11 +18,10 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .errors import ConfigError, StationError
+from .errors import EXIT_INPUT_ERRORS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, StationError
 
 log = logging.getLogger("station")
 
-EXIT_OK, EXIT_INPUT_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _setup_logging(verbose: int, base: int = logging.WARNING) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# Exit codes of every command: success; some inputs could not be inspected (their error
+# records were written); usage, configuration or model error; interrupted.
+EXIT_OK, EXIT_INPUT_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
 
 class StationError(Exception):
     """Base of every error station raises on purpose."""

@@ -88,7 +88,7 @@ from tqdm import tqdm
 from . import __version__
 from .camera.files import FileSource, expand_inputs, is_video
 from .config import GradingConfig, StationConfig
-from .errors import ConfigError, InputError
+from .errors import EXIT_INPUT_ERRORS, EXIT_OK, EXIT_USAGE, ConfigError, InputError
 from .grade import grade
 from .imageio import IMAGE_EXTENSIONS, read_mask
 from .messages import iso_time
@@ -1147,7 +1147,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """``station eval``. Exit 0: every selected image evaluated; 1: some could not
     be (their errors are in the report); 2: usage, config, model or truth-class
     error, or no image with truth."""
-    from .cli import EXIT_INPUT_ERRORS, EXIT_OK, EXIT_USAGE
     from .config import load_config
     from .pipeline import Inspector, open_models
 
