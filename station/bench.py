@@ -166,7 +166,7 @@ class Broker:
         conf = workdir / "mosquitto.conf"
         user = "user root\n" if os.geteuid() == 0 else ""
         # set_tcp_nodelay: PUBACKs leave at once instead of waiting behind Nagle's
-        # algorithm for the TCP acknowledgement of the previous one (docs/benchmarks.md).
+        # algorithm for the TCP acknowledgement of the previous one (docs/lab/benchmarks.md, "Frame-path changes kept").
         conf.write_text(f"{user}persistence false\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
                         "max_queued_messages 100000\nset_tcp_nodelay true\n")
         self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

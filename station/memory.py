@@ -8,7 +8,7 @@ once it exceeds the trim threshold. Every such call takes the process's
 memory-map lock, and every page a fresh mapping touches is a page fault that
 takes it too; a thread that holds it while it waits for a core blocks the
 others — the models' runs included. On the 2-core machine of
-docs/benchmarks.md ("A thirteenth sitting") the postprocessing stage's p99
+docs/lab/benchmarks.md (sitting 13) the postprocessing stage's p99
 fell from 14.6-14.9 to 1.0-1.5 ms and the pipeline/bare ratio rose from
 0.891-0.951 to 0.940-0.959 once freed memory stayed with the process.
 

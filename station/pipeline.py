@@ -142,7 +142,7 @@ class Inspector:
         the caller will use (``infer``: the daemon's ParallelInfer; default: this
         thread). A model's first runs after its load-time warm-up run, and the first
         post-processing calls, are still slower than the later ones (figures in
-        docs/benchmarks.md, "A quiet host"); the line's first parts should not pay
+        docs/lab/benchmarks.md, sitting 4); the line's first parts should not pay
         for that."""
         first = next(iter(self.models.values())).card.input
         h, w = max(first.height, 16), max(first.width, 16)
@@ -279,7 +279,7 @@ class ParallelInfer:
     before this one to be finished and acknowledged. The first model, a frame's
     longest, starts at once; a helper model that ends earlier spends part of that
     margin letting the earlier frames' Python work run first, which a real-time
-    helper would otherwise hold off its core (docs/benchmarks.md, fourteenth sitting)."""
+    helper would otherwise hold off its core (docs/lab/benchmarks.md, sitting 14)."""
 
     def __init__(self, name: str = "infer", realtime: int = 0,
                  yield_to: Callable[[float], object] | None = None, yield_s: float = 0.0,

@@ -38,13 +38,13 @@ the broker's or a system agent's work at nice 0 then holds a finished frame's
 postprocessing or its PUBACK for the length of that burst. So the default of
 ``run.nice_non_inference`` follows the models' policy
 (:func:`non_inference_increment`): 10 under the ordinary policy, 0 once
-``SCHED_FIFO`` is granted (docs/benchmarks.md, fourteenth sitting).
+``SCHED_FIFO`` is granted (docs/lab/benchmarks.md, sitting 14).
 
 A thread woken while both cores run models (paho's network thread on a PUBACK,
 the broker on a PUBLISH) is queued on one of them, often the one whose model
 runs longest, and waits there for that run's end even when the other core goes
 idle meanwhile: the kernel's idle balancing does not always pull it over, and
-up to 12 ms passed so (docs/benchmarks.md, sixteenth sitting). With
+up to 12 ms passed so (docs/lab/benchmarks.md, sitting 16). With
 ``run.infer_cpu`` the infer thread, which runs the frame's first model, is
 pinned to that CPU and every other thread of the station to the rest
 (:func:`split_cpus`): a woken thread then queues where it can run as soon as
@@ -57,7 +57,7 @@ from the station's own threads, and under ``SCHED_FIFO`` it meets the kernel's
 real-time limit: a real-time thread that has used ``kernel.sched_rt_runtime_us``
 (950 ms) of a second on its CPU is stopped for the rest of that second. A queue of
 frames keeps the infer thread busy that long, and each second it then stops for
-up to 50 ms, about 5 % of the line (docs/benchmarks.md, seventeenth sitting).
+up to 50 ms, about 5 % of the line (docs/lab/benchmarks.md, sitting 17).
 ``run.infer_nice`` runs it under the ordinary policy at that nice value instead
 (:func:`nice_this_thread`): at -20 it outweighs a thread at nice 0 87 to 1 and
 is never stopped, but other processes' threads may take its CPU for a moment,

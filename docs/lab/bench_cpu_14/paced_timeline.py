@@ -1,4 +1,4 @@
-"""The one-off timeline behind docs/benchmarks.md's fourteenth sitting.
+"""The one-off timeline behind docs/lab/benchmarks.md, sitting 14.
 
 Runs the paced phase of ``station bench`` alone (config/bench.yaml, frames
 256 x 256, a local Mosquitto) and times every frame at each hand-over:
@@ -7,7 +7,7 @@ the acknowledgement. It wraps the daemon's stage methods from outside, so it
 measures the shipped code; it is a record of how the sitting's pairs were
 measured, not part of the station.
 
-    .venv/bin/python docs/bench_cpu_14/paced_timeline.py FPS FRAMES OUT.json ['{run: {...}}']
+    .venv/bin/python docs/lab/bench_cpu_14/paced_timeline.py FPS FRAMES OUT.json ['{run: {...}}']
 
 ``DETECTOR=fifo|idle|nice:N`` sets the policy of the helper thread that runs
 the detector (fifo: as shipped). The optional YAML overrides sections of the
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
 import station.pipeline as pipeline  # noqa: E402

@@ -1,10 +1,10 @@
-"""The one-off timeline behind docs/benchmarks.md's sixteenth sitting: the
-fourteenth sitting's script (docs/bench_cpu_14/paced_timeline.py, loaded and
+"""The one-off timeline behind docs/lab/benchmarks.md, sitting 16: the
+fourteenth sitting's script (docs/lab/bench_cpu_14/paced_timeline.py, loaded and
 used as it is: its stage, send and PUBACK timings and its ``DETECTOR`` option)
 with more events and trials. It measures the shipped code from outside; it is a
 record of how the sitting's figures were measured, not part of the station.
 
-    .venv/bin/python docs/bench_cpu_16/paced_timeline.py FPS FRAMES OUT.json ['{run: {...}}']
+    .venv/bin/python docs/lab/bench_cpu_16/paced_timeline.py FPS FRAMES OUT.json ['{run: {...}}']
 
 Added here: paho's socket writes and reads (``io``: kind, start, end, bytes),
 the detector's waits for the frames before it (``waits``: start, end, whether

@@ -1,10 +1,10 @@
-"""The one-off probe behind docs/benchmarks.md's seventeenth sitting: does a model run
+"""The one-off probe behind docs/lab/benchmarks.md, sitting 17: does a model run
 take longer when runs are spaced out, as at a line's pace, than back to back? The
 shipped U-Net on one ONNX Runtime thread, 150 runs after 10 warm-up runs, with no
 gap or a gap of 4 or 16 ms after each run, in which the thread sleeps or spins
 (busy-waits); two rounds. Run on one CPU, on an otherwise idle machine:
 
-    taskset -c 0 .venv/bin/python docs/bench_cpu_17/spacing.py
+    taskset -c 0 .venv/bin/python docs/lab/bench_cpu_17/spacing.py
 
 It is a record of how the sitting's figures were measured, not part of the station.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-MODEL = Path(__file__).resolve().parents[2] / "models" / "magnetic_tile_unet.onnx"
+MODEL = Path(__file__).resolve().parents[3] / "models" / "magnetic_tile_unet.onnx"
 
 
 def main() -> None:

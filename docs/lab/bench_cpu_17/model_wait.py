@@ -1,13 +1,13 @@
-"""The one-off probe behind docs/benchmarks.md's seventeenth sitting: does a model
+"""The one-off probe behind docs/lab/benchmarks.md, sitting 17: does a model
 run wait for anything but its CPU? The sixteenth sitting's timeline
-(docs/bench_cpu_16/paced_timeline.py, loaded and used as it is) with each
+(docs/lab/bench_cpu_16/paced_timeline.py, loaded and used as it is) with each
 ``OnnxModel.run`` timed twice: its wall time and its thread's CPU time
 (``time.thread_time``). The difference is the time the thread spent off its CPU
 during the run: waiting to take the GIL back when ONNX Runtime returns, page
 faults served from disk, preemption. It measures the shipped code from outside;
 it is a record of how the sitting's figures were measured, not part of the station.
 
-    .venv/bin/python docs/bench_cpu_17/model_wait.py FPS FRAMES OUT.json ['{run: {...}}']
+    .venv/bin/python docs/lab/bench_cpu_17/model_wait.py FPS FRAMES OUT.json ['{run: {...}}']
 
 config/bench.yaml pins the infer thread to CPU 0 (``run.infer_cpu``); the broker
 is kept off it here as ``station bench`` keeps its own; ``DETECTOR`` sets the
