@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import MAX_PIXELS
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -192,8 +193,38 @@ class GradingConfig(_Strict):
 # --- the line daemon: camera, trigger, queue -------------------------------------------
 
 
+class InputLimits(_Strict):
+    """What one image file may cost, checked before it is decoded: its size from
+    ``stat``, its pixels and decoded bytes from its header. A file over a limit
+    gets an error record naming the limit; nothing is allocated for it.
+
+    The defaults admit a 100-megapixel 8-bit colour frame (or a 16-bit gray
+    one); decoding an input then costs at most the declared array and the
+    frame made of it, which keeps any single input well under 1.5 GB."""
+
+    max_file_bytes: int = Field(
+        320 * 2**20, ge=1, description="largest file read, in bytes (an uncompressed 100 MP colour frame fits)"
+    )
+    max_pixels: int = Field(
+        MAX_PIXELS, ge=1, le=MAX_PIXELS, description=f"largest width x height declared by a header (at most {MAX_PIXELS})"
+    )
+    max_decoded_bytes: int = Field(
+        300_000_000, ge=1,
+        description="largest width x height x channels x bytes per sample declared by a header: the array the "
+                    "decoder allocates (300 MB: 100 MP at 8-bit colour, or 16-bit gray)",
+    )
+
+
 class FolderCamera(_Strict):
-    """Watch a folder for image files written by a vendor camera SDK."""
+    """Watch a folder for image files written by a vendor camera SDK.
+
+    Write each file under a temporary name (a name starting with ``.``, or an
+    extension not taken, e.g. ``part17.png.tmp``) and rename it when complete:
+    a rename is atomic, so the file appears whole. A file written in place is
+    taken once its size and modification time have been seen unchanged for
+    ``settle_s`` (a writer that pauses longer than that defeats this).
+    A file that cannot be inspected gets its error record and is moved to
+    ``rejected_to``: it is never taken again, after a restart either."""
 
     type: Literal["folder"]
     path: Path = Field(description="the watched folder")
@@ -201,9 +232,23 @@ class FolderCamera(_Strict):
         "delete", description="what happens to a file once its result is stored"
     )
     move_to: Path | None = Field(None, description="folder for processed files when after: move")
+    rejected_to: Path | None = Field(
+        None,
+        description="folder for files that cannot be inspected (unreadable, undecodable, over a limit), moved there "
+                    "once their error record is stored, whatever `after` says; null = the `rejected` subfolder of "
+                    "path, made when the first file is rejected",
+    )
     extensions: list[str] | None = Field(None, description="file extensions to take, e.g. ['.png']; null = all image types")
     poll_interval_s: float = Field(0.05, gt=0, le=10, description="how often the folder is listed when idle")
-    settle_s: float = Field(0.2, ge=0, le=60, description="a file is taken once unchanged for this long")
+    settle_s: float = Field(
+        0.2, ge=0, le=60,
+        description="a file is taken once its size and modification time have been seen unchanged for this long "
+                    "(names starting with '.' are never taken: write there, then rename)",
+    )
+    limits: InputLimits = Field(
+        default_factory=InputLimits,
+        description="size limits of one image file, checked before decoding (also applied by `station replay`)",
+    )
 
     @model_validator(mode="after")
     def _move_needs_target(self) -> "FolderCamera":
@@ -261,13 +306,29 @@ class TriggerConfig(_Strict):
     free-run: every frame (or every Nth, or at most ``max_fps``).
     mqtt: a message on ``<prefix>/trigger`` carries a part id; the next frame
     is inspected and tagged with it; no frame within ``timeout_s`` gives an
-    error result for that part.
+    error result for that part. Every trigger message yields one record: a
+    graded result, or an error record naming why it made no part (invalid
+    payload, overflow of ``max_pending``, timeout); retained messages are
+    ignored (logged and counted) unless ``accept_retained``.
     """
 
     type: Literal["free-run", "mqtt"] = "free-run"
     every_nth: int = Field(1, ge=1, description="free-run: inspect every Nth frame")
     max_fps: float | None = Field(None, gt=0, description="free-run: inspect at most this many frames per second")
     timeout_s: float = Field(2.0, gt=0, le=3600, description="mqtt: a part with no frame within this time gets an error result")
+    max_pending: int = Field(
+        16, ge=1, le=100_000,
+        description="mqtt: parts waiting for a frame, at most (the parts between the trigger and the camera); a "
+                    "trigger beyond reports the oldest one at once as an error record (trigger overflow, counted)",
+    )
+    max_part_id_chars: int = Field(
+        256, ge=1, le=65_536, description="mqtt: a longer part id is refused with an error record"
+    )
+    accept_retained: bool = Field(
+        False,
+        description="mqtt: take a retained trigger message as a part; false: ignore it (logged and counted), "
+                    "since the broker hands it over again at every connect",
+    )
 
 
 class RunConfig(_Strict):
@@ -407,6 +468,17 @@ class MqttConfig(_Strict):
     )
     tls: MqttTlsConfig | None = Field(None, description="TLS settings; absent = plain TCP")
     auth: MqttAuthConfig | None = Field(None, description="username/password; absent = anonymous")
+    persistent_session: bool = Field(
+        False,
+        description="keep the broker session across restarts (fixed client id; MQTT 3.1.1 clean_session false, "
+                    "MQTT 5 clean_start false with session_expiry_s), so QoS 1 triggers sent while the station is "
+                    "down are delivered when it is back; false: a clean session at every connect",
+    )
+    session_expiry_s: int = Field(
+        86_400, ge=1, le=4_294_967_295,
+        description="MQTT 5 with persistent_session: how long the broker keeps the session of a station that is "
+                    "away, seconds (4294967295: for ever)",
+    )
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -486,8 +558,9 @@ class OutboxConfig(_Strict):
     )
     checkpoint_s: float = Field(
         1.0, gt=0, le=3600,
-        description="seconds between copies of the write-ahead log into the file, by a background thread of the "
-        "daemon (not by the write of a result)",
+        description="longest time between copies of the write-ahead log into the file, by a background thread of "
+        "the daemon (not by the write of a result); at high rates the thread copies sooner, so that the log grows by "
+        "at most 4 MiB in between, and starts it over (its file stays at most 16 MiB)",
     )
 
 
@@ -725,6 +798,8 @@ def resolve_paths(cfg: StationConfig, base_dir: Path) -> StationConfig:
         changes = {"path": fix(cam.path)}
         if isinstance(cam, FolderCamera) and cam.move_to is not None:
             changes["move_to"] = fix(cam.move_to)
+        if isinstance(cam, FolderCamera) and cam.rejected_to is not None:
+            changes["rejected_to"] = fix(cam.rejected_to)
         update["camera"] = cam.model_copy(update=changes)
     if cfg.inference.tensorrt.engine_cache is not None:
         trt = cfg.inference.tensorrt.model_copy(update={"engine_cache": fix(cfg.inference.tensorrt.engine_cache)})

@@ -12,7 +12,15 @@ docs/benchmarks.md), and preprocessing still overlaps the inference of the
 frame before.
 
 A background thread copies the outbox's write-ahead log into its file every
-``outbox.checkpoint_s``, so that no result's write waits for that copy.
+``outbox.checkpoint_s`` (sooner at high result rates), so that no result's
+write waits for that copy and the log stays bounded.
+
+With an MQTT trigger, each message names a part (Trigger, on paho's network
+thread), and a message that makes no part (an invalid payload, an overflow of
+``trigger.max_pending``, a part with no frame in time, the stop) becomes an
+error record, delivered by a thread of its own (``trigger-errors``) at the pace
+the broker takes results: a flood of triggers neither holds up capture nor
+queues its errors ahead of the next genuine part's result.
 
 Every thread but infer (and ONNX Runtime's own) runs ``run.nice_non_inference``
 steps below the process's priority, so the models keep the cores and the rest
@@ -39,6 +47,7 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -53,9 +62,9 @@ from .camera.live import EndOfSource, LiveSource, make_source
 from .config import StationConfig, load_config
 from .errors import CameraError, PublishError, StationError
 from .memory import steady_malloc
-from .messages import error_record, result_record, stats_record, topics_for
-from .metrics import Metrics, MetricsServer
-from .outbox import Outbox, OutboxFull
+from .messages import error_record, result_record, stats_record, text, topics_for
+from .metrics import TRIGGER_OUTCOMES, Metrics, MetricsServer
+from .outbox import WAL_LIMIT, Outbox, OutboxFull
 from .pipeline import Inspector, ParallelInfer, Work, open_models
 from .preflight import check_for_run
 from .priority import (adopt_opencv_pool, infer_policy_this_thread, lower_this_thread, non_inference_increment,
@@ -120,26 +129,115 @@ class FrameQueue:
         return len(self._items)
 
 
-@dataclasses.dataclass
+# How much of a refused trigger payload its error record quotes (characters; bytes
+# before decoding): enough to recognise it, never a megabyte.
+_QUOTE = 64
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _quote(data: bytes | str) -> str:
+    """The start of a payload in quotes, as printable text on one line (bytes that are
+    not UTF-8 and control characters as ``\\xNN`` escapes), "…" when cut."""
+    shown = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text(data[:_QUOTE]))
+    return f'"{shown}"' + ("…" if len(data) > _QUOTE else "")
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if value is None:
+        return "null"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def parse_trigger(payload: bytes, max_chars: int) -> tuple[str | None, str | None]:
+    """A trigger payload → (its part id, None), or (None, why it names no part).
+
+    payload: UTF-8 text that is the part id (white space around it dropped), or a
+    JSON object whose ``part_id`` is a string. A part id has 1 to ``max_chars``
+    characters, none of them a control character or a lone surrogate. The reason
+    quotes at most the payload's first 64 characters.
+    """
+    # The longest spelling of a valid JSON trigger (\uXXXX escapes, other keys) is far
+    # shorter: a longer payload is refused before it is decoded or parsed.
+    if len(payload) > 12 * max_chars + 1024:
+        return None, f"payload too long ({len(payload)} bytes; trigger.max_part_id_chars is {max_chars}): {_quote(payload)}"
+    try:
+        body = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, f"payload is not UTF-8 text: {_quote(payload)}"
+    part: object = body
+    if body.startswith("{"):
+        try:
+            doc = json.loads(body)
+        except ValueError as exc:
+            return None, f"payload is not valid JSON ({str(exc)[:100]}): {_quote(body)}"
+        except RecursionError:
+            return None, f"payload is not valid JSON (nested too deep): {_quote(body)}"
+        if "part_id" not in doc:
+            return None, f"JSON without a part_id: {_quote(body)}"
+        part = doc["part_id"]
+        if not isinstance(part, str):
+            return None, f"part_id is {_json_kind(part)}, not a string: {_quote(body)}"
+    assert isinstance(part, str)  # the plain text, or a JSON string
+    if not part:
+        return None, f"empty part id: {_quote(body)}"
+    if len(part) > max_chars:
+        return None, f"part id too long ({len(part)} characters; trigger.max_part_id_chars is {max_chars}): {_quote(part)}"
+    if _CONTROL.search(part):
+        return None, f"part id with control characters: {_quote(part)}"
+    if _SURROGATE.search(part):
+        return None, f"part id with a lone surrogate (not Unicode text): {_quote(part)}"
+    return part, None
+
+
+@dataclasses.dataclass(slots=True)
 class _Pending:
     part_id: str
-    deadline: float
+    deadline: float  # time.monotonic()
+    topic: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TriggerError:
+    """A trigger message that names no part, or a part that got no frame: the fields
+    of its error record."""
+
+    source: str  # the trigger topic
+    part_id: str | None  # None: the message named no valid part
+    error: str
 
 
 class Trigger:
     """Decides which captured frames become parts.
 
     free-run: every ``every_nth`` frame, at most ``max_fps`` per second; the
-    part id is a counter. mqtt: each message on ``…/trigger`` names a part;
-    the next frame is tagged with it; a part with no frame within
-    ``timeout_s`` becomes an error result.
+    part id is a counter. mqtt: each message on ``…/trigger`` names a part
+    (:func:`parse_trigger`); the next frame is tagged with it, oldest part first.
+
+    Every mqtt message yields one record: a graded result, or an error record
+    (a :class:`TriggerError`, handed out by :meth:`errors`) when its payload names
+    no valid part, when it is the oldest of more than ``max_pending`` parts
+    waiting (reported at once: overflow), when no frame came within
+    ``timeout_s`` (expired), or when the station stopped first. Retained
+    messages are ignored, logged and counted, unless ``accept_retained``. Each
+    message costs its parsing and O(1) under one lock, so a flood is cheap here;
+    whoever delivers the errors decides how fast they go out.
     """
 
     def __init__(self, cfg: StationConfig):
         self.cfg = cfg.trigger
         self.mode = self.cfg.type
-        self._lock = threading.Lock()
+        self._lock = threading.Condition(threading.Lock())
         self._pending: collections.deque[_Pending] = collections.deque()
+        self._errors: collections.deque[TriggerError] = collections.deque()
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._logged_at: dict[str, float] = {}
+        self._unlogged: collections.Counter[str] = collections.Counter()
+        self._closed = False  # the station stops: no part will be taken any more
         self._seen = 0
         self._last_t = 0.0
         self._count = 0
@@ -148,34 +246,34 @@ class Trigger:
         with self._lock:
             self.cfg = cfg.trigger.model_copy(update={"type": self.mode})
 
-    def on_message(self, topic: str, payload: bytes) -> None:
-        text = payload.decode("utf-8", "replace").strip()
-        part = text
-        if text.startswith("{"):
-            try:
-                part = str(json.loads(text)["part_id"])
-            except (ValueError, KeyError, TypeError):
-                log.error("trigger on %s ignored: JSON without a part_id: %.100s", topic, text)
-                return
-        if not part:
-            log.error("trigger on %s ignored: empty part id", topic)
+    def on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """One message on the trigger topic (paho's network thread)."""
+        if retained and not self.cfg.accept_retained:
+            with self._lock:
+                self._tally("retained", f"trigger on {topic} ignored: a retained message (the broker hands it over "
+                                        f"at every connect; trigger.accept_retained takes it): {_quote(payload)}")
             return
+        part, why = parse_trigger(payload, self.cfg.max_part_id_chars)
         with self._lock:
-            self._pending.append(_Pending(part, time.monotonic() + self.cfg.timeout_s))
-        log.debug("trigger: part %s", part)
-
-    def expired(self) -> list[str]:
-        now = time.monotonic()
-        out = []
-        with self._lock:
-            while self._pending and self._pending[0].deadline <= now:
-                out.append(self._pending.popleft().part_id)
-        return out
+            if part is None:
+                self._refuse(TriggerError(topic, None, f"trigger refused: {why}"), "invalid")
+                return
+            self._tally("accepted")
+            if self._closed:
+                self._refuse(TriggerError(topic, part, f"part {part}: the station stopped before a frame came"), "stopped")
+                return
+            self._pending.append(_Pending(part, time.monotonic() + self.cfg.timeout_s, topic))
+            while len(self._pending) > self.cfg.max_pending:
+                old = self._pending.popleft()
+                self._refuse(TriggerError(old.topic, old.part_id, f"trigger overflow: part {old.part_id} dropped, the "
+                                          f"oldest of more than {self.cfg.max_pending} parts waiting for a frame "
+                                          "(trigger.max_pending)"), "overflow")
 
     def take(self, frame: Frame) -> Frame | None:
         """The frame as a part (tagged with its part id), or None if not inspected."""
         if self.mode == "mqtt":
             with self._lock:
+                self._expire(time.monotonic())
                 if not self._pending:
                     return None
                 part = self._pending.popleft().part_id
@@ -191,6 +289,67 @@ class Trigger:
                 self._last_t = now
             self._count += 1
             return dataclasses.replace(frame, part_id=str(self._count))
+
+    def errors(self, limit: int) -> list[TriggerError]:
+        """Up to ``limit`` trigger errors, oldest first (parts past their timeout included)."""
+        with self._lock:
+            self._expire(time.monotonic())
+            return [self._errors.popleft() for _ in range(min(limit, len(self._errors)))]
+
+    def wait(self, timeout: float) -> None:
+        """Until a trigger error waits (or the oldest part's timeout passes), at most ``timeout`` s."""
+        with self._lock:
+            if not self._errors:
+                if self._pending:
+                    timeout = min(timeout, max(0.0, self._pending[0].deadline - time.monotonic()))
+                self._lock.wait(timeout)
+
+    def backlog(self) -> int:
+        """Trigger errors waiting to be taken by :meth:`errors`."""
+        with self._lock:
+            return len(self._errors)
+
+    def close(self) -> None:
+        """The station stops: every part still waiting for a frame becomes an error, and
+        so does every part named from now on."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()  # the deliverer's wait() ends now, with or without errors
+            while self._pending:
+                p = self._pending.popleft()
+                self._refuse(TriggerError(p.topic, p.part_id, f"part {p.part_id}: the station stopped before a frame "
+                                          "came"), "stopped")
+
+    def counts(self) -> dict[str, int]:
+        """Messages and parts by outcome since start (metrics.TRIGGER_OUTCOMES)."""
+        with self._lock:
+            return {k: self._counts[k] for k in TRIGGER_OUTCOMES}
+
+    def _expire(self, now: float) -> None:
+        while self._pending and self._pending[0].deadline <= now:
+            p = self._pending.popleft()
+            self._refuse(TriggerError(p.topic, p.part_id, f"part {p.part_id}: no frame within {self.cfg.timeout_s} s "
+                                      "of its trigger"), "expired")
+
+    def _refuse(self, err: TriggerError, outcome: str) -> None:
+        if not self._errors:
+            self._lock.notify()  # wait() waits only while there is none
+        self._errors.append(err)
+        self._tally(outcome, err.error)
+
+    def _tally(self, outcome: str, message: str | None = None) -> None:
+        """Count one outcome; log ``message`` as a warning, at most one line a second
+        per outcome (a flood is counted, and each one is in its error record)."""
+        self._counts[outcome] += 1
+        if message is None:
+            return
+        now = time.monotonic()
+        if now - self._logged_at.get(outcome, -1e9) < 1.0:
+            self._unlogged[outcome] += 1
+            return
+        self._logged_at[outcome] = now
+        more = self._unlogged.pop(outcome, 0)
+        log.warning("%s%s", message, f" (and {more} more {outcome} since the last such line)" if more else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,6 +499,13 @@ class Daemon:
         inf = cfg.inference
         self.settling = Settling() if inf.parallel_models and inf.helper_yield_ms > 0 else None
         self.metrics = Metrics()
+        self._triggers_counted = dict.fromkeys(TRIGGER_OUTCOMES, 0)  # what metrics counts of self.trigger.counts()
+        # The thread that delivers the error records of triggers that made no part
+        # (mqtt trigger only); _triggers_closed: no more parts will be taken (the stop).
+        self._trigger_errors: threading.Thread | None = None
+        self._triggers_closed = threading.Event()
+        self._triggers_deadline = float("inf")  # the stop's (time.monotonic()), once closed
+        self._delivering = threading.Lock()  # the sink and on_published, one record at a time
         self._metrics_server: MetricsServer | None = None
         self.archive = Archive(cfg.archive, self._archive_root(cfg)) if cfg.archive.enabled else None
         models = open_models(cfg)
@@ -382,9 +548,6 @@ class Daemon:
         try:
             while not self.stop_event.is_set():
                 self._heartbeat = time.monotonic()
-                for part in self.trigger.expired():
-                    err = FrameError(self.source.name, -1, f"part {part}: no frame within {self.cfg.trigger.timeout_s} s of its trigger", part)
-                    self.queue.put(err, True, self.stop_event)
                 if not opened:
                     try:
                         self.source.open()
@@ -478,16 +641,25 @@ class Daemon:
 
     def _checkpoint_loop(self) -> None:
         """Copies the outbox's WAL into its database file every ``outbox.checkpoint_s``,
-        off the path of puts and acks (Outbox.take_over_checkpoints), until the stop."""
+        off the path of puts and acks (Outbox.take_over_checkpoints), until the stop.
+        Sooner when results come so fast that the WAL would grow past a quarter of
+        WAL_LIMIT between two copies: at WAL_LIMIT a result's commit would copy it."""
         lower_this_thread(self.nice_non_inference)
         period = self.cfg.outbox.checkpoint_s
         assert self.outbox is not None  # the thread is started only with an outbox
-        while not self.stop_event.wait(period):
+        shortest = min(period, 0.05)
+        wait = shortest  # the rate is not known yet: the first wait finds it out
+        while not self.stop_event.wait(wait):
             try:
-                self.outbox.checkpoint()
+                pages, _ = self.outbox.checkpoint()
             except PublishError as exc:  # e.g. disk full: the WAL keeps the results; retried next period
                 log.warning("%s", exc)
                 self.metrics.error("outbox_checkpoint")
+                wait = period
+                continue
+            # pages: what the WAL grew by since the last checkpoint (each one starts it over)
+            grown = pages * self.outbox.page_size
+            wait = period if grown <= 0 else min(period, max(shortest, wait * WAL_LIMIT / 4 / grown))
 
     def _prepare(self, item: Item) -> "Work | FrameError | _Failed":
         if isinstance(item, FrameError):
@@ -582,11 +754,88 @@ class Daemon:
         # Counted once the record is on its way: the broker's round trip overlaps this.
         self.stats.add(record)
         self.metrics.observe_result(record)
-        if self.sink is not None:
-            self.sink(record)
-        if self.on_published is not None:
-            self.on_published(record, seq, captured_at)
+        with self._delivering:  # from the finish thread and the trigger errors' thread
+            if self.sink is not None:
+                self.sink(record)
+            if self.on_published is not None:
+                self.on_published(record, seq, captured_at)
         return stored, seq
+
+    # --- trigger errors ---------------------------------------------------------------
+
+    def _start_trigger_errors(self) -> None:
+        """The thread of :meth:`_trigger_errors_loop`; it ends at the stop (:meth:`_close_triggers`)."""
+        self._trigger_errors = threading.Thread(target=self._trigger_errors_loop, name="trigger-errors", daemon=True)
+        self._trigger_errors.start()
+
+    def _trigger_errors_loop(self) -> None:
+        """Delivers the error records of the triggers that made no part (Trigger.errors)
+        off the capture thread, which a flood of them would hold up, until the stop.
+
+        While the broker is connected, a batch goes to the outbox only when it holds at
+        most two windows of results (2 × ``mqtt.max_inflight``): a flood's errors
+        (thousands a second, more than the broker link acknowledges) then go out after
+        the results of the genuine parts that come meanwhile, not before them. They wait
+        in memory, at most ``outbox.max_rows`` of them; beyond that, while disconnected
+        and at the stop they go to the outbox as they come."""
+        lower_this_thread(self.nice_non_inference)
+        try:
+            while True:
+                closing = self._triggers_closed.is_set()
+                if closing and time.monotonic() > self._triggers_deadline:
+                    return  # what is left is reported by _store_last_trigger_errors
+                if not closing:
+                    self.trigger.wait(0.5)
+                    self._pace_trigger_errors()
+                if not self._deliver_trigger_errors() and closing:
+                    return
+        except Exception:  # the top of the worker loop: a crash here must stop the daemon visibly
+            log.exception("trigger errors thread failed")
+            self.failed = True
+            self.stop_event.set()
+
+    def _pace_trigger_errors(self) -> None:
+        """Until the outbox has room for the next batch of trigger errors (see above)."""
+        pub, mqtt = self.publisher, self.cfg.mqtt
+        if pub is None or mqtt is None:
+            return
+        room, hold = 2 * mqtt.max_inflight, self.cfg.outbox.max_rows
+        # Polled every 10 ms rather than woken by each acknowledgement (pub.wait_until):
+        # in a flood that would be a thousand wake-ups a second, each taking the GIL
+        # from paho's network thread, which is reading the flood.
+        while not (self._triggers_closed.is_set() or not pub.connected or pub.outbox_depth <= room
+                   or self.trigger.backlog() >= hold):
+            self._triggers_closed.wait(0.01)
+
+    def _deliver_trigger_errors(self) -> int:
+        """One batch of trigger errors as error records, stored, counted and sunk like
+        any record (not archived: there is no frame); how many."""
+        batch = self.trigger.errors(self.cfg.mqtt.max_inflight if self.cfg.mqtt is not None else 1000)
+        station_id = self.cfg.station.id
+        for e in batch:
+            self._deliver(error_record(e.source, e.error, 0, station_id, e.part_id), None)
+        return len(batch)
+
+    def _close_triggers(self, deadline: float) -> None:
+        """At the stop, once the pipeline is done: the parts still waiting for a frame
+        become errors, and every trigger error is delivered, as they come (by the deadline)."""
+        if self._trigger_errors is None:
+            return
+        self.trigger.close()
+        self._triggers_deadline = deadline
+        self._triggers_closed.set()
+        self._trigger_errors.join(max(0.0, deadline - time.monotonic()))
+
+    def _store_last_trigger_errors(self, deadline: float) -> None:
+        """At the stop, after MQTT: the errors of the triggers that came while it was
+        flushed go to the outbox, for the next start (by the deadline)."""
+        if self._trigger_errors is None or self._trigger_errors.is_alive():
+            return
+        while time.monotonic() < deadline and self._deliver_trigger_errors():
+            pass
+        if self.trigger.backlog():
+            log.error("stop: %d trigger errors were not stored by the deadline (run.stop_timeout_s)",
+                      self.trigger.backlog())
 
     # --- main thread ------------------------------------------------------------------
 
@@ -623,6 +872,7 @@ class Daemon:
             outbox_alarm=bool(outbox and outbox["alarm"]),
             providers=self.providers,
             camera=self.camera_state,
+            triggers=self.trigger.counts() if self.trigger.mode == "mqtt" else None,
         )
 
     def _reload_in_background(self) -> None:
@@ -690,6 +940,7 @@ class Daemon:
             self.publisher.set_status(camera=self.camera_state, providers=self.providers)
             if self.trigger.mode == "mqtt":
                 self.publisher.subscribe(topics_for(cfg.mqtt, cfg.station.id).trigger, self.trigger.on_message)
+                self._start_trigger_errors()
             self.publisher.start()
         if cfg.metrics.enabled:
             self._metrics_server = self.metrics.start_server(cfg.metrics.host, cfg.metrics.port)
@@ -762,6 +1013,12 @@ class Daemon:
             self.metrics.set_outbox(self.outbox.depth(), self.outbox.alarm)
         if self.publisher is not None:
             self.metrics.set_mqtt_connected(self.publisher.connected)
+        if self.trigger.mode == "mqtt":  # copied here, not counted per message: a flood pays for each count
+            counts = self.trigger.counts()
+            for outcome, n in counts.items():
+                if n > self._triggers_counted[outcome]:
+                    self.metrics.trigger(outcome, n - self._triggers_counted[outcome])
+            self._triggers_counted = counts
 
     def in_flight(self) -> int:
         """Frames captured and not yet finished."""
@@ -779,11 +1036,13 @@ class Daemon:
         if not self.finished.is_set():
             log.error("stop: %d parts were still in the pipeline at the deadline", self.in_flight())
             self._abort.set()
+        self._close_triggers(deadline)
         if self.publisher is not None:
             flushed = self.publisher.stop(max(0.5, deadline - time.monotonic()))
             if not flushed:
                 assert self.outbox is not None  # made with the publisher
                 log.warning("stop: %d results stay in the outbox for the next start", self.outbox.depth())
+        self._store_last_trigger_errors(deadline)
         self._parallel_infer.close()
         if self.outbox is not None:
             self.outbox.close()

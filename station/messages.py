@@ -10,7 +10,8 @@ Topics, under a prefix ``<enterprise>/<site>/<area>/<line>/<station>`` by defaul
 * ``<prefix>/status``  QoS 1, retained: online / offline (the Last Will) / stopped;
 * ``<prefix>/stats``   QoS 0, not retained, periodic counters;
 * ``<prefix>/trigger`` subscribed by the daemon with an mqtt trigger: a part id
-  (plain text, or JSON ``{"part_id": "…"}``) for the next frame.
+  (plain text, or JSON ``{"part_id": "…"}``) for the next frame; a payload that
+  names no valid part id (``daemon.parse_trigger``) gets an error record.
 """
 
 from __future__ import annotations
@@ -227,9 +228,13 @@ def stats_record(
     outbox_alarm: bool,
     providers: dict[str, list[str]],
     camera: str,
+    triggers: dict[str, int] | None = None,
 ) -> dict:
-    """The periodic ``…/stats`` payload: counts since start, recent rate and latencies."""
-    return {
+    """The periodic ``…/stats`` payload: counts since start, recent rate and latencies.
+
+    triggers: with an MQTT trigger, its messages and parts by outcome since start
+    (``metrics.TRIGGER_OUTCOMES``); absent otherwise."""
+    record = {
         "schema_version": SCHEMA_VERSION,
         "station_id": station_id,
         "timestamp": iso_time(time.time()),
@@ -245,3 +250,6 @@ def stats_record(
         "providers": providers,
         "camera": camera,
     }
+    if triggers is not None:
+        record["triggers"] = dict(triggers)
+    return record

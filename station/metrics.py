@@ -12,6 +12,7 @@ Exposed series (all prefixed ``station_``; times in seconds, as Prometheus expec
 ``frames_dropped_total{reason}``                       frames not inspected, by reason (e.g. queue_full)
 ``results_total{grade}``                               results per grade (PASS / DISCOUNT / REJECT)
 ``errors_total{kind}``                                 error records (kind="inspection") and other errors
+``triggers_total{outcome}``                            MQTT trigger messages by outcome (see TRIGGER_OUTCOMES)
 ``stage_latency_seconds{stage}``                       histogram per pipeline stage (latency_ms of a result)
 ``end_to_end_latency_seconds``                         histogram, capture → result observed (queueing included)
 ``outbox_depth`` / ``outbox_alarm``                    results waiting in the outbox; 1 while it is full
@@ -45,6 +46,11 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "station"
 CAMERA_STATES = ("connected", "reconnecting", "lost")
+# What became of the MQTT trigger messages (daemon.Trigger): taken as a part (accepted),
+# refused as invalid, ignored as retained; and of the accepted parts that got no frame:
+# reported as the oldest beyond trigger.max_pending (overflow), after trigger.timeout_s
+# (expired), or at the stop (stopped).
+TRIGGER_OUTCOMES = ("accepted", "invalid", "retained", "overflow", "expired", "stopped")
 
 # Stage latencies run from ~0.5 ms (grading) to ~2 s (a large model on a CPU).
 STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
@@ -65,6 +71,9 @@ class Metrics:
         self._results = Counter("results", "Inspection results by grade", ["grade"], namespace=ns, registry=r)
         self._errors = Counter(
             "errors", "Errors: error records (kind=inspection) and others the daemon counts", ["kind"], namespace=ns, registry=r
+        )
+        self._triggers = Counter(
+            "triggers", "MQTT trigger messages and their parts, by outcome", ["outcome"], namespace=ns, registry=r
         )
         self._stage = Histogram(
             "stage_latency_seconds", "Pipeline stage latency", ["stage"], buckets=STAGE_BUCKETS, namespace=ns, registry=r
@@ -90,6 +99,8 @@ class Metrics:
         for grade in Grade:
             self._results.labels(grade.value)
         self._errors.labels("inspection")
+        for outcome in TRIGGER_OUTCOMES:
+            self._triggers.labels(outcome)
         self._camera.state("reconnecting")  # until the daemon reports the source open
 
     # --- what the daemon calls -------------------------------------------------------
@@ -104,6 +115,10 @@ class Metrics:
     def error(self, kind: str, n: int = 1) -> None:
         """Count an error other than an error record (kind: archive, publish, …; a fixed word)."""
         self._errors.labels(kind).inc(n)
+
+    def trigger(self, outcome: str, n: int = 1) -> None:
+        """Count trigger messages or parts by outcome (one of TRIGGER_OUTCOMES: a label)."""
+        self._triggers.labels(outcome).inc(n)
 
     def observe_result(self, record: dict, now: float | None = None) -> None:
         """Count one result payload (``messages.result_record``) or error record.

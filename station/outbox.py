@@ -20,11 +20,28 @@ Bounds and overflow (``OutboxConfig.policy``):
 
 ``alarm`` stays on until the outbox has drained below 90 % of both bounds.
 A put that SQLite cannot write (disk full, I/O error) raises PublishError
-naming the file and also turns ``alarm`` on, until the next put succeeds
-(``write_errors`` in stats counts them); the caller handles the record as
-under ``refuse_new``.
+naming the file and also turns ``alarm`` on, until a put succeeds and the WAL
+could be copied into the database file (``write_errors`` in stats counts
+them); the caller handles the record as under ``refuse_new``. A put that
+finds the disk full first copies the WAL into the file and tries once more:
+a WAL that took the disk's last bytes costs no result.
 The counters (``refused``, ``dropped``) count since this Outbox was opened.
 A single payload larger than ``max_bytes`` is refused under either policy.
+
+The write-ahead log is bounded too, at any result rate: each result appends
+~25 KB of pages to it (put, mark, ack) however empty the outbox stays, and
+SQLite starts it over only after a checkpoint that copied all of it, which a
+checkpoint running beside a steady stream of commits never does.
+:meth:`Outbox.checkpoint` therefore ends with a short one that holds the
+writers back while it copies the rest; after :meth:`take_over_checkpoints` the
+commits themselves checkpoint once the log reaches ``WAL_LIMIT`` bytes (when
+nobody else did), and a log that starts over is cut back to ``WAL_LIMIT``.
+
+A full disk costs no result while the broker acknowledges them: the WAL
+starts over in the space it already has, the database file keeps ``RESERVE``
+bytes of free pages for the results in flight (a checkpoint that needed new
+pages would fail, and the WAL could not start over), and a write that finds
+the disk full copies the WAL into the file and tries once more.
 """
 
 from __future__ import annotations
@@ -38,16 +55,21 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from .config import OutboxConfig, OverflowPolicy
 from .errors import ConfigError, PublishError
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 SCHEMA_VERSION = 1  # PRAGMA user_version of the file
 POLICIES = ("refuse_new", "drop_oldest")
 _LOW_WATER = 0.9  # the alarm clears below this fraction of both bounds
+WAL_LIMIT = 16 * 1024 * 1024  # bytes of write-ahead log at which a commit checkpoints; the file's size after a restart
+RESERVE = 1024 * 1024  # bytes of free pages kept in the database file, for results in flight (_keep_reserve)
+_RESERVE_SEQ = 0  # the row that writes them: no result's (seqs start at 1), never pending (seq > 0)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -122,12 +144,14 @@ class Outbox:
         self._dropped = 0
         self._alarm = False
         # A write that SQLite cannot do (disk full, I/O error) raises the alarm too;
-        # it clears with the next result stored.
+        # it clears with the next result stored (and the WAL reclaimed).
         self._io_alarm = False
         self._write_errors = 0
         self._lockfile = self._take_file_lock()
         try:
             self._db: sqlite3.Connection | None = self._open(synchronous)
+            self.page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])  # bytes; a WAL frame holds one
+            self._keep_reserve()
             self._depth, self._bytes = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
             ).fetchone()
@@ -183,8 +207,36 @@ class Outbox:
         # by the disk): choose it with `outbox.synchronous: full` where the storage
         # keeps up with the line rate.
         db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        # A write that starts the log over cuts the file back to this size: what a
+        # burst (or a broker outage with its mark/ack traffic after) made it grow to
+        # does not stay on the disk.
+        db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
         db.executescript(_SCHEMA)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _keep_reserve(self) -> None:
+        """Make sure the database file holds RESERVE bytes of free pages, written.
+
+        Results in flight (put, not yet acknowledged) then take these pages rather
+        than new ones past the end of the file. On a full disk a checkpoint cannot
+        add pages to the file, so the WAL could not start over and every write would
+        fail until someone made room. Written, not merely counted: a page SQLite
+        only counts is a hole in the file, and filling a hole takes space too.
+        Best effort: with no room for it now, the outbox works without it."""
+        db = self._conn()
+        try:
+            db.execute("DELETE FROM outbox WHERE seq = ?", (_RESERVE_SEQ,))  # left by a crash below
+            missing = RESERVE - int(db.execute("PRAGMA freelist_count").fetchone()[0]) * self.page_size
+            if missing <= 0:
+                return
+            db.execute("INSERT INTO outbox (seq, result_id, topic, payload, created_at) VALUES (?, ?, '', zeroblob(?), 0)",
+                       (_RESERVE_SEQ, "station.outbox.reserve", missing))
+            db.execute("DELETE FROM outbox WHERE seq = ?", (_RESERVE_SEQ,))
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the zeros into the file now
+        except sqlite3.Error as exc:
+            log.warning("outbox %s: no room for its %d KiB of free pages (%s): a full disk may stop it until "
+                        "there is room again", self.path, RESERVE // 1024, exc)
+            self._reclaim_wal()  # the space the failed write took in the WAL file goes back to the disk
 
     # --- writing --------------------------------------------------------------------
 
@@ -216,23 +268,15 @@ class Outbox:
                     f"outbox {self.path} is full ({self._depth}/{self.max_rows} results, "
                     f"{self._bytes + size}/{self.max_bytes} bytes): result {result_id} refused"
                 )
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                dropped, dropped_bytes = (0, 0)
-                if over_rows > 0 or over_bytes > 0:
-                    dropped, dropped_bytes = self._drop_oldest(db, over_rows, over_bytes)
-                seq = db.execute(
-                    "INSERT INTO outbox (result_id, topic, payload, created_at) VALUES (?, ?, ?, ?)",
-                    (result_id, topic, payload, created_at),
-                ).lastrowid
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-            if self._io_alarm:
+            row = (result_id, topic, payload, created_at)
+            seq, dropped, dropped_bytes = self._write(lambda db: self._insert(db, row, over_rows, over_bytes))
+            # The first write after failed ones: the WAL that filled the disk goes into the
+            # file now, while there is room for that, not at the next checkpoint, by which
+            # time it may have filled the disk again. The alarm stays until that worked.
+            if self._io_alarm and self._reclaim_wal():
                 self._io_alarm = False
                 log.warning("outbox %s: storing results again after %d failed writes", self.path, self._write_errors)
+                self._keep_reserve()  # the open may have found no room for it
             self._depth += 1 - dropped
             self._bytes += size - dropped_bytes
             if dropped:
@@ -241,8 +285,18 @@ class Outbox:
                 log.error(
                     "outbox %s is full: dropped the %d oldest results (%d dropped in all)", self.path, dropped, self._dropped
                 )
-            assert seq is not None  # an INSERT always sets lastrowid
-            return int(seq)
+            return seq
+
+    def _insert(self, db: sqlite3.Connection, row: tuple[str, str, bytes, float], over_rows: int,
+                over_bytes: int) -> tuple[int, int, int]:
+        """Drop what the bounds ask for, insert ``row`` (result_id, topic, payload,
+        created_at). Returns (seq, results dropped, bytes dropped)."""
+        dropped, dropped_bytes = (0, 0)
+        if over_rows > 0 or over_bytes > 0:
+            dropped, dropped_bytes = self._drop_oldest(db, over_rows, over_bytes)
+        seq = db.execute("INSERT INTO outbox (result_id, topic, payload, created_at) VALUES (?, ?, ?, ?)", row).lastrowid
+        assert seq is not None  # an INSERT always sets lastrowid
+        return int(seq), dropped, dropped_bytes
 
     def _drop_oldest(self, db: sqlite3.Connection, over_rows: int, over_bytes: int) -> tuple[int, int]:
         """Delete the oldest entries until ``over_rows`` rows and ``over_bytes`` bytes are freed."""
@@ -268,20 +322,17 @@ class Outbox:
         keys = [(int(s),) for s in seqs]
         if not keys:
             return 0
+
+        def delete(db: sqlite3.Connection) -> tuple[int, int]:
+            n = size = 0
+            for key in keys:
+                row = db.execute("DELETE FROM outbox WHERE seq = ? RETURNING LENGTH(payload)", key).fetchone()
+                if row is not None:
+                    n, size = n + 1, size + row[0]
+            return n, size
+
         with self._lock, self._guard("ack"):
-            db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                n = size = 0
-                for (seq,) in keys:
-                    row = db.execute("DELETE FROM outbox WHERE seq = ? RETURNING LENGTH(payload)", (seq,)).fetchone()
-                    if row is not None:
-                        n, size = n + 1, size + row[0]
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            n, size = self._write(delete)
             self._depth -= n
             self._bytes -= size
             if self._alarm and self._depth < _LOW_WATER * self.max_rows and self._bytes < _LOW_WATER * self.max_bytes:
@@ -296,18 +347,10 @@ class Outbox:
         if not seqs:
             return
         at = time.time() if at is None else at
+        rows = [(at, int(s)) for s in seqs]
         with self._lock, self._guard("mark_attempted"):
-            db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany(
-                    "UPDATE outbox SET attempts = attempts + 1, last_attempt_at = ? WHERE seq = ?", [(at, int(s)) for s in seqs]
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+            self._write(lambda db: db.executemany(
+                "UPDATE outbox SET attempts = attempts + 1, last_attempt_at = ? WHERE seq = ?", rows))
 
     # --- reading --------------------------------------------------------------------
 
@@ -333,7 +376,8 @@ class Outbox:
     @property
     def alarm(self) -> bool:
         """True after an overflow (refused or dropped) until drained below 90 % of both
-        bounds, and after a failed write (disk full, I/O error) until a put succeeds."""
+        bounds, and after a failed write (disk full, I/O error) until a put succeeds
+        and the WAL could be copied into the file."""
         with self._lock:
             return self._alarm or self._io_alarm
 
@@ -382,40 +426,62 @@ class Outbox:
                     log.error("outbox %s: cannot store results (%s): alarm raised; results are not stored "
                               "until writing works again (disk full?)", self.path, exc)
                 self._io_alarm = True
-            if _out_of_space(exc) and self._db is not None:
-                self._reclaim_wal()
             raise PublishError(f"outbox {self.path}: {op} failed ({exc})") from exc
 
-    def _reclaim_wal(self) -> None:
-        """After a write failed for lack of space: copy the WAL into the database and
-        truncate it, so its space (up to ~4 MB before an automatic checkpoint) serves
-        the next writes. Best effort: with no room for the database to grow either,
-        the next write fails too. Callers hold self._lock."""
+    def _write(self, body: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``body`` in one write transaction, rolled back on any error. Out of space
+        (often because the WAL took the disk's last bytes), the WAL is copied into the
+        database file and ``body`` tried once more: a full disk that the WAL's own
+        space can serve costs no write. Callers hold self._lock."""
+        db = self._conn()
+        try:
+            return _transaction(db, body)
+        except sqlite3.Error as exc:
+            if not (_out_of_space(exc) and self._reclaim_wal()):
+                raise
+        return _transaction(db, body)
+
+    def _reclaim_wal(self) -> bool:
+        """Copy the WAL into the database and truncate it, so that its space (up to
+        WAL_LIMIT) serves the next writes: after a write failed for lack of space, and
+        at the first write that works after failed ones (while there is room for the
+        copy). True when that worked; with no room for the database to grow either,
+        it does not. Callers hold self._lock."""
         try:
             busy = self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         except sqlite3.Error as exc:
             log.debug("outbox %s: checkpoint after a failed write failed too (%s)", self.path, exc)
-            return
+            return False
         if not busy:
             log.debug("outbox %s: WAL checkpointed and truncated to free space", self.path)
+        return not busy
 
     # --- checkpoints ------------------------------------------------------------------
 
     def take_over_checkpoints(self) -> None:
-        """Stop SQLite's automatic checkpoints; the caller runs :meth:`checkpoint` instead.
+        """Leave the WAL's checkpoints to :meth:`checkpoint`, called by the caller's own thread.
 
         By default the commit that brings the WAL to 1,000 pages copies it into the
         database file: with put, mark and ack of a result ≈ 6 pages, every ~170th
-        result's put or ack waits for that copy (docs/benchmarks.md). The daemon
-        calls this and checkpoints from a background thread of its own."""
+        result's put or ack waits for that copy (docs/benchmarks.md). After this a
+        commit checkpoints only once the WAL reaches ``WAL_LIMIT`` bytes, i.e. when
+        :meth:`checkpoint` is not called often enough for the rate: that keeps the
+        log bounded even then. The daemon calls this and checkpoints from a
+        background thread of its own."""
         with self._lock, self._guard("checkpoint"):
-            self._conn().execute("PRAGMA wal_autocheckpoint=0")
+            self._conn().execute(f"PRAGMA wal_autocheckpoint={max(1, WAL_LIMIT // self.page_size)}")
 
     def checkpoint(self) -> tuple[int, int]:
-        """Copy the WAL's committed pages into the database file (a PASSIVE checkpoint:
-        never waits for, nor blocks, puts and acks, which go on on their own
-        connection meanwhile); the next commit then starts the WAL from its
-        beginning. Returns (WAL pages, pages copied). Raises PublishError."""
+        """Copy the WAL into the database file so that the next commit starts it over.
+
+        First a PASSIVE checkpoint on a connection of its own copies what is
+        committed, while puts and acks go on (it never waits for nor blocks them);
+        they append meanwhile, so it rarely copies all of it, and SQLite starts the
+        log over only after a checkpoint that did. Then one under the outbox's lock
+        copies the few pages appended since: the puts and acks of that moment wait
+        for it (usually a few milliseconds: two fsyncs), and the next commit writes
+        the WAL from its beginning (one fsync of its header, the price of starting
+        over). Returns (WAL pages, pages copied) of the first. Raises PublishError."""
         with self._ckpt_lock:
             if self._db is None:
                 raise PublishError(f"outbox {self.path} is closed")
@@ -426,6 +492,10 @@ class Outbox:
                 _busy, log_pages, copied = self._ckpt_db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as exc:
                 raise PublishError(f"outbox {self.path}: checkpoint failed ({exc})") from exc
+            with self._lock, self._guard("checkpoint"):
+                # RESTART: no other connection reads or writes while self._lock is held,
+                # so it neither waits nor leaves a reader on the old log.
+                self._conn().execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
             return int(log_pages), int(copied)
 
     @property
@@ -452,6 +522,19 @@ class Outbox:
 
     def __repr__(self) -> str:
         return f"Outbox({str(self.path)!r}, depth={self._depth}, policy={self.policy!r})"
+
+
+def _transaction(db: sqlite3.Connection, body: Callable[[sqlite3.Connection], _T]) -> _T:
+    """``body(db)`` between BEGIN IMMEDIATE and COMMIT; ROLLBACK on any error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        out = body(db)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return out
 
 
 def _out_of_space(exc: sqlite3.Error) -> bool:

@@ -23,6 +23,12 @@ sends ``late``. (paho's own reconnect would re-send its queued copies verbatim,
 without the mark, interleaved with the outbox drain.) Consumers drop duplicates
 by the result ``id``.
 
+The broker keeps no session by default (clean session / clean start): the
+outbox is what persists. With ``mqtt.persistent_session`` it keeps one for the
+fixed client id (MQTT 5: for ``mqtt.session_expiry_s``), with the subscriptions
+(the trigger topic, QoS 1) and the QoS 1 messages sent to them while the
+station is away, delivered when it connects again.
+
 Payloads sent on ``…/result`` are the stored record plus ``sent_at`` (when this
 copy was handed to the broker) and ``late`` (true for a re-send, or for a result
 stored before the current connection was established).
@@ -44,6 +50,8 @@ from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from .config import MqttAuthConfig, MqttConfig, MqttTlsConfig, StationConfig, warn_if_exposed
@@ -119,6 +127,24 @@ def tls_context(tls: MqttTlsConfig | None) -> ssl.SSLContext | None:
     return ctx
 
 
+class _PahoLog(logging.Logger):
+    """paho's own messages, formatted only when they are emitted. (Given ``on_log``,
+    paho formats a line for every packet, MQTT 5 properties included: ~20 µs per
+    message received, which a flood of triggers pays thousands of times a second.)
+    They are detail (packets sent and received; "not connected" after every clean
+    disconnect, "connection reset" on every outage, both of which this module
+    reports itself): DEBUG, except a callback's exception."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if level >= logging.ERROR and isinstance(msg, str) and msg.startswith("Caught exception"):
+            _paho_log.error(msg, *args)
+        elif _paho_log.isEnabledFor(logging.DEBUG):
+            _paho_log.debug(msg, *args)
+
+
+_PAHO_LOG = _PahoLog(_paho_log.name)
+
+
 class _Session:
     """One connection: its paho client and the messages sent on it.
 
@@ -137,6 +163,7 @@ class _Session:
         self.connack = threading.Event()
         self.refused: ReasonCode | None = None
         self.connected_at: float | None = None  # UNIX seconds of the CONNACK
+        self.session_present = False  # the broker resumed a session kept from before (mqtt.persistent_session)
         self.lost = threading.Event()
         self.lost_reason: str = ""
 
@@ -177,7 +204,7 @@ class MqttPublisher:
         self._stopping = threading.Event()
         self._stop_deadline = 0.0
         self._thread: threading.Thread | None = None
-        self._subscriptions: dict[str, Callable[[str, bytes], None]] = {}
+        self._subscriptions: dict[str, Callable[[str, bytes, bool], None]] = {}
         # Called with the outbox seq of each result the broker acknowledged, on
         # paho's network thread (station bench measures end-to-end latency with it).
         self.on_ack: Callable[[int], None] | None = None
@@ -226,9 +253,11 @@ class MqttPublisher:
         self._count("stats_sent")
         return True
 
-    def subscribe(self, topic: str, callback: Callable[[str, bytes], None]) -> None:
-        """Call ``callback(topic, payload)`` (on paho's network thread) for every
-        message on ``topic``; subscribed at QoS 1 on every (re)connect."""
+    def subscribe(self, topic: str, callback: Callable[[str, bytes, bool], None]) -> None:
+        """Call ``callback(topic, payload, retained)`` (on paho's network thread) for
+        every message on ``topic``; subscribed at QoS 1 on every (re)connect.
+        ``retained``: the broker kept the message and hands it over because of the
+        subscription (again at every connect), rather than as it was published."""
         with self._cond:
             self._subscriptions[topic] = callback
             s = self._session
@@ -363,7 +392,8 @@ class MqttPublisher:
         self._count("connect_attempts")
         try:
             if self._protocol == mqtt.MQTTv5:
-                client.connect(host, port, keepalive=self.cfg.keepalive_s, clean_start=True)
+                client.connect(host, port, keepalive=self.cfg.keepalive_s, clean_start=not self.cfg.persistent_session,
+                               properties=self._connect_properties())
             else:
                 client.connect(host, port, keepalive=self.cfg.keepalive_s)
         except (OSError, ssl.SSLError, ValueError) as exc:  # refused, unreachable, TLS handshake
@@ -398,8 +428,11 @@ class MqttPublisher:
         host, port = self.cfg.host, self.cfg.effective_port
         self._count("connects")
         self._set_state(LinkState.CONNECTED, None)
-        log.info("MQTT connected to %s:%d as %s (MQTT %s%s); %d results wait in the outbox",
-                 host, port, self.client_id, self.cfg.protocol, ", TLS" if self._tls else "", self.outbox.depth())
+        session = ""
+        if self.cfg.persistent_session:
+            session = ", session resumed" if s.session_present else ", new persistent session"
+        log.info("MQTT connected to %s:%d as %s (MQTT %s%s%s); %d results wait in the outbox", host, port,
+                 self.client_id, self.cfg.protocol, ", TLS" if self._tls else "", session, self.outbox.depth())
         self._send(s, self.topics.status, self._status("online"), 1, True, None)
         with self._cond:
             topics = list(self._subscriptions)
@@ -527,6 +560,7 @@ class MqttPublisher:
             s.refused = reason_code
         else:
             s.connected_at = time.time()
+            s.session_present = bool(getattr(flags, "session_present", False))
             receive_max = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
             if receive_max:  # MQTT 5: the broker disconnects a client that exceeds it
                 s.window = max(1, min(s.window, int(receive_max)))
@@ -558,27 +592,20 @@ class MqttPublisher:
         if callback is None:
             return
         try:
-            callback(message.topic, bytes(message.payload))
+            callback(message.topic, bytes(message.payload), bool(message.retain))
         except Exception:  # never let a subscriber's error kill paho's network thread
             log.exception("handling a message on %s failed", message.topic)
             self._count("errors")
-
-    @staticmethod
-    def _on_log(client, s: _Session, level: int, message: str) -> None:
-        # paho's own messages are detail (packets sent and received; "not connected"
-        # after every clean disconnect, "connection reset" on every outage, both of
-        # which this module reports itself): DEBUG, except a callback's exception.
-        if message.startswith("Caught exception"):
-            _paho_log.error("%s", message)
-        else:
-            _paho_log.debug("%s", message)
 
     # --- helpers --------------------------------------------------------------------
 
     def _new_client(self, s: _Session) -> mqtt.Client:
         kwargs: dict[str, Any] = {}
         if self._protocol != mqtt.MQTTv5:
-            kwargs["clean_session"] = True  # no broker session: the outbox is the persistence
+            # No broker session by default: the outbox is the persistence of what is sent.
+            # A persistent one keeps the subscriptions, and the QoS 1 messages (triggers)
+            # published to them while the station is away.
+            kwargs["clean_session"] = not self.cfg.persistent_session
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
@@ -587,7 +614,7 @@ class MqttPublisher:
             reconnect_on_failure=False,
             **kwargs,
         )
-        client.on_log = self._on_log
+        client.enable_logger(_PAHO_LOG)
         client.connect_timeout = self.cfg.connect_timeout_s
         client.max_inflight_messages_set(self.cfg.max_inflight + 1)  # + the status message
         if self._tls is not None:
@@ -622,6 +649,15 @@ class MqttPublisher:
                 sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]  # paho's SocketLike type lacks shutdown()
             except OSError:
                 pass
+
+    def _connect_properties(self) -> Properties | None:
+        """MQTT 5 CONNECT properties: the session expiry of a persistent session
+        (without it the broker ends the session at the disconnect)."""
+        if not self.cfg.persistent_session:
+            return None
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.cfg.session_expiry_s
+        return props
 
     def _status(self, state: StatusState) -> bytes:
         record = status_record(state, self.station_id)

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .camera.files import FileSource
+from .config import FolderCamera, InputLimits
 from .messages import dumps, error_record, result_record
 from .overlay import draw_overlay
 from .pipeline import Inspector
@@ -106,8 +107,14 @@ def replay(
     overlays_dir: Path | None = None,
     progress: bool = True,
 ) -> ReplaySummary:
-    """Inspect every frame of ``inputs``, writing one JSON line per frame to ``out``."""
-    source = FileSource(list(inputs))
+    """Inspect every frame of ``inputs``, writing one JSON line per frame to ``out``.
+
+    Image files are held to the folder camera's ``limits`` when the config has
+    a folder camera, to the default limits otherwise: a file over them, or one
+    that cannot be decoded, gets an error record and the run goes on."""
+    camera = inspector.cfg.camera
+    limits = camera.limits if isinstance(camera, FolderCamera) else InputLimits()
+    source = FileSource(list(inputs), limits=limits)
     for d in (masks_dir, overlays_dir):
         if d is not None:
             d.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ starts on a free loopback port unless the config names a broker
 (``--broker HOST:PORT`` overrides it). A collecting MQTT subscriber counts the
 results that arrive. Every ``--interval`` seconds the tool samples, from
 ``/proc/<pid>``: resident memory (VmRSS, VmHWM), open file descriptors,
-threads and CPU time; plus the outbox file size and the results received.
+threads and CPU time; plus the state directory's size (everything the
+daemon keeps there), the outbox's files and its write-ahead log's, and the
+results received.
 
 At the end the daemon is stopped with SIGTERM (its exit code is recorded) and
 the tool writes JSON (samples + summary), optionally a PNG plot (matplotlib,
@@ -67,6 +69,21 @@ def proc_sample(pid: int) -> dict[str, Any]:
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
         "cpu_s": (int(stat[11]) + int(stat[12])) / TICKS,  # utime + stime
     }
+
+
+def state_sizes(state: Path) -> dict[str, int]:
+    """Bytes under the state directory (all files), in the outbox's files and in its WAL."""
+    sizes = {"state_bytes": 0, "outbox_bytes": 0, "wal_bytes": 0}
+    for path in state.rglob("*") if state.is_dir() else ():
+        try:
+            size = path.stat().st_size if path.is_file() else 0
+        except OSError:
+            continue  # removed meanwhile (archive pruning)
+        sizes["state_bytes"] += size
+        if path.parent == state and path.name.startswith("outbox.sqlite3"):
+            sizes["outbox_bytes"] += size
+            sizes["wal_bytes"] += size if path.name == "outbox.sqlite3-wal" else 0
+    return sizes
 
 
 # --- a local broker and a counting subscriber ---------------------------------------------
@@ -189,6 +206,8 @@ def summarize(samples: list[dict], warmup_s: float) -> dict[str, Any]:
         "cpu_s": round(last["cpu_s"], 1),
         "outbox_bytes_end": last["outbox_bytes"],
         "outbox_bytes_max": max(s["outbox_bytes"] for s in samples),
+        "wal_bytes_max": max(s["wal_bytes"] for s in samples),
+        "state_bytes_max": max(s["state_bytes"] for s in samples),
     }
 
 
@@ -197,7 +216,9 @@ def _prepare_config(config: Path | None, workdir: Path, broker: str | None) -> t
     the soak default, pointed at ``broker`` or at a local Mosquitto."""
     if config is not None:
         cfg = load_config(config)
-        data = cfg.model_dump(mode="json", exclude_none=True)
+        # Every field, None included: an explicit null (camera fps: null, unpaced)
+        # left out would come back as the field's default.
+        data = cfg.model_dump(mode="json")
     else:
         data = yaml.safe_load(DEFAULT_CONFIG)
     local = None
@@ -254,9 +275,8 @@ def soak(config: Path | None, minutes: float, out: Path, plot: Path | None = Non
                 except (OSError, KeyError, IndexError):
                     continue  # the process is exiting; poll() tells next turn
                 received, distinct, errors = counter.snapshot() if counter else (0, 0, 0)
-                outbox = sum(p.stat().st_size for p in state.glob("outbox.sqlite3*")) if state.is_dir() else 0
                 samples.append({"t": round(now - t0, 2), **s, "received": received, "distinct": distinct,
-                                "error_records": errors, "outbox_bytes": outbox})
+                                "error_records": errors, **state_sizes(state)})
                 if not quiet:
                     print(f"soak t={now - t0:7.1f}s rss={s['rss_kib'] / 1024:7.1f} MiB fds={s['fds']:3d} "
                           f"threads={s['threads']:3d} results={received}", file=sys.stderr, flush=True)
@@ -350,7 +370,8 @@ def format_summary(s: dict) -> str:
         f"growth {r['growth_after_warmup']:+}; slope (2nd half) {r['slope_second_half_mib_per_h']:+} MiB/h",
         f"  fds: {f['after_warmup']} -> {f['end']} (max {f['max']}, growth {f['growth_after_warmup']:+})",
         f"  threads: {th['after_warmup']} -> {th['end']} (max {th['max']}, growth {th['growth_after_warmup']:+})",
-        f"  outbox bytes: end {s['outbox_bytes_end']}, max {s['outbox_bytes_max']}; CPU {s['cpu_s']} s",
+        f"  outbox bytes: end {s['outbox_bytes_end']}, max {s['outbox_bytes_max']} (its WAL max {s['wal_bytes_max']}); "
+        f"state directory max {s['state_bytes_max']}; CPU {s['cpu_s']} s",
     ])
 
 

@@ -16,6 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from test_bad_input import PEAK
+
+from station.config import load_config
+from station.errors import StationError
+from station.preflight import check_for_run
 
 BOMB = "".join(f"{k}: &{k} [" + ", ".join([f"*{p}"] * 9 if p else ["lol"] * 9) + "]\n"
                for p, k in zip([None, *"abcdefgh"], "abcdefghi"))
@@ -42,25 +47,27 @@ HOSTILE_CONFIGS = [
 ]
 
 
-def _check_config(path: Path, workdir: Path) -> tuple[int, str, float, int]:
-    """`station check-config --no-models` on ``path`` in a child: exit code, stderr, wall seconds
-    and the child's own peak RSS in MiB (os.wait4)."""
-    err_path = workdir / "stderr.txt"
+def _check_config(path: Path) -> tuple[int, str, float, float]:
+    """`station check-config --no-models` on ``path`` in a fresh interpreter: exit code, stderr,
+    wall seconds and the child's own peak RSS in MiB (VmHWM, see test_bad_input.PEAK)."""
     t0 = time.perf_counter()
-    with open(err_path, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "station", "check-config", "--no-models", str(path)],
-                                stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+    run = subprocess.run([sys.executable, "-c", PEAK, "check-config", "--no-models", str(path)], capture_output=True,
+                         text=True, timeout=60)
     wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err_path.read_text(errors="replace"), wall, usage.ru_maxrss // 1024
+    line = next((ln for ln in run.stderr.splitlines() if ln.startswith("PEAK_RSS_KIB")), None)
+    assert line is not None, run.stderr[-3000:]
+    return run.returncode, run.stderr, wall, int(line.split()[1]) / 1024
 
 
 @pytest.mark.parametrize("name,content,names", HOSTILE_CONFIGS, ids=[c[0] for c in HOSTILE_CONFIGS])
 def test_a_hostile_config_exits_2_at_once_with_bounded_memory(tmp_path, name, content, names):
     path = tmp_path / "hostile.yaml"
     path.write_bytes(content)
-    code, err, wall, rss = _check_config(path, tmp_path)
+    code, err, wall, rss = _check_config(path)
+    t0 = time.perf_counter()
+    with pytest.raises(StationError):
+        check_for_run(load_config(path))
+    print(f"{name}: exit {code}, {wall:.2f} s, {rss:.0f} MiB; parse and checks in process {1e3 * (time.perf_counter() - t0):.1f} ms")
     assert code == 2, err
     assert names in err and str(path) in err, err
     assert "Traceback" not in err

@@ -3,10 +3,13 @@ InputError naming the file."""
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import pytest
 
+from station.config import InputLimits
 from station.errors import InputError
 from station.imageio import decode_image, read_image
 
@@ -82,3 +85,47 @@ def test_huge_image_is_refused_before_decoding():
     side = int(MAX_PIXELS**0.5) + 1
     with pytest.raises(InputError, match=f"huge.png: image exceeds {MAX_PIXELS} pixels"):
         decode_image(encoded(np.zeros((side, side), np.uint8), ".png"), "huge.png")
+
+
+def test_sixteen_bit_colour_with_alpha_keeps_the_top_byte_and_drops_alpha():
+    bgra16 = (np.dstack([BGR, BGR[:, :, :1]]).astype(np.uint16) << 8) | 0x7F
+    out = decode_image(encoded(bgra16, ".png"))
+    assert out.shape == BGR.shape and np.array_equal(out, BGR)
+
+
+# 16-bit colour hides in Pillow's 8-bit modes for PNG and TIFF: the declared size
+# must still count two bytes a sample.
+@pytest.mark.parametrize(
+    "image, ext, declared",
+    [
+        (np.zeros((100, 100, 3), np.uint16), ".png", 60_000),
+        (np.zeros((100, 100, 3), np.uint16), ".tiff", 60_000),
+        (np.zeros((100, 100, 4), np.uint8), ".png", 40_000),
+        (np.zeros((100, 100), np.uint16), ".pgm", 20_000),
+        (np.zeros((100, 100, 3), np.uint8), ".jpg", 30_000),
+    ],
+)
+def test_the_decoded_size_is_checked_from_the_header(image, ext, declared):
+    data = encoded(image, ext)
+    decode_image(data, "ok" + ext, InputLimits(max_decoded_bytes=declared))
+    with pytest.raises(InputError, match=rf"x{ext}: image would decode to {declared} bytes .*max_decoded_bytes"):
+        decode_image(data, "x" + ext, InputLimits(max_decoded_bytes=declared - 1))
+
+
+def test_file_size_and_pixel_limits_name_their_setting(tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(encoded(GRAY, ".png"))
+    with pytest.raises(InputError, match=r"a.png: file of \d+ bytes exceeds the 100-byte limit \(camera.limits.max_file_bytes\)"):
+        read_image(path, InputLimits(max_file_bytes=100))
+    with pytest.raises(InputError, match=r"image exceeds 3000 pixels \(91x37 declared; camera.limits.max_pixels\)"):
+        read_image(path, InputLimits(max_pixels=3000))
+    assert read_image(path, InputLimits(max_pixels=91 * 37)).shape == GRAY.shape
+
+
+def test_a_fifo_or_a_device_is_refused_without_waiting(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer
+    with pytest.raises(InputError, match="pipe.png: not a regular file"):
+        read_image(fifo)
+    with pytest.raises(InputError, match="not a regular file"):
+        read_image("/dev/zero")

@@ -17,6 +17,7 @@ import pytest
 from mosquitto import Mosquitto, Subscriber, have_mosquitto
 from station.config import MqttConfig, OutboxConfig
 from station.errors import ConfigError, PublishError
+import station.outbox as outbox_module
 from station.outbox import Outbox, OutboxFull, outbox_path
 from station.publish import MqttPublisher
 
@@ -332,3 +333,117 @@ def test_checkpoint_of_a_closed_outbox_raises(tmp_path):
     ob.close()
     with pytest.raises(PublishError, match="closed"):
         ob.checkpoint()
+
+
+def _wal_bytes(path: Path) -> int:
+    try:
+        return os.path.getsize(str(path) + "-wal")
+    except FileNotFoundError:
+        return 0
+
+
+def _cycle(ob: Outbox, key: str, payload: bytes) -> None:
+    """One result's life in the outbox: stored, handed to the broker, acknowledged."""
+    seq = ob.put(key, "t", payload)
+    ob.mark_attempted(seq)
+    ob.ack(seq)
+
+
+def test_commits_checkpoint_the_wal_at_its_limit_when_nobody_else_does(tmp_path, monkeypatch):
+    """take_over_checkpoints and no checkpoint() at all (a stuck or slow thread): the
+    WAL still stops at WAL_LIMIT, and the file is cut back to it, whatever went through."""
+    monkeypatch.setattr(outbox_module, "WAL_LIMIT", 1024 * 1024)
+    path = tmp_path / "o.sqlite3"
+    payload = b"x" * 1500
+    sizes = []
+    with Outbox(path) as ob:
+        ob.take_over_checkpoints()
+        for i in range(600):  # ~6 WAL pages a result: ~14 MiB through the WAL
+            _cycle(ob, f"r{i}", payload)
+            sizes.append(_wal_bytes(path))
+        assert ob.depth() == 0
+    assert sizes[-1] > 0 and max(sizes) <= 1024 * 1024 + 64 * 1024, max(sizes)  # one commit's pages over, at most
+
+
+def test_checkpoints_keep_the_wal_small_while_a_writer_never_pauses(tmp_path, monkeypatch):
+    """The WAL starts over after every checkpoint() even though puts, marks and acks
+    go on meanwhile (a line at up to 1,000 results/s): it holds what came since the
+    last one, not everything since the start (WAL_LIMIT raised out of the way: the
+    checkpoints alone bound it here)."""
+    monkeypatch.setattr(outbox_module, "WAL_LIMIT", 1 << 30)
+    path = tmp_path / "o.sqlite3"
+    payload = b"x" * 1500
+    stop = threading.Event()
+    done = [0]
+    with Outbox(path) as ob:
+        ob.take_over_checkpoints()
+
+        def writer():
+            while not stop.wait(0.001):
+                _cycle(ob, f"r{done[0]}", payload)
+                done[0] += 1
+
+        t = threading.Thread(target=writer)
+        t.start()
+        sizes = []
+        try:
+            while done[0] < 1000 and t.is_alive():  # ~20 MiB through the WAL
+                stop.wait(0.02)
+                ob.checkpoint()
+                sizes.append(_wal_bytes(path))
+        finally:
+            stop.set()
+            t.join()
+        assert done[0] >= 1000 and ob.depth() == 0
+    assert max(sizes) < 4 * 1024 * 1024, f"WAL reached {max(sizes)} bytes over {done[0]} results"
+
+
+_FILL_THE_DISK = """
+import json, logging, resource, sys
+from station.outbox import Outbox
+
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(message)s")
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # no file past 1 MiB: SQLite gets EFBIG
+with Outbox(sys.argv[1]) as ob:
+    ob.take_over_checkpoints()  # and no checkpoint(): only the full disk stops the WAL
+    for i in range(1000):
+        seq = ob.put(f"r{i}", "t", b"x" * 1500)
+        ob.mark_attempted(seq)
+        if i % 10:
+            ob.ack(seq)
+    print(json.dumps(ob.stats()))
+"""
+
+
+def test_a_wal_that_fills_the_disk_costs_no_write(tmp_path):
+    """Out of space, a write copies the WAL into the database file, which frees the
+    WAL's own space, and tries again: 1,000 results through a WAL that the disk (here
+    RLIMIT_FSIZE in a child process) stops every ~40 results, and none refused or lost."""
+    path = tmp_path / "o.sqlite3"
+    run = subprocess.run([sys.executable, "-c", _FILL_THE_DISK, str(path)], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stats = json.loads(run.stdout)
+    assert stats["write_errors"] == 0 and stats["depth"] == 100 and not stats["alarm"], stats
+    assert run.stderr.count("truncated to free space") >= 5  # the disk was full, again and again
+    with Outbox(path) as ob:
+        assert [e.result_id for e in ob.pending(1000)] == [f"r{i}" for i in range(0, 1000, 10)]
+
+
+def test_the_file_keeps_free_pages_for_results_in_flight(tmp_path):
+    """A new outbox writes RESERVE bytes of free pages into its file (blocks on the disk,
+    not a hole): results in flight take them, so the file does not grow and a checkpoint
+    needs no new space. Reopening keeps them and writes nothing more; seqs still start at 1."""
+    path = tmp_path / "o.sqlite3"
+    with Outbox(path) as ob:
+        assert ob._db.execute("PRAGMA freelist_count").fetchone()[0] * ob.page_size >= outbox_module.RESERVE
+        size = path.stat().st_size
+        assert path.stat().st_blocks * 512 >= size
+        ob.take_over_checkpoints()
+        seqs = [ob.put(f"r{i}", "t", b"x" * 1500) for i in range(200)]  # ~300 KB in flight
+        assert seqs[0] == 1
+        ob.ack_many(seqs)
+        ob.checkpoint()
+        assert path.stat().st_size == size
+    with Outbox(path) as again:
+        assert path.stat().st_size == size and again.depth() == 0 and again.put("next", "t", b"x") == 201

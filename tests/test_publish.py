@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime
@@ -471,3 +472,90 @@ def test_unreadable_tls_files_are_config_errors(tmp_path, outbox):
     assert cfg.effective_port == 8883
     with pytest.raises(ConfigError, match="mqtt.tls:"):
         MqttPublisher(cfg, STATION, outbox)
+
+
+# --- (f) subscriptions: the retained flag, persistent sessions ---------------------------
+
+
+class _Inbox:
+    """What a subscription's callback got: (payload, retained), in order."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[bytes, bool]] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, topic: str, payload: bytes, retained: bool) -> None:
+        with self._cond:
+            self.got.append((payload, retained))
+            self._cond.notify_all()
+
+    def wait_for(self, payload: bytes, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: any(p == payload for p, _ in self.got), timeout)
+
+
+def _subscribed(pub: MqttPublisher, inbox: _Inbox, broker: Mosquitto, topic: str, probe: bytes) -> None:
+    """Until the broker has the subscription: a probe sent until it arrives (SUBACK is not reported)."""
+    assert pub.wait_connected(5), pub.stats()
+    with Subscriber(broker.port, "unused/#") as sender:
+        for _ in range(50):
+            sender.client.publish(topic, probe, qos=1)
+            if inbox.wait_for(probe, 0.2):
+                return
+    raise AssertionError(f"{probe!r} never arrived on {topic}")
+
+
+def test_a_subscription_says_whether_the_message_was_retained(broker, outbox, publishers):
+    cfg = mqtt_cfg(broker)
+    topic = f"{topics_for(cfg, STATION).prefix}/trigger"
+    with Subscriber(broker.port, "unused/#") as sender:
+        sender.client.publish(topic, b"KEPT", qos=1, retain=True).wait_for_publish(5)
+    inbox = _Inbox()
+    pub = MqttPublisher(cfg, STATION, outbox)
+    pub.subscribe(topic, inbox)
+    pub.start()
+    try:
+        _subscribed(pub, inbox, broker, topic, b"LIVE")
+    finally:
+        pub.stop(1.0)
+    assert (b"KEPT", True) in inbox.got and (b"LIVE", False) in inbox.got
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+@pytest.mark.parametrize("persistent", [True, False])
+def test_a_persistent_session_gets_the_messages_sent_while_stopped(broker, tmp_path, protocol, persistent):
+    """mqtt.persistent_session: the broker keeps the subscription and the QoS 1 messages
+    sent to it while the station is away; by default (clean session) they are gone."""
+    cfg = mqtt_cfg(broker, protocol=protocol, persistent_session=persistent)
+    topic = f"{topics_for(cfg, STATION).prefix}/trigger"
+    for run, probe in enumerate((b"FIRST", b"SECOND")):
+        inbox = _Inbox()
+        with Outbox(tmp_path / "outbox.sqlite3") as box:
+            pub = MqttPublisher(cfg, STATION, box)
+            pub.subscribe(topic, inbox)
+            pub.start()
+            try:
+                _subscribed(pub, inbox, broker, topic, probe)
+            finally:
+                assert pub.stop(2.0)
+        if run == 0:  # the station is away: a QoS 1 message for it
+            with Subscriber(broker.port, "unused/#") as sender:
+                sender.client.publish(topic, b"WHILE-AWAY", qos=1).wait_for_publish(5)
+    assert (b"WHILE-AWAY", False) in inbox.got if persistent else all(p != b"WHILE-AWAY" for p, _ in inbox.got)
+
+
+def test_paho_lines_are_debug_except_a_callbacks_exception(caplog):
+    """paho's log goes through a logger (formatted only when emitted, not per packet):
+    its lines are DEBUG, including its "errors" about a closed socket, except the
+    exception of a callback."""
+    from station.publish import _PAHO_LOG
+
+    with caplog.at_level(logging.DEBUG, logger="station.publish.paho"):
+        _PAHO_LOG.log(logging.DEBUG, "Received PUBLISH (d%d, q%d)", 0, 1)
+        _PAHO_LOG.log(logging.ERROR, "Client is not connected. Socket: None")
+        _PAHO_LOG.log(logging.ERROR, "Caught exception in on_message: %s", ValueError("boom"))
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.DEBUG, "Received PUBLISH (d0, q1)"),
+        (logging.DEBUG, "Client is not connected. Socket: None"),
+        (logging.ERROR, "Caught exception in on_message: boom"),
+    ]

@@ -217,9 +217,10 @@ def test_check_config_prints_the_warning(tmp_path):
     path = tmp_path / "station.yaml"
     path.write_text("mqtt:\n  host: 127.0.0.1\n  auth: {username: station, password_env: PW}\n")
     path.chmod(0o644)
+    # PW set: check-config refuses, as run does, a password_env that is not set
     run = subprocess.run([sys.executable, "-m", "station", "check-config", "--no-models", str(path)],
-                         capture_output=True, text=True)
-    assert run.returncode == 0
+                         capture_output=True, text=True, env={**os.environ, "PW": "secret"})
+    assert run.returncode == 0, run.stderr
     assert f"WARNING station.config: {path}: config file is world-readable (mode 0644)" in run.stderr
 
 

@@ -38,16 +38,18 @@ def drain(source, timeout: float = 0.2) -> list:
 def test_folder_takes_settled_files_oldest_first_and_deletes_after_done(tmp_path):
     put(tmp_path, "b.png", age_s=10)
     put(tmp_path, "a.png", age_s=20)
-    put(tmp_path, "fresh.png", age_s=0)  # still being written: left alone
+    put(tmp_path, ".a-temporary-name.png", age_s=30)  # a dot-file: being written, renamed when complete
     (tmp_path / "notes.txt").write_text("not an image")
-    src = FolderSource(tmp_path, after="delete", settle_s=1.0)
+    src = FolderSource(tmp_path, after="delete", settle_s=0.3)
     src.open()
-    items = drain(src)
+    assert src.read(0.1) is None  # an old mtime is not enough: size and mtime must be seen stable for settle_s
+    items = [src.read(1.0), src.read(1.0)]
     assert [Path(i.source).name for i in items] == ["a.png", "b.png"]
+    assert drain(src) == []
     assert (tmp_path / "a.png").exists()  # kept until its result is stored
     for i in items:
         src.done(i)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.png", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a-temporary-name.png", "notes.txt"]
 
 
 def test_folder_move_and_keep(tmp_path):

@@ -24,9 +24,10 @@ from typing import Callable, Protocol, Sequence
 import cv2
 import numpy as np
 
-from ..config import CameraConfig
+from ..config import CameraConfig, InputLimits
 from ..errors import CameraError, InputError
-from ..imageio import IMAGE_EXTENSIONS, read_image, to_frame_image
+from ..imageio import DEFAULT_LIMITS, IMAGE_EXTENSIONS, read_image, to_frame_image
+from ..messages import text
 from ..types import Frame, FrameError
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ class OpenCVSource(_CaptureSource):
         self._seq = 0
 
     def open(self) -> None:
+        if isinstance(self.device, str) and text(self.device) != self.device:
+            raise CameraError(f"{text(self.name)}: not valid UTF-8 (OpenCV cannot open it)")
         cap = cv2.VideoCapture(self.device, _BACKENDS[self.backend])
         if not cap.isOpened():
             cap.release()
@@ -136,6 +139,8 @@ class VideoSource(_CaptureSource):
     def open(self) -> None:
         if not self.path.is_file():
             raise CameraError(f"{self.path}: video file not found")
+        if text(str(self.path)) != str(self.path):  # OpenCV's bindings crash on such a path
+            raise CameraError(f"{text(str(self.path))}: the name is not valid UTF-8 (OpenCV cannot open it)")
         cap = cv2.VideoCapture(str(self.path))
         if not cap.isOpened():
             cap.release()
@@ -176,25 +181,45 @@ class VideoSource(_CaptureSource):
 
 class FolderSource:
     """Watches a folder for new image files, the way vendor camera SDKs hand
-    frames to line PCs. A file is taken once its modification time is at
-    least ``settle_s`` old (so half-written files are left alone), oldest
-    first. After its result is stored, the file is deleted, moved to
-    ``move_to`` or kept (``after``); kept files are remembered by name, size
-    and mtime so they are not inspected twice while the daemon runs.
+    frames to line PCs.
+
+    A file is taken once its size and modification time have been seen
+    unchanged for ``settle_s`` by this process's clock (a writer's clock, or a
+    file server's, does not matter: a modification time in the future is
+    taken, with a warning), oldest first. Names starting with '.' are never
+    taken: write under such a name, or an extension not taken, then rename.
+
+    After its result is stored, the file is deleted, moved to ``move_to`` or
+    kept (``after``); kept files are remembered by name, size and mtime so they
+    are not inspected twice while the daemon runs. A file that could not be
+    read or decoded (a FrameError: unreadable, corrupt, over a limit) is moved
+    to ``rejected_to`` (default ``<path>/rejected``) once its error record is
+    stored, whatever ``after`` says: it is never taken again, after a restart
+    either, and never holds up the files behind it. A file the process died
+    decoding twice in a row (the marker ``.station-decoding`` tells the next
+    start) is refused unread.
     """
 
+    MARKER = ".station-decoding"
+
     def __init__(self, path: str | Path, after: str = "delete", move_to: str | Path | None = None,
-                 extensions: Sequence[str] | None = None, poll_interval: float = 0.05, settle_s: float = 0.2):
+                 extensions: Sequence[str] | None = None, poll_interval: float = 0.05, settle_s: float = 0.2,
+                 rejected_to: str | Path | None = None, limits: InputLimits = DEFAULT_LIMITS):
         if after == "move" and move_to is None:
             raise ValueError("after='move' needs move_to")
         self.path = Path(path)
         self.after = after
         self.move_to = Path(move_to) if move_to is not None else None
+        self.rejected_to = Path(rejected_to) if rejected_to is not None else self.path / "rejected"
         self.extensions = frozenset(e.lower() for e in (extensions or IMAGE_EXTENSIONS))
         self.poll_interval = poll_interval
         self.settle_s = settle_s
+        self.limits = limits
         self.name = f"folder:{self.path}"
         self.lossless = True
+        self._marker = self.path / self.MARKER
+        self._crashed: tuple[str, int] | None = None  # (name, decodes the process died in) from the marker
+        self._seen: dict[str, tuple[int, int, float]] = {}  # name → size, mtime_ns, when first seen so (monotonic)
         self._taken: set[tuple[str, int, int]] = set()
         self._in_flight: dict[int, Path] = {}
         self._queue: list[Path] = []
@@ -205,28 +230,51 @@ class FolderSource:
             raise CameraError(f"{self.path}: watched folder does not exist")
         if self.move_to is not None:
             self.move_to.mkdir(parents=True, exist_ok=True)
+        try:
+            attempts, _, name = self._marker.read_bytes().partition(b"\n")
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("%s: cannot read: %s", self._marker, exc)
+            return
+        if attempts.isdigit() and name:
+            self._crashed = (os.fsdecode(name), int(attempts))
+            log.warning("%s: the last run stopped while decoding it (%s time(s))", text(name), int(attempts))
 
     def _scan(self) -> None:
-        now = time.time()
+        now = time.monotonic()
         ready = []
+        seen: dict[str, tuple[int, int, float]] = {}
         present: set[tuple[str, int, int]] = set()
         try:
             with os.scandir(self.path) as it:
                 for entry in it:
-                    if not entry.is_file() or Path(entry.name).suffix.lower() not in self.extensions:
+                    if entry.name.startswith(".") or Path(entry.name).suffix.lower() not in self.extensions:
                         continue
-                    st = entry.stat()
-                    if now - st.st_mtime < self.settle_s:
+                    try:
+                        if not entry.is_file():
+                            continue
+                        st = entry.stat()
+                    except FileNotFoundError:  # renamed or removed since it was listed
                         continue
                     key = (entry.name, st.st_size, st.st_mtime_ns)
                     present.add(key)
                     if key in self._taken:
                         continue
-                    ready.append((st.st_mtime_ns, entry.name, key))
+                    prev = self._seen.get(entry.name)
+                    since = prev[2] if prev is not None and prev[:2] == key[1:] else now
+                    seen[entry.name] = (st.st_size, st.st_mtime_ns, since)
+                    if now - since >= self.settle_s:
+                        ready.append((st.st_mtime_ns, entry.name, key))
         except OSError as exc:
             raise CameraError(f"{self.path}: cannot list the watched folder ({exc.strerror or exc})") from exc
-        self._taken &= present  # forget files that are gone: the set stays as small as the folder
-        for _, name, key in sorted(ready):
+        self._seen = seen  # files gone or taken are forgotten: both stay as small as the folder
+        self._taken &= present
+        wall_ns = time.time_ns()
+        for mtime_ns, name, key in sorted(ready):
+            if mtime_ns > wall_ns + 1_000_000_000:
+                log.warning("%s: modified %.0f s in the future (clocks out of step?); taken, as it is stable",
+                            text(str(self.path / name)), (mtime_ns - wall_ns) / 1e9)
             self._taken.add(key)
             self._queue.append(self.path / name)
 
@@ -243,23 +291,69 @@ class FolderSource:
         path = self._queue.pop(0)
         seq, self._seq = self._seq, self._seq + 1
         self._in_flight[seq] = path
+        source = text(str(path))
+        return self._decode(path, source, seq)
+
+    def _decode(self, path: Path, source: str, seq: int) -> Frame | FrameError:
+        """Decode one file between writes of the marker, so that a file that kills
+        the process (a decoder crash, the OOM killer) is refused after two tries."""
+        crashed = self._crashed[1] if self._crashed is not None and self._crashed[0] == path.name else 0
+        if crashed >= 2:
+            self._crashed = None
+            self._mark(None)
+            return FrameError(source, seq, f"{source}: the station stopped twice while decoding this file: refused")
+        marked = self._mark(f"{crashed + 1}\n".encode() + os.fsencode(path.name))
         try:
-            return Frame(read_image(path), str(path), seq, time.time())
+            return Frame(read_image(path, self.limits), source, seq, time.time())
         except InputError as exc:
-            return FrameError(str(path), seq, str(exc))
+            return FrameError(source, seq, str(exc))
+        except Exception as exc:  # one hostile file must not stop the line: its error record, then the next file
+            log.exception("%s: decoding failed", source)
+            return FrameError(source, seq, f"{source}: cannot decode ({type(exc).__name__}: {exc})")
+        finally:
+            if marked:
+                self._mark(None)
+            if crashed:
+                self._crashed = None
+
+    def _mark(self, content: bytes | None) -> bool:
+        """Write (or, None, remove) the marker; False when the folder refuses it."""
+        try:
+            if content is None:
+                self._marker.unlink(missing_ok=True)
+            else:
+                self._marker.write_bytes(content)
+            return True
+        except OSError as exc:
+            log.debug("%s: %s", self._marker, exc)
+            return False
 
     def done(self, frame: Frame | FrameError) -> None:
         path = self._in_flight.pop(frame.seq, None)
-        if path is None or self.after == "keep":
+        if path is None:
             return
         try:
-            if self.after == "delete":
+            if isinstance(frame, FrameError):
+                self._reject(path)
+            elif self.after == "delete":
                 path.unlink(missing_ok=True)
-            else:
+            elif self.after == "move":
                 assert self.move_to is not None
                 shutil.move(str(path), str(self.move_to / path.name))
         except OSError as exc:
-            log.error("%s: cannot %s processed file: %s", path, self.after, exc)
+            log.error("%s: cannot %s processed file: %s", text(str(path)),
+                      "reject" if isinstance(frame, FrameError) else self.after, exc)
+
+    def _reject(self, path: Path) -> None:
+        """Move a file that could not be inspected aside, under a name not yet taken there."""
+        self.rejected_to.mkdir(parents=True, exist_ok=True)
+        target = self.rejected_to / path.name
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.rejected_to / f"{path.stem}__{n}{path.suffix}"
+        shutil.move(str(path), str(target))
+        log.warning("%s: could not be inspected; moved to %s", text(str(path)), text(str(target)))
 
     def close(self) -> None:
         pass
@@ -339,7 +433,8 @@ class FakeSource:
 
 # The registry: camera.type → frame source. Fakes are sources like the others.
 SOURCES: dict[str, Callable[..., LiveSource]] = {
-    "folder": lambda c: FolderSource(c.path, c.after, c.move_to, c.extensions, c.poll_interval_s, c.settle_s),
+    "folder": lambda c: FolderSource(c.path, c.after, c.move_to, c.extensions, c.poll_interval_s, c.settle_s,
+                                     c.rejected_to, c.limits),
     "video": lambda c: VideoSource(c.path, c.loop, c.realtime),
     "opencv": lambda c: OpenCVSource(c.device, c.backend, c.width, c.height, c.fps),
     "fake": lambda c: FakeSource(c.fps, c.height, c.width, c.seed, c.frames, c.fail_after_frames, c.fail_for_s, c.distinct),
