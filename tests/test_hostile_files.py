@@ -335,3 +335,54 @@ def test_a_video_whose_name_is_not_utf8_is_an_error_record_not_a_crash(tmp_path,
     assert main(["replay", str(tmp_path / name), "--out", str(out), "-q"]) == 1
     (record,) = read_jsonl(out)
     assert "not valid UTF-8" in record["error"] and record["source"] == text(str(tmp_path / name))
+
+
+# --- any file name (hypothesis) ---------------------------------------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# A Linux file name: any bytes but "/" and NUL, at most 255 of them; an image extension or not.
+NAME_BYTES = st.binary(min_size=1, max_size=120).map(lambda b: b.replace(b"/", b"_").replace(b"\0", b"_"))
+EXTENSIONS = st.sampled_from([b".png", b".PNG", b".jpg", b"", b".png.tmp"])
+
+
+@pytest.fixture(scope="module")
+def inspector():
+    from station.config import DEFAULT_CONFIG, load_config
+    from station.pipeline import Inspector, open_models
+
+    cfg = load_config(DEFAULT_CONFIG)
+    return Inspector(open_models(cfg), cfg)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.lists(st.tuples(NAME_BYTES, EXTENSIONS), min_size=1, max_size=4))
+def test_any_file_name_gives_one_valid_record_with_its_mask_and_overlay(inspector, tmp_path_factory, names):
+    """Files named with arbitrary bytes, in a folder replayed with masks and overlays: one
+    record per image file, each one line of valid UTF-8 JSON whose source names its file."""
+    import io
+
+    from station.replay import replay
+
+    folder = tmp_path_factory.mktemp("names")
+    wanted = set()
+    for stem, ext in names:
+        name = (stem + ext)[:255]
+        if name in (b".", b".."):
+            continue
+        path = os.path.join(os.fsencode(folder), name)
+        with open(path, "wb") as f:
+            f.write(SAMPLE_PNG.read_bytes())
+        if os.path.splitext(name)[1].lower() in (b".png", b".jpg"):
+            wanted.add(text(os.fsdecode(path)))
+    out = io.StringIO()
+    replay([folder], inspector, out, masks_dir=folder / "masks", overlays_dir=folder / "overlays", progress=False)
+    lines = out.getvalue().splitlines()
+    records = [json.loads(line) for line in lines]
+    for line in lines:
+        line.encode("utf-8")  # valid UTF-8: no lone surrogates
+    assert sorted(r["source"] for r in records) == sorted(wanted)
+    assert all("grade" in r for r in records), records
+    assert len(os.listdir(folder / "masks")) + len(os.listdir(folder / "overlays")) == 2 * len(wanted)
