@@ -576,6 +576,8 @@ def command_of(cfg: DetTrainConfig) -> str:
         argv += ["--max-minutes", f"{cfg.max_minutes:g}"]
     if cfg.keep != "best":
         argv += ["--keep", cfg.keep]
+    if cfg.weights is not None:
+        argv += ["--weights", str(cfg.weights)]
     if cfg.init_weights is not None:
         argv += ["--init-weights", str(cfg.init_weights)]
     if cfg.eager:

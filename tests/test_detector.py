@@ -466,14 +466,18 @@ def test_detector_export_round_trip(tiny_det_run, tmp_path: Path) -> None:
     assert len(split["val"]) == 3 and not set(split["val"]) & set(split["train"])
 
 
-def test_neu_det_recipe_is_the_command_on_its_card() -> None:
+def test_neu_det_recipe_is_the_command_on_its_card(tmp_path: Path) -> None:
     from export.neu_det import recipe
     from export.train_detector import build_parser, config_from_args
 
-    cfg = recipe(Path("/data/neu_det"), Path("runs/x"))
-    assert cfg.keep == "last" and cfg.crop_min < 1 and cfg.jitter > 0 and cfg.seed == 0
+    weights = tmp_path / "imagenet.weights.h5"
+    with pytest.raises(ExportError, match="no such file"):
+        recipe(Path("/data/neu_det"), Path("runs/x"), weights)
+    weights.write_bytes(b"")  # recipe() only checks that it is there
+    cfg = recipe(Path("/data/neu_det"), Path("runs/x"), weights)
+    assert cfg.keep == "last" and cfg.crop_min < 1 and cfg.jitter > 0 and cfg.seed == 0 and cfg.weights == weights
     head, equivalent = cfg.command.split("   # = ")
-    assert head == "python -m export.neu_det train --data /data/neu_det --run runs/x"
+    assert head == f"python -m export.neu_det train --data /data/neu_det --weights {weights} --run runs/x"
     # the train_detector command on the card rebuilds the very same configuration
     argv = shlex.split(equivalent)[3:]
     again = config_from_args(build_parser().parse_args(argv), cfg.command)
@@ -520,8 +524,9 @@ def test_neu_det_eval_writes_reports_and_card_figures(tiny_det_run, tmp_path: Pa
     assert f"{split}: 3 of its 3 val images are not under {tmp_path}" in caplog.text
 
 
-def _save_recipe_weights(path: Path) -> None:
-    """Random weights of the shipped recipe's detector, saved as a run's weights file."""
+def _save_recipe_weights(path: Path, backbone: Path) -> None:
+    """Random weights of the shipped recipe's detector (its backbone loaded from ``backbone``),
+    saved as a run's weights file."""
     import keras
 
     from export.detector import build_detector
@@ -530,21 +535,36 @@ def _save_recipe_weights(path: Path) -> None:
     keras.utils.set_random_seed(0)
     size = RECIPE["size"]
     model = build_detector((size[0], size[1], 1), len(CLASSES), alpha=RECIPE["alpha"], width=RECIPE["width"],
-                           head_depth=RECIPE["head_depth"], strides=RECIPE["levels"])
+                           head_depth=RECIPE["head_depth"], strides=RECIPE["levels"], weights=backbone)
     model.save_weights(path)
 
 
 @pytest.fixture(scope="module")
-def recipe_weights(tmp_path_factory) -> Path:
+def backbone_weights(tmp_path_factory) -> Path:
+    """A MobileNetV2 no-top weights file of the recipe's width, as the ImageNet file is laid out
+    (random values: made here, never the file in ../shared)."""
+    import keras
+
+    from export.neu_det import RECIPE
+
+    keras.utils.set_random_seed(1)
+    path = tmp_path_factory.mktemp("backbone") / "mobilenet_v2_no_top.weights.h5"
+    keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=RECIPE["alpha"], include_top=False,
+                                   weights=None).save_weights(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def recipe_weights(tmp_path_factory, backbone_weights) -> Path:
     """:func:`_save_recipe_weights` once for the tests of the commands that read a run's weights."""
     path = tmp_path_factory.mktemp("recipe") / "last.weights.h5"
-    _save_recipe_weights(path)
+    _save_recipe_weights(path, backbone_weights)
     return path
 
 
 @pytest.mark.slow
-def test_neu_det_export_ships_a_runs_last_weights_under_the_recipe(recipe_weights, tmp_path: Path, monkeypatch,
-                                                                  caplog) -> None:
+def test_neu_det_export_ships_a_runs_last_weights_under_the_recipe(recipe_weights, backbone_weights, tmp_path: Path,
+                                                                  monkeypatch, caplog) -> None:
     """`python -m export.neu_det export`: no training; the run's last weights in the recipe's
     graph (its test-time flips, its NMS), copied to models/ with the recipe's train command on
     the card."""
@@ -555,19 +575,22 @@ def test_neu_det_export_ships_a_runs_last_weights_under_the_recipe(recipe_weight
     run = tmp_path / "run"
     run.mkdir()
     monkeypatch.chdir(tmp_path)
-    assert main(["export", "--data", str(data), "--run", str(run)]) == 2
+    args = ["export", "--data", str(data), "--weights", str(backbone_weights), "--run", str(run)]
+    assert main(args) == 2
     assert f"{run / 'last.weights.h5'}: no weights; train first" in caplog.text
     shutil.copyfile(recipe_weights, run / "last.weights.h5")
-    assert main(["export", "--data", str(data), "--run", str(run)]) == 0
+    assert main(args) == 0
     card = read_card(tmp_path / MODEL_PATH)
-    assert card.training.command.startswith(f"python -m export.neu_det train --data {data} --run {run}")
+    assert card.training.command.startswith(
+        f"python -m export.neu_det train --data {data} --weights {backbone_weights} --run {run}")
     assert f"--tta {' '.join(RECIPE['tta'])}" in card.training.command
     assert f"test-time flips {'/'.join(RECIPE['tta'])} in the graph" in card.training.evaluated_by
     assert (tmp_path / SPLIT_PATH).is_file()
 
 
 @pytest.mark.slow
-def test_neu_det_tta_compares_flip_sets_on_the_training_side(recipe_weights, tmp_path: Path, caplog) -> None:
+def test_neu_det_tta_compares_flip_sets_on_the_training_side(recipe_weights, backbone_weights, tmp_path: Path,
+                                                            caplog) -> None:
     """`python -m export.neu_det tta`: the recipe's model with a run's last weights, each flip set
     of TTA_CHOICES scored on the split's training images (never its validation ones)."""
     import logging
@@ -582,11 +605,12 @@ def test_neu_det_tta_compares_flip_sets_on_the_training_side(recipe_weights, tmp
     write_split_file(split, "test", keys[:8], keys[8:])
     run = tmp_path / "run"
     run.mkdir()
-    assert main(["tta", "--data", str(data), "--run", str(run), "--split", str(split)]) == 2
+    args = ["tta", "--data", str(data), "--weights", str(backbone_weights), "--run", str(run), "--split", str(split)]
+    assert main(args) == 2
     assert f"{run / 'last.weights.h5'}: no weights; train first" in caplog.text
     shutil.copyfile(recipe_weights, run / "last.weights.h5")
     caplog.clear()
-    assert main(["tta", "--data", str(data), "--run", str(run), "--split", str(split)]) == 0
+    assert main(args) == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training split")]
     assert [line.split("flips ")[1].split(":")[0].strip() for line in lines] == \
         ["/".join(f) or "none" for f in TTA_CHOICES]
