@@ -9,7 +9,7 @@ RUN_DIR holds one directory per fold (``fold0``, ``fold1``, …), each the
 output of ``python -m export.train … --folds K --fold I``: its ``model.onnx``
 and its ``split.json`` (the images it held out). Every image is predicted
 once, by the model of the fold that held it out (out-of-fold), through the
-line's own code: ``station.pipeline.Inspector`` preprocesses, runs ONNX
+line's own code: ``station.inspector.Inspector`` preprocesses, runs ONNX
 Runtime and maps the probabilities back to the frame; the truth grade and
 the predicted grade are :func:`station.evaluate.true_grade` and
 :func:`station.grade.grade` with the config's rules, as ``station eval``
@@ -56,7 +56,7 @@ from station.evaluate import (
 )
 from station.grade import grade
 from station.imageio import read_image
-from station.pipeline import Inspector, open_models
+from station.inspector import Inspector, open_models
 from station.postprocess import mask_defects
 from station.preprocess import Geometry
 from station.types import Frame

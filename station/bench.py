@@ -44,18 +44,22 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import numpy as np
 
 from . import __version__
 from .config import FakeCamera, MqttConfig, StationConfig, load_config
 from .errors import StationError
+from .inspector import Inspector, Work, open_models
 from .messages import result_record
 from .outbox import Outbox
-from .pipeline import Inspector, ParallelInfer, Work, open_models
-from .priority import infer_policy_this_thread, non_inference_increment, pin_this_thread, split_cpus
+from .parallel import ParallelInfer
+from .priority import ThreadPolicy, non_inference_increment, split_cpus
 from .types import Frame
+
+if TYPE_CHECKING:
+    from .sinks import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -226,9 +230,8 @@ def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, li
     (per-frame ms, frames/s from the runs' own times) and the per-frame times in the
     order measured."""
     prepared = [inspector.prepare(f) for f in frames]
-    cpus = split_cpus(inspector.cfg.run.infer_cpu)  # and on the CPUs the daemon gives them
-    infer = ParallelInfer("bare", inspector.cfg.run.realtime_inference,
-                          helper_cpus=cpus[1] if cpus is not None else None)
+    policy = ThreadPolicy.from_run(inspector.cfg.run)  # and on the CPUs the daemon gives them
+    infer = ParallelInfer("bare", policy)
 
     def one_frame(i: int) -> Work:
         w = prepared[i % len(prepared)]
@@ -238,9 +241,7 @@ def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, li
     per_frame: list[float] = []
 
     def measure() -> tuple[bool, bool]:  # on a thread of its own, under the infer stage's policy
-        pin_this_thread(cpus[0] if cpus is not None else None)
-        run = inspector.cfg.run
-        realtime = infer_policy_this_thread(run.realtime_inference, run.infer_nice) == "fifo"
+        realtime = policy.infer() == "fifo"
         for i in range(4):  # warm-up beyond the load-time one
             one_frame(i)
         for i in range(runs):
@@ -276,7 +277,9 @@ def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, li
 
 
 class _Run:
-    """One daemon run in this process, with its acknowledgements timed."""
+    """One daemon run in this process, with its acknowledgements timed: a sink of the
+    daemon (station/sinks.py), told of each record as it is stored and of each
+    acknowledgement of the broker."""
 
     def __init__(self, cfg: StationConfig, state_dir: Path, warm: int, pids: Sequence[int] = ()):
         from .daemon import Daemon
@@ -286,15 +289,12 @@ class _Run:
         self.stored: dict[int, float] = {}  # seq → when the finish stage had stored it in the outbox
         self.stages: dict[str, list[float]] = {}
         self.model_ms: list[tuple[float, float]] = []  # each published frame's (capture time, model time ms), in order
-        self.records = 0
         self.warm = warm
         self.marks: dict[str, tuple[float, float, float]] = {}  # name → (wall, cpu, rss)
         self.host: dict[str, _Ticks | None] = {}  # name → the machine's CPU ticks
         self.pids = pids  # other processes of the bench (the broker), counted as its own CPU time
         self._lock = threading.Lock()
-        self.daemon = Daemon(cfg, state_dir=state_dir)
-        self.daemon.on_ack = self._on_ack
-        self.daemon.on_published = self._on_published
+        self.daemon = Daemon(cfg, state_dir=state_dir, sinks=[self])
         self.done = threading.Event()
         assert isinstance(cfg.camera, FakeCamera)  # _configure put one there
         self.expected = cfg.camera.frames or 0
@@ -303,7 +303,9 @@ class _Run:
         self.marks[name] = (time.perf_counter(), _cpu_s(), _rss_mb())
         self.host[name] = _host_ticks(self.pids)
 
-    def _on_published(self, record: dict, seq: int | None, captured: float | None) -> None:
+    def deliver(self, record: dict, ctx: Delivery) -> None:
+        """A record stored in the outbox under ``ctx.seq`` (the finish thread)."""
+        seq, captured = ctx.seq, ctx.captured_at
         if seq is None or "error" in record or captured is None:
             return
         stored = time.time()
@@ -324,7 +326,8 @@ class _Run:
             return latency_ms["infer"]
         return sum(ms for stage, ms in latency_ms.items() if stage.startswith("infer."))
 
-    def _on_ack(self, seq: int) -> None:
+    def acked(self, seq: int) -> None:
+        """The broker acknowledged ``seq`` (paho's network thread)."""
         now = time.time()
         with self._lock:
             self.acks[seq] = now
@@ -334,6 +337,12 @@ class _Run:
         if n == self.expected:
             self._mark("end")
             self.done.set()
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
     def run(self, timeout: float) -> None:
         self._mark("start")
@@ -348,7 +357,7 @@ class _Run:
         thread.join(60)
         if "end" not in self.marks:
             self._mark("end")
-        if len(self.acks) + self.daemon.queue.dropped < self.expected:
+        if len(self.acks) + self.daemon.pipeline.queue.dropped < self.expected:
             raise StationError(f"bench: only {len(self.acks)} of {self.expected} results acknowledged within {timeout:.0f} s")
 
     def models_floor_ms(self) -> list[float]:
@@ -474,17 +483,7 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
     sample = cast(list[Frame], [src.read(1.0) for _ in range(8)])  # unpaced, endless: every read is a frame
     report: dict = {
         "station": __version__,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "onnxruntime": __import__("onnxruntime").__version__,
-                    "nice": os.getpriority(os.PRIO_PROCESS, 0),  # the bench's own priority (`nice -n`)
-                    "realtime_inference": cfg.run.realtime_inference,
-                    # the nice increment of the pipeline's threads but inference, as the daemon resolves it
-                    "nice_non_inference": non_inference_increment(cfg.run.nice_non_inference,
-                                                                  cfg.run.realtime_inference),
-                    "helper_yield_ms": cfg.inference.helper_yield_ms,  # inference.helper_yield_ms
-                    "infer_cpu": cfg.run.infer_cpu,  # run.infer_cpu (the broker runs off it too)
-                    "infer_nice": cfg.run.infer_nice,  # run.infer_nice: the infer thread's policy instead of FIFO
-                    "gpu": gpu_description(models, cfg.inference.device_id)},
+        "machine": _machine(cfg, models),
         "frame": {"height": cam.height, "width": cam.width},
         "models": {r: {"name": m.card.name, "input": [m.card.input.height, m.card.input.width],
                        "providers": m.providers, "sha256": m.sha256} for r, m in models.items()},
@@ -499,49 +498,16 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
     report["bare"].update(_host_figures(h0, _host_ticks(pids)))
 
     log.info("pipeline: %d frames, unpaced", frames)
-    warm = min(50, max(1, frames // 10))
-    run = _Run(_configure(cfg, cam, broker.port), work / "state-throughput", warm, pids)
-    run.run(timeout)
-    (w0, c0, r0), (w1, c1, r1) = run.marks["warm"], run.marks["end"]
-    pipeline_fps = (frames - warm) / (w1 - w0)
-    report["pipeline"] = {
-        "frames": frames,
-        "fps": pipeline_fps,
-        "cpu_pct": 100.0 * (c1 - c0) / (w1 - w0),
-        "rss_mb_start": r0,
-        "rss_mb_end": r1,
-        "rss_growth_mb": r1 - r0,
-        "dropped": run.daemon.queue.dropped,
-        **_host_figures(run.host["warm"], run.host["end"]),
-        "stage_ms": run.stage_ms(),
-    }
-
+    report["pipeline"] = _throughput_run(_configure(cfg, cam, broker.port), frames, work, timeout, pids)
     runs = []
     for i, load in enumerate(latency_loads):
-        pace = load * pipeline_fps
+        pace = load * report["pipeline"]["fps"]
         log.info("latency: %d frames at %.1f frames/s (%.0f %% load)", latency_frames, pace, 100 * load)
         lat_cam = _camera(cfg, latency_frames, pace, (cam.height, cam.width))
         lrun = _Run(_configure(cfg, lat_cam, broker.port), work / f"state-latency-{i}", 1, pids)
         lrun.run(timeout)
-        lat = lrun.latencies_ms()
-        floor = queue_floor(bare_ms, 1e3 / pace)
-        runs.append({
-            "frames": latency_frames,
-            "load": load,
-            "fps": pace,
-            "p50_ms": _pct(lat, 50),
-            "p99_ms": _pct(lat, 99),
-            "p99_over_bare_median": _pct(lat, 99) / report["bare"]["median_ms"],
-            "dropped": lrun.daemon.queue.dropped,
-            **_host_figures(lrun.host["start"], lrun.host["end"]),
-            "legs_ms": lrun.legs_ms(),
-            "stage_ms": lrun.stage_ms(),
-            # the bare runs queued at the same pace: what the models alone reach here
-            "models_alone": _floor_figures(floor, report["bare"]["median_ms"]),
-            # this run's own model runs queued at that pace: what a station adding nothing to
-            # them would have reached, on the host as it was during this run
-            "models_in_run": _floor_figures(lrun.models_floor_ms(), report["bare"]["median_ms"]),
-        })
+        runs.append({"frames": latency_frames, "load": load, "fps": pace,
+                     **_latency_figures(lrun, bare_ms, report["bare"]["median_ms"], pace)})
     report["latency"] = runs[0]  # the first load is the one the target is judged at
     report["latency_by_load"] = runs
 
@@ -550,9 +516,67 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
         "store_ack_per_s": outbox_throughput(work, record),
         "through_broker_per_s": publisher_throughput(work, broker.port, record),
     }
-    b = report["bare"]
+    _judge(report)
+    return report
+
+
+def _machine(cfg: StationConfig, models: dict) -> dict:
+    """The machine and the scheduling settings the figures were measured with."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "onnxruntime": __import__("onnxruntime").__version__,
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),  # the bench's own priority (`nice -n`)
+            "realtime_inference": cfg.run.realtime_inference,
+            # the nice increment of the pipeline's threads but inference, as the daemon resolves it
+            "nice_non_inference": non_inference_increment(cfg.run.nice_non_inference, cfg.run.realtime_inference),
+            "helper_yield_ms": cfg.inference.helper_yield_ms,  # inference.helper_yield_ms
+            "infer_cpu": cfg.run.infer_cpu,  # run.infer_cpu (the broker runs off it too)
+            "infer_nice": cfg.run.infer_nice,  # run.infer_nice: the infer thread's policy instead of FIFO
+            "gpu": gpu_description(models, cfg.inference.device_id)}
+
+
+def _throughput_run(cfg: StationConfig, frames: int, work: Path, timeout: float, pids: Sequence[int]) -> dict:
+    """The unpaced pipeline run: frames/s, CPU and memory from the warm-up's end."""
+    warm = min(50, max(1, frames // 10))
+    run = _Run(cfg, work / "state-throughput", warm, pids)
+    run.run(timeout)
+    (w0, c0, r0), (w1, c1, r1) = run.marks["warm"], run.marks["end"]
+    return {
+        "frames": frames,
+        "fps": (frames - warm) / (w1 - w0),
+        "cpu_pct": 100.0 * (c1 - c0) / (w1 - w0),
+        "rss_mb_start": r0,
+        "rss_mb_end": r1,
+        "rss_growth_mb": r1 - r0,
+        "dropped": run.daemon.pipeline.queue.dropped,
+        **_host_figures(run.host["warm"], run.host["end"]),
+        "stage_ms": run.stage_ms(),
+    }
+
+
+def _latency_figures(lrun: _Run, bare_ms: list[float], bare_median_ms: float, pace: float) -> dict:
+    """The figures of one paced run, beside what the models alone reach at its pace."""
+    lat = lrun.latencies_ms()
+    floor = queue_floor(bare_ms, 1e3 / pace)
+    return {
+        "p50_ms": _pct(lat, 50),
+        "p99_ms": _pct(lat, 99),
+        "p99_over_bare_median": _pct(lat, 99) / bare_median_ms,
+        "dropped": lrun.daemon.pipeline.queue.dropped,
+        **_host_figures(lrun.host["start"], lrun.host["end"]),
+        "legs_ms": lrun.legs_ms(),
+        "stage_ms": lrun.stage_ms(),
+        # the bare runs queued at the same pace: what the models alone reach here
+        "models_alone": _floor_figures(floor, bare_median_ms),
+        # this run's own model runs queued at that pace: what a station adding nothing to
+        # them would have reached, on the host as it was during this run
+        "models_in_run": _floor_figures(lrun.models_floor_ms(), bare_median_ms),
+    }
+
+
+def _judge(report: dict) -> None:
+    """The ratios the targets are stated in, and whether each target is met."""
     report["ratios"] = {
-        "pipeline_over_bare": pipeline_fps / b["fps"],
+        "pipeline_over_bare": report["pipeline"]["fps"] / report["bare"]["fps"],
         "p99_over_bare_median": report["latency"]["p99_over_bare_median"],
     }
     report["targets"] = {
@@ -561,7 +585,6 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
         "rss_growth <= 10 MB": report["pipeline"]["rss_growth_mb"] <= TARGETS["rss_growth_mb"],
         "outbox >= 2000 results/s": report["outbox"]["store_ack_per_s"] >= TARGETS["outbox_per_s"],
     }
-    return report
 
 
 def _host_text(d: dict) -> str:

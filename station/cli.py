@@ -32,7 +32,7 @@ def _setup_logging(verbose: int, base: int = logging.WARNING) -> None:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .pipeline import Inspector, open_models
+    from .inspector import Inspector, open_models
     from .replay import replay
 
     cfg = load_config(args.config)
@@ -59,19 +59,9 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .daemon import Daemon
-    from .messages import dumps
 
     cfg = load_config(args.config)
-    if args.jsonl is None:
-        return Daemon(cfg, args.config, args.state_dir).run()
-    args.jsonl.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.jsonl, "a", encoding="utf-8") as out:
-
-        def sink(record: dict) -> None:
-            out.write(dumps(record) + "\n")
-            out.flush()
-
-        return Daemon(cfg, args.config, args.state_dir, sink=sink).run()
+    return Daemon(cfg, args.config, args.state_dir, jsonl=args.jsonl).run()
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
@@ -88,7 +78,7 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .pipeline import open_models
+    from .inspector import open_models
     from .preflight import problems_for_run
 
     args.config = args.config or args.config_option

@@ -297,7 +297,106 @@ class FakeCamera(_Strict):
     fail_for_s: float = Field(1.0, ge=0, description="how long a simulated loss lasts")
 
 
-CameraConfig = Annotated[Union[FolderCamera, VideoCamera, OpenCVCamera, FakeCamera], Field(discriminator="type")]
+# The pixel formats the genicam camera converts (unpacked, little-endian): gray and
+# 12/16-bit samples keep their top 8 bits; Bayer mosaics are demosaiced to BGR.
+GenICamPixelFormat = Literal[
+    "Mono8", "Mono10", "Mono12", "Mono14", "Mono16",
+    "BayerRG8", "BayerGR8", "BayerGB8", "BayerBG8",
+    "BayerRG10", "BayerGR10", "BayerGB10", "BayerBG10",
+    "BayerRG12", "BayerGR12", "BayerGB12", "BayerBG12",
+    "BayerRG16", "BayerGR16", "BayerGB16", "BayerBG16",
+    "RGB8", "BGR8",
+]
+_GENICAM_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class GenICamCamera(_Strict):
+    """A GigE Vision or USB3 Vision camera through Aravis (the ``genicam`` extra).
+
+    The camera is chosen by ``serial`` or by ``device``; the features below are
+    set in this order at every (re)open: pixel format, region, exposure, gain,
+    frame rate, trigger, then ``features`` as written. A feature the camera
+    lacks or refuses stops the open with an error naming it (the daemon
+    retries with its backoff). Incomplete frames (lost packets) are counted
+    and dropped; a camera that stops answering its heartbeat is reopened."""
+
+    type: Literal["genicam"]
+    serial: str | None = Field(
+        None, min_length=1, max_length=256,
+        description="the camera's serial number as discovery reports it (`arv-tool-0.8`, Debian package aravis-tools-cli, "
+                    "lists the cameras found)",
+    )
+    device: str | None = Field(
+        None, min_length=1, max_length=1024,
+        description="instead of serial: an Aravis device id (`Vendor-Model-Serial`), the camera's IP address or host "
+                    "name (GigE Vision, reached without discovery), or a USB3 Vision physical id",
+    )
+    pixel_format: GenICamPixelFormat | None = Field(
+        None,
+        description="the camera's PixelFormat; frames become uint8 gray (Mono: 10- to 16-bit samples keep their "
+                    "top 8 bits) or BGR (Bayer demosaiced, RGB8, BGR8); null = the camera's current format, "
+                    "which must be one of these",
+    )
+    width: int | None = Field(None, ge=1, le=65_535, description="region of interest width in pixels; null = as the camera is set")
+    height: int | None = Field(None, ge=1, le=65_535, description="region of interest height in pixels; null = as the camera is set")
+    offset_x: int | None = Field(None, ge=0, le=65_535, description="region of interest left edge (OffsetX); null = as the camera is set")
+    offset_y: int | None = Field(None, ge=0, le=65_535, description="region of interest top edge (OffsetY); null = as the camera is set")
+    exposure_us: float | None = Field(
+        None, gt=0, description="exposure time in microseconds (auto exposure is switched off); null = as the camera is set"
+    )
+    gain: float | None = Field(
+        None, description="gain in the camera's unit (dB on most; raw steps on older ones), auto gain switched off; "
+                          "null = as the camera is set",
+    )
+    frame_rate: float | None = Field(
+        None, gt=0, le=100_000, description="acquisition frame rate in Hz (AcquisitionFrameRate); null = as the camera is set"
+    )
+    trigger_mode: Literal["free-run", "software", "hardware"] = Field(
+        "free-run",
+        description="free-run: the camera streams at its frame rate; software: one frame per part the station's "
+                    "trigger names (TriggerSoftware, needs trigger.type mqtt); hardware: one frame per edge on "
+                    "trigger_source",
+    )
+    trigger_source: str | None = Field(
+        None, pattern=_GENICAM_NAME,
+        description="hardware: the camera's TriggerSource for FrameStart, e.g. Line1 (needed with trigger_mode hardware)",
+    )
+    trigger_activation: str | None = Field(
+        None, pattern=_GENICAM_NAME,
+        description="hardware: TriggerActivation, e.g. RisingEdge or FallingEdge; null = the camera's (rising edge on most)",
+    )
+    trigger_timeout_s: float = Field(
+        1.0, gt=0, le=60,
+        description="software: a part's trigger is sent once the previous part's frame arrived (a camera that is "
+                    "still exposing ignores a trigger), or after this long without it",
+    )
+    features: dict[Annotated[str, Field(pattern=_GENICAM_NAME)], bool | int | float | str] = Field(
+        default_factory=dict,
+        description="further GenICam features set last, in the order written, e.g. {BlackLevel: 4, "
+                    "ReverseX: true, LineSelector: Line2, LineInverter: true}; a command is executed when its value "
+                    "is true; quote enumeration entries YAML reads as booleans ('Off', 'On')",
+    )
+    buffers: int = Field(
+        8, ge=2, le=1024, description="frame buffers queued to the stream: frames the camera can send ahead of capture"
+    )
+
+    @model_validator(mode="after")
+    def _one_camera(self) -> "GenICamCamera":
+        if (self.serial is None) == (self.device is None):
+            raise ValueError("set exactly one of serial and device")
+        return self
+
+    @model_validator(mode="after")
+    def _trigger_fields(self) -> "GenICamCamera":
+        if self.trigger_mode == "hardware" and self.trigger_source is None:
+            raise ValueError("trigger_mode hardware needs trigger_source (e.g. Line1)")
+        if self.trigger_mode != "hardware" and (self.trigger_source or self.trigger_activation):
+            raise ValueError(f"trigger_source and trigger_activation apply to trigger_mode hardware, not {self.trigger_mode}")
+        return self
+
+
+CameraConfig = Annotated[Union[FolderCamera, VideoCamera, OpenCVCamera, FakeCamera, GenICamCamera],
+                         Field(discriminator="type")]
 
 
 class TriggerConfig(_Strict):
@@ -564,6 +663,301 @@ class OutboxConfig(_Strict):
     )
 
 
+# --- the line PLC over OPC UA -------------------------------------------------------
+#
+# `plc` names the role (the line's PLC) and `type` the protocol, as `camera` does: a
+# station talks to one PLC, and another protocol (S7, Modbus/TCP) would be one more
+# variant of this section rather than one more top-level key. The password is never
+# part of the config (read from a file or the environment when the writer starts,
+# as for MQTT); certificate and key files are not opened during validation.
+
+# An OPC UA NodeId in its text form: an optional namespace index, then a numeric (i=),
+# string (s=), GUID (g=) or opaque base64 (b=) identifier, all on one line.
+_NODE_ID = (r"^(ns=\d{1,5};)?(i=\d{1,10}|s=[^\x00-\x1f\x7f]{1,4096}"
+            r"|g=[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}|b=[A-Za-z0-9+/]+={0,2})$")
+
+
+class OpcUaNodes(_Strict):
+    """The PLC variables, as OPC UA NodeIds in text form: ``ns=<namespace index>;s=<name>``
+    (e.g. ``ns=2;s=Line3.Cam1.PartId``, or ``ns=3;s="DB_Cam1"."PartId"`` on a Siemens
+    PLC), ``ns=<index>;i=<number>``, ``g=`` a GUID or ``b=`` base64; an OPC UA browser
+    (UaExpert) shows them. The four of a part are written in one request."""
+
+    part_id: str = Field(
+        ..., pattern=_NODE_ID,
+        description="String variable: the part id of each inspected part (empty text for a part without one)",
+    )
+    grade: str = Field(
+        ..., pattern=_NODE_ID,
+        description="integer variable of type grade_type: the grade code, 0 PASS, 1 DISCOUNT, 2 REJECT (error_code "
+                    "for a part that could not be inspected)",
+    )
+    sequence: str = Field(
+        ..., pattern=_NODE_ID,
+        description="integer variable of type sequence_type: the result's sequence number; last in the write "
+                    "request, so that a PLC that takes a part when it changes finds the part's other values written",
+    )
+    defect_area_pct: str = Field(
+        ..., pattern=_NODE_ID,
+        description="Double variable: the part's total defect area, % of the inspected surface (-1 for a part that "
+                    "could not be inspected)",
+    )
+    heartbeat: str | None = Field(
+        None, pattern=_NODE_ID,
+        description="variable of type heartbeat_type written every heartbeat_s while connected (a counter, or a "
+                    "toggled Boolean): the PLC's sign that the station is alive; null: none",
+    )
+    part_present: str | None = Field(
+        None, pattern=_NODE_ID,
+        description="Boolean variable the station subscribes to: each rising edge (false to true) is a part, "
+                    "handed to the daemon's trigger; the value found at each connect is not an edge; null: none",
+    )
+    part_present_id: str | None = Field(
+        None, pattern=_NODE_ID,
+        description="String variable read at each rising edge of part_present: the part's id (the PLC writes it "
+                    "before it sets part_present); null: such parts come without an id",
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "OpcUaNodes":
+        named = [v for v in self.model_dump().values() if v is not None]
+        if len(set(named)) != len(named):
+            raise ValueError("a NodeId is named twice: each value needs a variable of its own")
+        if self.part_present_id is not None and self.part_present is None:
+            raise ValueError("part_present_id is read at the edges of part_present, which names no variable")
+        return self
+
+
+OpcUaPolicy = Literal["Basic256Sha256", "Aes128Sha256RsaOaep", "Aes256Sha256RsaPss"]
+
+
+class OpcUaSecurityConfig(_Strict):
+    """Signed (Sign) or signed and encrypted (SignAndEncrypt) messages; the section being
+    present turns security on, absent is security mode None. Each side trusts the other's
+    application instance certificate: put ``certificate`` in the server's trusted list (on
+    most PLCs: accept it once in the engineering tool), and the server's here."""
+
+    mode: Literal["Sign", "SignAndEncrypt"] = Field(
+        "SignAndEncrypt", description="message security mode of the endpoint used: Sign or SignAndEncrypt"
+    )
+    policy: OpcUaPolicy = Field("Basic256Sha256", description="security policy of the endpoint used")
+    certificate: Path = Field(
+        ..., description="the station's application instance certificate (DER or PEM, RSA); its SubjectAltName URI "
+                         "is the application URI the station announces",
+    )
+    private_key: Path = Field(..., description="private key (PEM or DER, unencrypted) of certificate; keep it mode 0600")
+    server_certificate: Path = Field(
+        ..., description="the server's application instance certificate (DER or PEM), as exported from the PLC: the "
+                         "one trusted; a server that presents another is refused",
+    )
+
+
+class OpcUaAuthConfig(_Strict):
+    """Username and where to find the password; the password is never written here."""
+
+    username: str = Field(..., min_length=1, description="OPC UA user name (a UserName identity token)")
+    password_file: Path | None = Field(
+        None, description="file holding the password (its first line); keep it mode 0600"
+    )
+    password_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="environment variable holding the password"
+    )
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> "OpcUaAuthConfig":
+        if (self.password_file is None) == (self.password_env is None):
+            raise ValueError("give one of password_file and password_env")
+        return self
+
+
+class OpcUaConfig(_Strict):
+    """The line PLC, reached as a client of its OPC UA server (the ``opcua`` extra).
+
+    Each inspected part is written to the PLC as part id, grade code, sequence number
+    and defect area, in one Write request; it counts as written only when the server
+    answered Good for every variable, and a part not confirmed within
+    ``write_timeout_s`` is reported (log, counters) and not written again: the part
+    has moved on. OPC UA has no transaction: a server that refuses one variable may
+    have taken the others, which is why ``nodes.sequence`` goes last. While connected
+    the station writes its heartbeat and follows ``nodes.part_present``; the
+    connection is made again with capped exponential backoff when it is lost.
+    """
+
+    type: Literal["opcua"] = Field(description="the PLC protocol: opcua (the only one so far)")
+    endpoint: str = Field(
+        ..., pattern=r"^opc\.tcp://[^\s/?#]+(/\S*)?$", max_length=2048,
+        description="the PLC's OPC UA server, e.g. opc.tcp://192.168.0.10:4840",
+    )
+    nodes: OpcUaNodes = Field(description="the PLC variables written and read")
+    grade_type: Literal["Int16", "Int32"] = Field("Int16", description="data type of nodes.grade (INT: Int16, DINT: Int32)")
+    sequence_type: Literal["UInt32", "Int64"] = Field(
+        "UInt32", description="data type of nodes.sequence (UDINT: UInt32, wrapping to 0 after 4294967295; LINT: Int64)"
+    )
+    heartbeat_type: Literal["Boolean", "Int16", "Int32", "UInt32"] = Field(
+        "UInt32", description="data type of nodes.heartbeat: Boolean is toggled at each beat; an integer counts 1, 2, "
+                              "… and wraps to 0 after the type's largest value",
+    )
+    heartbeat_s: float = Field(1.0, gt=0, le=3600, description="time between two heartbeat writes, seconds")
+    error_code: int | None = Field(
+        2, ge=-32768, le=32767,
+        description="grade code written for a part that could not be inspected (an error record), with defect area "
+                    "-1: 2 rejects it, a code of its own (e.g. 3) lets the PLC tell it apart; null: such parts are "
+                    "not written",
+    )
+    part_present_interval_ms: float = Field(
+        10.0, ge=0, le=60_000,
+        description="how often the server samples nodes.part_present and sends its changes, ms (0: as fast as it "
+                    "can); a pulse shorter than this may be missed",
+    )
+    security: OpcUaSecurityConfig | None = Field(None, description="Sign / SignAndEncrypt; absent = security mode None")
+    auth: OpcUaAuthConfig | None = Field(None, description="username/password; absent = anonymous")
+    application_uri: str | None = Field(
+        None, min_length=1, max_length=1024, pattern=r"^\S+$",
+        description="the station's ApplicationUri; null: the URI in security.certificate, else urn:station:<station.id>",
+    )
+    request_timeout_s: float = Field(2.0, gt=0, le=120, description="an OPC UA request without a reply within this fails, seconds")
+    connect_timeout_s: float = Field(5.0, gt=0, le=120, description="connect, secure channel and session, seconds")
+    write_timeout_s: float = Field(
+        1.0, gt=0, le=60,
+        description="how long one part's write may wait for the connection and the server's reply, seconds",
+    )
+    reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay, seconds; doubles per failed attempt")
+    reconnect_max_s: float = Field(
+        30.0, gt=0, description="reconnect delay cap, seconds; also the retry delay after refused credentials or certificates"
+    )
+    queue_size: int = Field(
+        64, ge=1, le=100_000,
+        description="parts waiting to be written, at most; beyond, the oldest is dropped (logged and counted)",
+    )
+
+    @model_validator(mode="after")
+    def _backoff_ordered(self) -> "OpcUaConfig":
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(
+                f"reconnect_min_s ({self.reconnect_min_s}) must not exceed reconnect_max_s ({self.reconnect_max_s})"
+            )
+        return self
+
+    def with_base_dir(self, base_dir: Path) -> "OpcUaConfig":
+        """Relative certificate, key and password file paths made absolute against ``base_dir``."""
+
+        def fix(p: Path) -> Path:
+            return p if p.is_absolute() else base_dir / p
+
+        update: dict[str, Any] = {}
+        if self.security is not None:
+            sec = self.security
+            update["security"] = sec.model_copy(update={
+                "certificate": fix(sec.certificate), "private_key": fix(sec.private_key),
+                "server_certificate": fix(sec.server_certificate)})
+        if self.auth is not None and self.auth.password_file is not None:
+            update["auth"] = self.auth.model_copy(update={"password_file": fix(self.auth.password_file)})
+        return self.model_copy(update=update)
+
+
+# --- Sparkplug B to SCADA ------------------------------------------------------------
+#
+# A broker connection of its own (SCADA's broker is often not the MES one), with the
+# `mqtt` section's TLS and auth models: the password is read when the node starts.
+
+
+class SparkplugConfig(_Strict):
+    """The station as an edge node, its camera as a device (the ``sparkplug`` extra).
+
+    The station is edge node ``edge_node_id`` of group ``group_id``, and its camera the
+    device ``device_id``: ``spBv1.0/<group_id>/NBIRTH|NDEATH|NCMD/<edge_node_id>`` and
+    ``spBv1.0/<group_id>/DBIRTH|DDATA|DDEATH|DCMD/<edge_node_id>/<device_id>``. Each
+    connection announces the node (NBIRTH, with its ``bdSeq``) and the device (DBIRTH)
+    and registers the NDEATH as its Last Will; each inspected part is one DDATA (QoS 0,
+    as the specification requires); an NCMD ``Node Control/Rebirth`` repeats the births.
+    """
+
+    group_id: str = Field(
+        ..., max_length=128, pattern=_TOPIC_LEVEL,
+        description="Sparkplug group id: the group of edge nodes (a plant, a line), one topic level",
+    )
+    edge_node_id: str = Field(
+        ..., max_length=128, pattern=_TOPIC_LEVEL,
+        description="Sparkplug edge node id: this station, unique in its group, one topic level",
+    )
+    device_id: str | None = Field(
+        None, max_length=128, pattern=_TOPIC_LEVEL,
+        description="Sparkplug device id: the station's camera, one topic level; null = station.id",
+    )
+    host: str = Field(..., min_length=1, description="broker host name or address")
+    port: int | None = Field(None, ge=1, le=65535, description="broker port; null = 8883 with tls, 1883 without")
+    protocol: Literal["3.1.1", "5"] = Field(
+        "3.1.1", description='MQTT protocol version: "3.1.1" or "5" (Sparkplug 3.0 allows both; always a clean session)'
+    )
+    client_id: str | None = Field(
+        None, min_length=1, max_length=256,
+        description="MQTT client id; null = spb-<group_id>-<edge_node_id>; unique per broker",
+    )
+    keepalive_s: int = Field(
+        30, ge=5, le=65535,
+        description="MQTT keep-alive interval, seconds: the broker publishes the NDEATH about 1.5 times this after "
+                    "the station vanished without closing its connection",
+    )
+    connect_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="TCP/TLS connect, CONNACK and SUBACK timeout, seconds"
+    )
+    reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay, seconds; doubles per failed attempt")
+    reconnect_max_s: float = Field(
+        30.0, gt=0, description="reconnect delay cap, seconds; also the retry delay after refused credentials"
+    )
+    tls: MqttTlsConfig | None = Field(None, description="TLS settings, as in mqtt.tls; absent = plain TCP")
+    auth: MqttAuthConfig | None = Field(None, description="username/password, as in mqtt.auth; absent = anonymous")
+    state_file: Path = Field(
+        Path("sparkplug.json"),
+        description="where the bdSeq of the last connection is kept, so that it goes on increasing across restarts; "
+                    "a relative path is relative to the state directory ($STATE_DIRECTORY under systemd)",
+    )
+    send_timeout_s: float = Field(
+        2.0, gt=0, le=60,
+        description="how long one part's DDATA may wait for the node to be online and for the connection to take "
+                    "it, seconds; a part not sent by then waits in the backlog",
+    )
+    backlog: int = Field(
+        10_000, ge=1, le=1_000_000,
+        description="parts held in memory while the broker is away, sent after the next births as historical data; "
+                    "beyond, the oldest is dropped (logged and counted); lost at a restart (the mqtt outbox, when "
+                    "configured, keeps every result)",
+    )
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_as_text(cls, value: Any) -> Any:
+        # YAML reads `protocol: 5` as an integer and `protocol: 3.1.1` as text.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _backoff_ordered(self) -> "SparkplugConfig":
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(
+                f"reconnect_min_s ({self.reconnect_min_s}) must not exceed reconnect_max_s ({self.reconnect_max_s})"
+            )
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        return self.port if self.port is not None else (8883 if self.tls is not None else 1883)
+
+    def with_base_dir(self, base_dir: Path) -> "SparkplugConfig":
+        """Relative TLS and password file paths made absolute against ``base_dir`` (the config file's folder);
+        ``state_file`` stays relative to the state directory."""
+
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None or p.is_absolute() else base_dir / p
+
+        update: dict[str, Any] = {}
+        if self.tls is not None:
+            tls_fix = {k: fix(getattr(self.tls, k)) for k in ("ca_file", "cert_file", "key_file")}
+            update["tls"] = self.tls.model_copy(update={k: v for k, v in tls_fix.items() if v is not None})
+        if self.auth is not None and fix(self.auth.password_file) is not None:
+            update["auth"] = self.auth.model_copy(update={"password_file": fix(self.auth.password_file)})
+        return self.model_copy(update=update)
+
+
 # StationConfig names MqttConfig and OutboxConfig, which are defined after it.
 
 
@@ -642,6 +1036,13 @@ class StationConfig(_Strict):
     run: RunConfig = Field(default_factory=RunConfig, description="daemon queue, timing and state directory")
     archive: ArchiveConfig = Field(default_factory=ArchiveConfig, description="images, masks and overlays kept on disk")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
+    plc: OpcUaConfig | None = Field(
+        None, description="the line PLC: results written to its variables, its part-present signal a trigger; "
+        "absent = no PLC"
+    )
+    sparkplug: SparkplugConfig | None = Field(
+        None, description="Sparkplug B edge node for SCADA: births, a DDATA per part; absent = no Sparkplug"
+    )
 
 
 # --- loading with file/line/field errors -----------------------------------------
@@ -779,7 +1180,7 @@ def parse_config(text: str, where: str = "<config>", base_dir: Path | None = Non
 
 
 def resolve_paths(cfg: StationConfig, base_dir: Path) -> StationConfig:
-    """Model, TLS and password paths relative to ``base_dir`` (the config file's folder) made absolute."""
+    """Model, TLS, certificate and password paths relative to ``base_dir`` (the config file's folder) made absolute."""
 
     def fix(p: Path | None) -> Path | None:
         return None if p is None else (p if p.is_absolute() else (base_dir / p))
@@ -793,6 +1194,10 @@ def resolve_paths(cfg: StationConfig, base_dir: Path) -> StationConfig:
     }
     if cfg.mqtt is not None:
         update["mqtt"] = cfg.mqtt.with_base_dir(base_dir)
+    if cfg.plc is not None:
+        update["plc"] = cfg.plc.with_base_dir(base_dir)
+    if cfg.sparkplug is not None:
+        update["sparkplug"] = cfg.sparkplug.with_base_dir(base_dir)
     cam = cfg.camera
     if isinstance(cam, (FolderCamera, VideoCamera)):
         changes = {"path": fix(cam.path)}
@@ -829,6 +1234,9 @@ def load_config(path: str | Path | None) -> StationConfig:
     cfg = parse_config(text, str(path), path.resolve().parent)
     mqtt = cfg.mqtt
     secrets = mqtt is not None and (mqtt.auth is not None or (mqtt.tls is not None and mqtt.tls.key_file is not None))
+    spb = cfg.sparkplug  # a broker connection of its own, with the same kinds of credentials
+    if spb is not None:
+        secrets = secrets or spb.auth is not None or (spb.tls is not None and spb.tls.key_file is not None)
     warn_if_exposed(path, "config file", secret=secrets, why="it configures mqtt credentials")
     return cfg
 

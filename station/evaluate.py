@@ -597,25 +597,8 @@ def coco_detection_metrics(
     truth box exists to define it. VOC "difficult" truth is COCO "crowd":
     ignored, and detections on it are not false positives.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     images = [{"id": i + 1, "width": int(w), "height": int(h)} for i, (w, h) in enumerate(sizes)]
-    categories = [{"id": k + 1, "name": name} for k, name in enumerate(classes)]
-    gt_anns = _coco_annotations(truth, truth=True)
-    dt_anns = _coco_annotations(detections, truth=False)
-    quiet = io.StringIO()  # pycocotools prints progress on stdout, which carries our table
-    with contextlib.redirect_stdout(quiet):
-        gt = COCO()
-        gt.dataset = {"images": images, "categories": categories, "annotations": gt_anns}
-        gt.createIndex()
-        dt = COCO()  # built directly: loadRes() fails on an empty list
-        dt.dataset = {"images": images, "categories": categories, "annotations": dt_anns}
-        dt.createIndex()
-        ev = COCOeval(gt, dt, iouType="bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
+    ev = _coco_eval(images, classes, _coco_annotations(truth, truth=True), _coco_annotations(detections, truth=False))
     precision = ev.eval["precision"]  # (T iou, R recall, K class, A area, M maxDets); -1: undefined
     iou_thrs = ev.params.iouThrs
     t50 = int(np.argmin(np.abs(iou_thrs - 0.5)))
@@ -650,6 +633,28 @@ def coco_detection_metrics(
         "per_class": per_class,
         "pr_iou50": {"recall": [float(r) for r in ev.params.recThrs], "precision": curves},
     }
+
+
+def _coco_eval(images: list[dict], classes: Sequence[str], gt_anns: list[dict], dt_anns: list[dict]) -> Any:
+    """pycocotools' box evaluation of ``dt_anns`` against ``gt_anns``, evaluated,
+    accumulated and summarised (its COCOeval)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    categories = [{"id": k + 1, "name": name} for k, name in enumerate(classes)]
+    quiet = io.StringIO()  # pycocotools prints progress on stdout, which carries our table
+    with contextlib.redirect_stdout(quiet):
+        gt = COCO()
+        gt.dataset = {"images": images, "categories": categories, "annotations": gt_anns}
+        gt.createIndex()
+        dt = COCO()  # built directly: loadRes() fails on an empty list
+        dt.dataset = {"images": images, "categories": categories, "annotations": dt_anns}
+        dt.createIndex()
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
 
 
 def _float(v: Any) -> float | None:
@@ -814,6 +819,70 @@ def _score_one(
 # =============================================================================
 
 
+def _segmentation_figures(run: EvalRun, evaluated: Sequence[TruthFiles], free_class: str,
+                          notes: list[str]) -> dict[str, Any] | None:
+    """The pixel figures of the images with mask truth and a segmentation model (a note
+    when there is mask truth but no such model)."""
+    seg_rows = [r for r in run.rows if r.tp_px is not None]
+    if not seg_rows:
+        if any(i.has_mask_truth for i in evaluated):
+            notes.append("mask truth found but no segmentation model ran: no pixel metrics")
+        return None
+    tp = np.array([r.tp_px for r in seg_rows], np.int64)
+    fp = np.array([r.fp_px for r in seg_rows], np.int64)
+    fn = np.array([r.fn_px for r in seg_rows], np.int64)
+    return {
+        "all_defects": segmentation_summary(tp, fp, fn),
+        "per_class": per_class_summary([r.cls for r in seg_rows], tp, fp, fn),
+        "per_image_iou": iou_distribution(tp, fp, fn),
+        "free_class": free_class or None,
+    }
+
+
+def _detection_figures(run: EvalRun, evaluated: Sequence[TruthFiles], models: Mapping[str, Any],
+                       notes: list[str]) -> dict[str, Any] | None:
+    """COCO box AP of the detection model on the images with box truth (a note when
+    either is missing)."""
+    det_model = models.get("detection")
+    if det_model is not None and run.det_sizes:
+        return coco_detection_metrics(
+            BoxTable.build(run.det_truth), BoxTable.build(run.det_found), run.det_sizes, det_model.card.classes
+        )
+    if det_model is None and any(i.annotation is not None for i in evaluated):
+        notes.append("box truth found but no detection model ran: no AP")
+    elif det_model is not None:
+        notes.append("a detection model ran but no image has box truth: no AP")
+    return None
+
+
+def _grade_figures(rows: Sequence[ImageRow]) -> dict[str, Any] | None:
+    """Grade agreement of the evaluated images, overall and per class (None without any)."""
+    if not rows:
+        return None
+    true, pred = grade_index(r.true_grade for r in rows), grade_index(r.grade for r in rows)
+    grades = grade_agreement(confusion_matrix(true, pred))
+    grades["per_class"] = grades_per_class([r.cls or "(no class)" for r in rows], true, pred)
+    return grades
+
+
+def _counts(run: EvalRun, discovery: Discovery, evaluated: Sequence[TruthFiles], limit: int | None) -> dict[str, Any]:
+    """How many images were found, with which truth, selected, evaluated and failed."""
+    kinds: dict[str, int] = defaultdict(int)
+    for item in discovery.items:
+        kinds[item.kind] += 1
+    return {
+        "images": len(discovery.items) + len(discovery.no_truth) + len(discovery.missing),
+        "truth_masks_in_inputs": discovery.masks,
+        "with_truth": len(discovery.items),
+        "truth_kinds": dict(sorted(kinds.items())),
+        "no_truth": len(discovery.no_truth),
+        "limit": limit,
+        "selected": len(evaluated),
+        "evaluated": len(run.rows),
+        "errors": len(run.errors),
+    }
+
+
 def build_report(
     run: EvalRun,
     discovery: Discovery,
@@ -827,39 +896,10 @@ def build_report(
 ) -> dict[str, Any]:
     """Every figure of the run as one JSON-ready dict (NaN → null)."""
     rows = run.rows
-    seg_rows = [r for r in rows if r.tp_px is not None]
-    segmentation: dict[str, Any] | None = None
-    notes = []
-    if seg_rows:
-        tp = np.array([r.tp_px for r in seg_rows], np.int64)
-        fp = np.array([r.fp_px for r in seg_rows], np.int64)
-        fn = np.array([r.fn_px for r in seg_rows], np.int64)
-        segmentation = {
-            "all_defects": segmentation_summary(tp, fp, fn),
-            "per_class": per_class_summary([r.cls for r in seg_rows], tp, fp, fn),
-            "per_image_iou": iou_distribution(tp, fp, fn),
-            "free_class": free_class or None,
-        }
-    elif any(i.has_mask_truth for i in evaluated):
-        notes.append("mask truth found but no segmentation model ran: no pixel metrics")
-
-    grades = None
-    if rows:
-        true, pred = grade_index(r.true_grade for r in rows), grade_index(r.grade for r in rows)
-        grades = grade_agreement(confusion_matrix(true, pred))
-        grades["per_class"] = grades_per_class([r.cls or "(no class)" for r in rows], true, pred)
-
-    detection: dict[str, Any] | None = None
-    det_model = models.get("detection")
-    if det_model is not None and run.det_sizes:
-        detection = coco_detection_metrics(
-            BoxTable.build(run.det_truth), BoxTable.build(run.det_found), run.det_sizes, det_model.card.classes
-        )
-    elif det_model is None and any(i.annotation is not None for i in evaluated):
-        notes.append("box truth found but no detection model ran: no AP")
-    elif det_model is not None:
-        notes.append("a detection model ran but no image has box truth: no AP")
-
+    notes: list[str] = []
+    segmentation = _segmentation_figures(run, evaluated, free_class, notes)
+    grades = _grade_figures(rows)
+    detection = _detection_figures(run, evaluated, models, notes)
     card_figures = {
         "iou": segmentation and segmentation["all_defects"]["iou"],
         "dice": segmentation and segmentation["all_defects"]["dice"],
@@ -871,11 +911,8 @@ def build_report(
         "ap50": detection and detection["ap50"],
         "map": detection and detection["map"],
     }
-    from .pipeline import mask_threshold
+    from .inspector import mask_threshold
 
-    kinds: dict[str, int] = defaultdict(int)
-    for item in discovery.items:
-        kinds[item.kind] += 1
     return {
         "schema": REPORT_SCHEMA,
         "station_version": __version__,
@@ -892,17 +929,7 @@ def build_report(
         },
         "rules": {"min_area_px": cfg.postprocess.min_area_px, "mask_threshold": mask_threshold(models, cfg),
                   "grading": cfg.grading.model_dump(mode="json")},
-        "counts": {
-            "images": len(discovery.items) + len(discovery.no_truth) + len(discovery.missing),
-            "truth_masks_in_inputs": discovery.masks,
-            "with_truth": len(discovery.items),
-            "truth_kinds": dict(sorted(kinds.items())),
-            "no_truth": len(discovery.no_truth),
-            "limit": limit,
-            "selected": len(evaluated),
-            "evaluated": len(rows),
-            "errors": len(run.errors),
-        },
+        "counts": _counts(run, discovery, evaluated, limit),
         "seconds": round(run.seconds, 3),
         # flat, for a model card's training.figures (with command_line as evaluated_by)
         "card_figures": {k: v for k, v in card_figures.items() if v is not None},
@@ -1033,50 +1060,60 @@ def write_png(report: Mapping[str, Any], path: Path) -> None:
     table.scale(1.0, 1.5)
     ax_table.set_title("headline")
 
-    g = report.get("grades")
-    if g:
-        cm = np.asarray(g["matrix"])
-        ax_cm.imshow(cm, cmap="Blues", vmin=0, vmax=max(1, int(cm.max())))
-        for (i, j), v in np.ndenumerate(cm):
-            ax_cm.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-        ax_cm.set_xticks(range(3), g["labels"])
-        ax_cm.set_yticks(range(3), g["labels"])
-        ax_cm.set_xlabel("predicted")
-        ax_cm.set_ylabel("true")
-        ax_cm.set_title(f"grades: {_fmt(g['agreement_pct'], '.1f')} % agree")
-    else:
-        _empty(ax_cm, "grades", "no image evaluated")
-
-    seg = report.get("segmentation")
-    if seg and seg["per_image_iou"]["images"]:
-        hist = seg["per_image_iou"]["histogram"]
-        edges = np.asarray(hist["edges"])
-        ax_hist.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", edgecolor="black", color="#4c72b0")
-        ax_hist.set_xlim(0, 1)
-        ax_hist.set_xlabel("IoU")
-        ax_hist.set_ylabel("images")
-        d = seg["per_image_iou"]
-        ax_hist.set_title(f"per-image IoU ({d['images']} images, median {_fmt(d['median'], '.2f')}; "
-                          f"{d['both_empty']} both empty not shown)", fontsize=10)
-    else:
-        _empty(ax_hist, "per-image IoU", "no mask truth with a segmentation model")
-
-    det = report.get("detection")
-    if det and det["pr_iou50"]["precision"]:
-        recall = np.asarray(det["pr_iou50"]["recall"])
-        for name, prec in det["pr_iou50"]["precision"].items():
-            p = np.array([np.nan if v is None else v for v in prec], float)
-            ax_pr.plot(recall, p, label=f"{name} (AP50 {_fmt(det['per_class'][name]['ap50'], '.2f')})")
-        ax_pr.set_xlim(0, 1)
-        ax_pr.set_ylim(0, 1.02)
-        ax_pr.set_xlabel("recall")
-        ax_pr.set_ylabel("precision")
-        ax_pr.legend(fontsize=8, loc="lower left")
-        ax_pr.set_title(f"PR at IoU 0.5 — AP50 {_fmt(det['ap50'])}, mAP {_fmt(det['map'])}")
-    else:
-        _empty(ax_pr, "PR curves", "no box truth with a detection model")
+    _draw_grades(ax_cm, report.get("grades"))
+    _draw_iou(ax_hist, report.get("segmentation"))
+    _draw_pr(ax_pr, report.get("detection"))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
+
+
+def _draw_grades(ax: Any, g: Mapping[str, Any] | None) -> None:
+    """The grade confusion heatmap, true × predicted."""
+    if not g:
+        _empty(ax, "grades", "no image evaluated")
+        return
+    cm = np.asarray(g["matrix"])
+    ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(1, int(cm.max())))
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_xticks(range(3), g["labels"])
+    ax.set_yticks(range(3), g["labels"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"grades: {_fmt(g['agreement_pct'], '.1f')} % agree")
+
+
+def _draw_iou(ax: Any, seg: Mapping[str, Any] | None) -> None:
+    """The histogram of per-image IoU."""
+    if not (seg and seg["per_image_iou"]["images"]):
+        _empty(ax, "per-image IoU", "no mask truth with a segmentation model")
+        return
+    hist = seg["per_image_iou"]["histogram"]
+    edges = np.asarray(hist["edges"])
+    ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", edgecolor="black", color="#4c72b0")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("IoU")
+    ax.set_ylabel("images")
+    d = seg["per_image_iou"]
+    ax.set_title(f"per-image IoU ({d['images']} images, median {_fmt(d['median'], '.2f')}; "
+                 f"{d['both_empty']} both empty not shown)", fontsize=10)
+
+
+def _draw_pr(ax: Any, det: Mapping[str, Any] | None) -> None:
+    """The precision/recall curve at IoU 0.5 of each class."""
+    if not (det and det["pr_iou50"]["precision"]):
+        _empty(ax, "PR curves", "no box truth with a detection model")
+        return
+    recall = np.asarray(det["pr_iou50"]["recall"])
+    for name, prec in det["pr_iou50"]["precision"].items():
+        p = np.array([np.nan if v is None else v for v in prec], float)
+        ax.plot(recall, p, label=f"{name} (AP50 {_fmt(det['per_class'][name]['ap50'], '.2f')})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"PR at IoU 0.5 — AP50 {_fmt(det['ap50'])}, mAP {_fmt(det['map'])}")
 
 
 def _empty(ax: Any, title: str, text: str) -> None:
@@ -1148,7 +1185,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     be (their errors are in the report); 2: usage, config, model or truth-class
     error, or no image with truth."""
     from .config import load_config
-    from .pipeline import Inspector, open_models
+    from .inspector import Inspector, open_models
 
     cfg = load_config(args.config)
     models = open_models(cfg, args.seg_model, args.det_model)

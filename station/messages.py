@@ -11,7 +11,7 @@ Topics, under a prefix ``<enterprise>/<site>/<area>/<line>/<station>`` by defaul
 * ``<prefix>/stats``   QoS 0, not retained, periodic counters;
 * ``<prefix>/trigger`` subscribed by the daemon with an mqtt trigger: a part id
   (plain text, or JSON ``{"part_id": "…"}``) for the next frame; a payload that
-  names no valid part id (``daemon.parse_trigger``) gets an error record.
+  names no valid part id (``trigger.parse_trigger``) gets an error record.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def result_record(result: InspectionResult, include_mask: bool = False) -> dict:
     """An InspectionResult → the JSON-ready payload. Figures are rounded to what
     a consumer can use (scores 4 decimals, areas 4 decimals of a %, boxes 0.1 px).
     include_mask: add the union mask (``mask``, see :func:`encode_mask`) when the
-    result has one."""
+    result has one. ``camera_timestamp_ns`` is present only when the camera gave one."""
     d = result.defects
     frame_px = result.width * result.height
     # Rounded as whole arrays, then turned into Python lists once (vectorised:
@@ -92,6 +92,8 @@ def result_record(result: InspectionResult, include_mask: bool = False) -> dict:
         "models": dict(result.models),
         "latency_ms": {k: round(v, 3) for k, v in result.latency_ms.items()},
     }
+    if result.camera_timestamp_ns is not None:
+        record["camera_timestamp_ns"] = result.camera_timestamp_ns
     if include_mask and result.mask is not None:
         record["mask"] = encode_mask(result.mask)
     return record

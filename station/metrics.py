@@ -23,10 +23,14 @@ Exposed series (all prefixed ``station_``; times in seconds, as Prometheus expec
 ``model_provider_info{model,provider}``                1 per execution provider a model's session uses
 ``build_info{version}``                                1
 =====================================================  ===================================================
+
+:class:`RollingStats` keeps the figures of the periodic ``…/stats`` message:
+counts since start and a window of recent latencies.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import threading
@@ -36,6 +40,7 @@ from socketserver import ThreadingMixIn
 from typing import Any, Mapping
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, generate_latest, make_wsgi_app
 
 from . import __version__
@@ -46,7 +51,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "station"
 CAMERA_STATES = ("connected", "reconnecting", "lost")
-# What became of the MQTT trigger messages (daemon.Trigger): taken as a part (accepted),
+# What became of the MQTT trigger messages (trigger.Trigger): taken as a part (accepted),
 # refused as invalid, ignored as retained; and of the accepted parts that got no frame:
 # reported as the oldest beyond trigger.max_pending (overflow), after trigger.timeout_s
 # (expired), or at the stop (stopped).
@@ -56,6 +61,39 @@ TRIGGER_OUTCOMES = ("accepted", "invalid", "retained", "overflow", "expired", "s
 STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 # End to end adds queueing: up to the bounded queue's length times the frame time.
 E2E_BUCKETS = STAGE_BUCKETS + (5.0, 10.0)
+
+
+class RollingStats:
+    """Counters since start and a window of recent latencies (ms) per stage."""
+
+    def __init__(self, window: int = 1000):
+        self.started = time.time()
+        self.grades: collections.Counter = collections.Counter()
+        self.errors = 0
+        self.latency: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=window))
+        self._times: collections.deque = collections.deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    def add(self, record: dict) -> None:
+        with self._lock:
+            self._times.append(time.monotonic())
+            if "error" in record:
+                self.errors += 1
+                return
+            self.grades[record["grade"]] += 1
+            for stage, ms in record["latency_ms"].items():
+                self.latency[stage].append(ms)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            times = list(self._times)
+            fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+            lat = {
+                stage: {"p50": round(float(np.percentile(v, 50)), 3), "p99": round(float(np.percentile(v, 99)), 3)}
+                for stage, v in self.latency.items()
+                if v
+            }
+            return {"grades": dict(self.grades), "errors": self.errors, "fps": round(fps, 2), "latency_ms": lat}
 
 
 class Metrics:

@@ -1,346 +1,379 @@
-"""The Inspector: preprocess → infer → postprocess → grade for one frame.
+"""The stage threads of ``station run``: every frame's way from the camera to the sinks.
 
-No threads, no network, no files: ``station run`` and ``station replay`` both
-call :meth:`Inspector.inspect`, so live and offline results agree bit for bit.
-Models are opened by :func:`open_models` (file I/O) and handed in.
-:class:`ParallelInfer` is the daemon's infer stage when a frame's models run at
-the same time (``inference.parallel_models``): the threads are its own.
+    capture + prepare ──▶ FrameQueue ──▶ infer ──▶ FrameQueue ──▶ finish ──▶ sinks
+    (source, trigger,      (bounded,      (ONNX     (2 items,      (postprocess, grade,
+     reopen w/ backoff,     drop policy)   Runtime)  blocking)      the record to every sink)
+     preprocess)
+
+The capture thread preprocesses each frame itself: a hand-over to a thread
+of its own would cost a thread wake-up for every frame (``station bench``
+measures it; on a virtual machine its p99 is many milliseconds,
+docs/benchmarks.md), and preprocessing still overlaps the inference of the
+frame before. Infer (ONNX Runtime, which releases the GIL) hands over to finish
+through a small blocking queue, so that postprocessing overlaps the next
+frame's inference too. Each frame goes through the same Inspector functions as
+``station replay``.
+
+:class:`Pipeline` owns these threads (and the infer stage's helpers): it starts
+them, and stops them at the stop once they finished what they hold. Each thread
+takes its part of one :class:`~station.priority.ThreadPolicy` as it starts: the
+infer thread keeps the cores for the models, every other thread runs
+``run.nice_non_inference`` steps below. The finish stage hands each record to
+the sinks (station/sinks.py) and knows none of them.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
-import os
+import threading
 import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import cast
+from collections.abc import Callable
 
-import numpy as np
-
-from . import postprocess, synthetic
-from .config import DEMO_MODEL, StationConfig
-from .errors import ConfigError, StationError
-from .grade import grade
-from .infer import OnnxModel
-from .modelcard import DetectionOutputs, MaskOutput
-from .preprocess import Geometry, preprocess, to_tensor
-from .priority import pin_this_thread, realtime_this_thread
-from .types import Defects, Frame, InspectionResult
+from .camera.live import EndOfSource, LiveSource
+from .config import StationConfig
+from .errors import CameraError
+from .inspector import Inspector, Work
+from .messages import error_record, result_record
+from .metrics import Metrics
+from .parallel import ParallelInfer, Settling
+from .priority import ThreadPolicy
+from .sinks import Delivery, Sink
+from .trigger import Trigger
+from .types import Frame, FrameError, InspectionResult
 
 log = logging.getLogger(__name__)
 
-WARM_PARTS = 5  # synthetic parts through every stage before the first real one (Inspector.warm_up)
+Item = Frame | FrameError
 
 
-def role_of(key: str) -> str:
-    """The role of a model key: ``segmentation``, ``segmentation.2``… → ``segmentation``."""
-    return key.split(".", 1)[0]
+@dataclasses.dataclass(frozen=True)
+class _Failed:
+    """A frame whose inspection raised: it becomes an error record."""
+
+    frame: Item  # a FrameError too, should a stage fail on one (Pipeline._stage_loop)
+    error: str
 
 
-def segmentation_keys(n: int) -> list[str]:
-    """The keys of ``n`` segmentation models: ``segmentation``, then ``segmentation.2``…"""
-    return ["segmentation"][:n] + [f"segmentation.{i}" for i in range(2, n + 1)]
+Queued = Item | Work | _Failed  # what the pipeline's queues carry
 
 
-def open_models(cfg: StationConfig, seg: Sequence[Path] | Path | None = None,
-                det: Path | None = None) -> dict[str, OnnxModel]:
-    """Open the configured models (command-line paths override the config).
+class FrameQueue:
+    """Bounded hand-over between two pipeline threads (of frames, prepared or not).
 
-    With no model anywhere, the bundled demo segmentation model is used.
-    Several segmentation models (a list in the config, or several paths given)
-    are keyed ``segmentation``, ``segmentation.2``…; the Inspector averages
-    their probabilities. Each model's card task must match its slot. A sha256
-    pinned in the config (``models.<role>_sha256``) applies to the config's
-    files, not to an override.
-    """
-    if isinstance(seg, Path):
-        seg = [seg]
-    seg_paths = list(seg) if seg else cfg.models.segmentation_files
-    seg_pins = [None] * len(seg_paths) if seg else cfg.models.segmentation_pins
-    if len(set(map(Path, seg_paths))) != len(seg_paths):
-        raise ConfigError(f"a segmentation model is given twice: {', '.join(map(str, seg_paths))}")
-    det_path = det or cfg.models.detection
-    if not seg_paths and det_path is None:
-        log.info("no model configured: using the bundled demo model %s", DEMO_MODEL)
-        seg_paths, seg_pins = [DEMO_MODEL], [None]
-    slots = [(key, path, pin) for key, path, pin in zip(segmentation_keys(len(seg_paths)), seg_paths, seg_pins)]
-    if det_path is not None:
-        slots.append(("detection", det_path, None if det else cfg.models.detection_sha256))
-    threads = model_threads(cfg, len(slots))
-    models = {}
-    for key, path, pin in slots:
-        role = role_of(key)
-        model = OnnxModel(path, cfg.inference.providers, threads, sha256=pin, settings=cfg.inference)
-        if model.task != role:
-            raise ConfigError(f"{path}: is a {model.task} model but was given as the {role} model")
-        log.info("%s model %s (%s v%s) on %s", key, path, model.card.name, model.card.version, ", ".join(model.providers))
-        models[key] = model
-    return models
-
-
-def model_threads(cfg: StationConfig, n_models: int) -> int:
-    """ONNX Runtime intra-op threads per model: ``inference.intra_op_threads``, or
-    with 0 and ``parallel_models``, this process's cores shared out among the models
-    (0 otherwise: ONNX Runtime's default, one per core)."""
-    threads = cfg.inference.intra_op_threads
-    if threads == 0 and cfg.inference.parallel_models and n_models > 1:
-        threads = max(1, len(os.sched_getaffinity(0)) // n_models)
-    return threads
-
-
-def mask_threshold(models: Mapping[str, OnnxModel], cfg: StationConfig) -> float | None:
-    """The segmentation probability threshold: ``postprocess.mask_threshold``, or the
-    card's ``output.threshold`` (the mean of the cards' with several models); None
-    without a segmentation model."""
-    # a segmentation slot holds a segmentation card (open_models), whose output is a mask (ModelCard's validator)
-    cards = [cast(MaskOutput, m.card.output).threshold for k, m in models.items() if role_of(k) == "segmentation"]
-    if not cards:
-        return None
-    return cfg.postprocess.mask_threshold if cfg.postprocess.mask_threshold is not None else float(np.mean(cards))
-
-
-class Inspector:
-    """Inspects frames with segmentation models (one, or several averaged) and up
-    to one detection model.
-
-    Several segmentation models (keys ``segmentation``, ``segmentation.2``…, as
-    :func:`open_models` names them) must have the same classes; each is fed its
-    own card's preprocessing, and their probability maps meet at source
-    resolution, where their mean is thresholded (``postprocess.mask_threshold``,
-    by default the mean of their cards' thresholds) and cut into regions as one
-    model's would be.
-
-    keep_mask: keep the (H, W) bool union mask in the result (needed for mask
-    files, overlays and mask payloads; costs one frame-sized array per result).
+    policy: what a full queue does with a free-run frame — ``drop_oldest``
+    (the default: the line moves on, the newest frame matters), ``drop_newest``
+    or ``block``. Triggered parts and frames of lossless sources (folder files,
+    unpaced videos) always block: a part someone asked for, or a file waiting
+    in a folder, is never dropped. Every drop is counted.
     """
 
-    def __init__(self, models: dict[str, OnnxModel], cfg: StationConfig, keep_mask: bool = True):
-        seg = [k for k in models if role_of(k) == "segmentation"]
-        wanted = segmentation_keys(len(seg)) + ["detection"]
-        if not models or any(k not in wanted for k in models) or seg != segmentation_keys(len(seg)):
-            raise ValueError("models must be keyed segmentation, segmentation.2, … (in order), then detection; "
-                             f"got {list(models)}")
-        for key in seg[1:]:
-            first, other = models[seg[0]], models[key]
-            if list(other.card.classes) != list(first.card.classes):
-                raise ConfigError(f"{other.path}: its classes {list(other.card.classes)} are not those of "
-                                  f"{first.path} ({list(first.card.classes)}): segmentation models are averaged "
-                                  "class by class")
-        self.models = models
+    def __init__(self, size: int, policy: str):
+        self.size = size
+        self.policy = policy
+        self._items: collections.deque[Queued] = collections.deque()
+        self._cond = threading.Condition()
+        self.dropped = 0
+
+    def put(self, item: Queued, must_keep: bool, stop: threading.Event) -> Queued | None:
+        """Queue ``item``; returns the item dropped to make room (or ``item``
+        itself under drop_newest), None if nothing was dropped."""
+        with self._cond:
+            if len(self._items) >= self.size:
+                if must_keep or self.policy == "block":
+                    while len(self._items) >= self.size and not stop.is_set():
+                        self._cond.wait(0.1)
+                elif self.policy == "drop_newest":
+                    self.dropped += 1
+                    return item
+                else:
+                    dropped = self._items.popleft()
+                    self.dropped += 1
+                    self._items.append(item)
+                    self._cond.notify_all()
+                    return dropped
+            self._items.append(item)
+            self._cond.notify_all()
+            return None
+
+    def get(self, timeout: float) -> Queued | None:
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            self._cond.notify_all()
+            return item
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Pipeline:
+    """The stage threads of one camera: :meth:`start` starts them, :meth:`drain`
+    stops them, :meth:`close` lets the infer stage's helpers go.
+
+    stop: set to stop capture (the supervisor's flag). on_camera(state): the frame
+    source's state changed ("connected", "reconnecting", "lost"). crashed(): a
+    thread died; the daemon must stop and exit non-zero. ``inspector`` may be
+    replaced between frames (a reload): each frame keeps the one that prepared it.
+    """
+
+    def __init__(self, cfg: StationConfig, source: LiveSource, trigger: Trigger, inspector: Inspector,
+                 sinks: Sink, policy: ThreadPolicy, metrics: Metrics, stop: threading.Event,
+                 on_camera: Callable[[str], None], crashed: Callable[[], None]):
         self.cfg = cfg
-        self.keep_mask = keep_mask
-        self.model_ids = {key: m.sha256 for key, m in models.items()}
-        self.segmentation = seg
-        self.mask_threshold = mask_threshold(models, cfg)
+        self.source = source
+        self.trigger = trigger
+        self.inspector = inspector
+        self.sinks = sinks
+        self.policy = policy
+        self.metrics = metrics
+        self.stop_event = stop
+        self._on_camera = on_camera
+        self._crashed = crashed
+        self.queue = FrameQueue(cfg.run.queue_size, cfg.run.overflow)
+        self._inferred = FrameQueue(2, "block")
+        # Frames between inference and their acknowledgement, counted only for
+        # inference.helper_yield_ms (what the second model waits for).
+        inf = cfg.inference
+        self.settling = Settling() if inf.parallel_models and inf.helper_yield_ms > 0 else None
+        self.infer_stage = ParallelInfer("infer", policy, self.settling.wait if self.settling is not None else None,
+                                         inf.helper_yield_ms / 1e3)
+        self.camera_state = "starting"
+        self.capture_done = threading.Event()
+        self.end_of_source = threading.Event()
+        self.finished = threading.Event()  # the finish stage ended: every frame captured is through
+        self._inferred_done = threading.Event()
+        self._heartbeat = time.monotonic()
+        self._busy: dict[str, float | None] = {}
+        self._abort = threading.Event()  # set when the stop deadline passed with parts in the pipeline
+        self._threads: list[threading.Thread] = []
 
-    def warm_up(self, infer: "Callable[[Work], Work] | None" = None, parts: int = WARM_PARTS) -> None:
-        """Inspect ``parts`` synthetic plates, results discarded, through the stages
-        the caller will use (``infer``: the daemon's ParallelInfer; default: this
-        thread). A model's first runs after its load-time warm-up run, and the first
-        post-processing calls, are still slower than the later ones (figures in
-        docs/lab/benchmarks.md, sitting 4); the line's first parts should not pay
-        for that."""
-        first = next(iter(self.models.values())).card.input
-        h, w = max(first.height, 16), max(first.width, 16)
-        rng = np.random.default_rng(0)
-        for i in range(parts):
-            plate = synthetic.make_plate(rng, h, w, severity="large")
-            try:
-                self.finish((infer or self.infer)(self.prepare(Frame(plate.image, "warm-up", seq=i))))
-            except Exception as exc:
-                raise StationError(f"warm-up: a synthetic {h}x{w} part failed to inspect: {exc}") from exc
+    # --- the supervisor's side --------------------------------------------------------
 
-    def inspect(self, frame: Frame) -> InspectionResult:
-        """All stages on this thread: preprocess → infer → postprocess → grade."""
-        return self.finish(self.infer(self.prepare(frame)))
+    def warm_up(self) -> None:
+        """A few synthetic parts through the models and post-processing, on the infer
+        stage the frames will use, so that their first, slower runs are not the line's
+        first parts' (Inspector.warm_up). Before :meth:`start`."""
+        self.inspector.warm_up(self.infer_stage)
 
-    # The three stages, for callers that overlap them on threads (the daemon):
-    # the same functions in the same order, so the results are the same.
+    def start(self) -> None:
+        """Start the stage threads, the last stage first."""
+        self._threads = [
+            threading.Thread(target=self._capture_loop, name="capture", daemon=True),
+            threading.Thread(target=self._stage_loop, name="infer", daemon=True,
+                             args=("infer", self.queue, self.capture_done, self._infer, self._inferred,
+                                   self._inferred_done)),
+            threading.Thread(target=self._stage_loop, name="finish", daemon=True,
+                             args=("finish", self._inferred, self._inferred_done, self._finish, None, self.finished)),
+        ]
+        for t in reversed(self._threads):
+            t.start()
 
-    def prepare(self, frame: Frame) -> "Work":
-        """Preprocess the frame for every model (pure CPU work)."""
-        work = Work(frame, self)
-        for role, model in self.models.items():
-            t = time.perf_counter()
-            x, geometry = preprocess(frame.image, model.card)
-            work.tensors[role] = to_tensor(x, model.card.input)
-            work.geometries[role] = geometry
-            work.latency[f"preprocess.{role}"] = (time.perf_counter() - t) * 1e3
-        return work
-
-    def infer(self, work: "Work", roles: Sequence[str] | None = None) -> "Work":
-        """Run every model, or those of ``roles`` (ONNX Runtime; releases the GIL).
-        Calls for different roles of one Work may run on different threads."""
-        for role in self.models if roles is None else roles:
-            model = self.models[role]
-            t = time.perf_counter()
-            work.outputs[role] = model.run(work.tensors.pop(role))
-            work.latency[f"infer.{role}"] = (time.perf_counter() - t) * 1e3
-        return work
-
-    def finish(self, work: "Work") -> InspectionResult:
-        """Postprocess every model's outputs, merge the defects and grade."""
-        frame = work.frame
-        latency = work.latency
-        parts: list[Defects] = []
-        mask: np.ndarray | None = None
-        post = self.cfg.postprocess
-        if self.segmentation:
-            t = time.perf_counter()
-            prob, geometry = self.segmentation_probabilities(work)
-            classes = self.models["segmentation"].card.classes
-            assert self.mask_threshold is not None  # set whenever there is a segmentation model
-            found, mask = postprocess.mask_defects(
-                prob, geometry, self.mask_threshold, classes, post.min_area_px, post.min_score
-            )
-            parts.append(found)
-            latency["postprocess.segmentation"] = (time.perf_counter() - t) * 1e3
-        if "detection" in self.models:
-            card = self.models["detection"].card
-            assert isinstance(card.output, DetectionOutputs)
-            t = time.perf_counter()
-            found = postprocess.detection_defects(work.outputs["detection"], card.output, card.classes,
-                                                  work.geometries["detection"], post.min_score)
-            parts.append(found)
-            latency["postprocess.detection"] = (time.perf_counter() - t) * 1e3
-
-        t = time.perf_counter()
-        defects = Defects.concat(parts)
-        frame_px = frame.width * frame.height
-        if mask is not None:
-            area_px = float(np.count_nonzero(mask))
-        else:  # detection only: the union of the boxes
-            area_px = float(postprocess.box_union_area(defects.xyxy, frame.height, frame.width))
-        area_pct = 100.0 * area_px / frame_px
-        decision = grade(defects, area_pct, frame_px, self.cfg.grading)
-        latency["grade"] = (time.perf_counter() - t) * 1e3
-        # The stages' own time, without waits between them; models run at the same
-        # time (ParallelInfer) count with the wall time of the infer stage ("infer").
-        together = "infer" in latency
-        latency["total"] = sum(v for k, v in latency.items() if not (together and k.startswith("infer.")))
-        return InspectionResult(
-            id=str(uuid.uuid4()),
-            station_id=self.cfg.station.id,
-            source=frame.source,
-            seq=frame.seq,
-            part_id=frame.part_id,
-            captured_at=frame.captured_at,
-            width=frame.width,
-            height=frame.height,
-            decision=decision,
-            defects=defects,
-            defect_area_px=area_px,
-            defect_area_pct=area_pct,
-            models=dict(self.model_ids),
-            latency_ms=latency,
-            mask=mask if self.keep_mask else None,
-        )
-
-
-    def segmentation_probabilities(self, work: "Work") -> tuple[np.ndarray, Geometry]:
-        """The segmentation probabilities to threshold and their geometry: one model's
-        at its input resolution (mapped to the frame by ``mask_defects``), or the mean
-        of several models' at source resolution (each mapped there by its own geometry)."""
-        maps = []
-        for key in self.segmentation:
-            out = self.models[key].card.output
-            assert isinstance(out, MaskOutput)
-            maps.append((postprocess.mask_probabilities(work.outputs[key][out.name], out), work.geometries[key]))
-        if len(maps) == 1:
-            return maps[0]
-        frame = work.frame
-        identity = Geometry.identity(frame.height, frame.width)
-        # The mean cannot exceed the mean of the models' maxima (bilinear resizing
-        # cannot raise a maximum): below the threshold, no map needs resizing, and a
-        # 1 x 1 map of zeros stands for the frame (most good parts).
-        if np.mean([g.crop(p).max() for p, g in maps]) <= self.mask_threshold:
-            return np.zeros((1, 1, maps[0][0].shape[2]), np.float32), Geometry(frame.height, frame.width, 1, 1, 1, 1)
-        total = np.zeros((frame.height, frame.width, maps[0][0].shape[2]), np.float32)
-        for p, g in maps:
-            total += g.to_source(p)
-        return total / len(maps), identity
-
-
-class ParallelInfer:
-    """The infer stage with ``inference.parallel_models``: a frame's first model runs
-    on the calling thread and each other model on a helper thread of its own, at
-    the same time (ONNX Runtime releases the GIL). Without the setting, or with one
-    model, it is ``Inspector.infer``. The Inspector itself starts no threads. The
-    helpers run under ``SCHED_FIFO`` at ``realtime`` when it is set (the calling
-    thread's policy is its own: station/priority.py), on ``helper_cpus`` when given
-    (``run.infer_cpu``: the CPUs other than the calling thread's).
-
-    ``yield_to(timeout_s)``, when given, is called by each helper before its run with
-    ``yield_s`` (``inference.helper_yield_ms``): the daemon's wait for the frames
-    before this one to be finished and acknowledged. The first model, a frame's
-    longest, starts at once; a helper model that ends earlier spends part of that
-    margin letting the earlier frames' Python work run first, which a real-time
-    helper would otherwise hold off its core (docs/lab/benchmarks.md, sitting 14)."""
-
-    def __init__(self, name: str = "infer", realtime: int = 0,
-                 yield_to: Callable[[float], object] | None = None, yield_s: float = 0.0,
-                 helper_cpus: set[int] | None = None):
-        self._name = name
-        self._realtime = realtime
-        self._helper_cpus = helper_cpus
-        self._yield_to = yield_to if yield_s > 0 else None
-        self._yield_s = yield_s
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_size = 0
-
-    def __call__(self, work: "Work") -> "Work":
-        inspector = work.inspector
-        roles = list(inspector.models)
-        if len(roles) < 2 or not inspector.cfg.inference.parallel_models:
-            return inspector.infer(work)
-        if self._pool is None or self._pool_size < len(roles) - 1:  # first use, or a reload added a model
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
-            self._pool_size = len(roles) - 1
-            self._pool = ThreadPoolExecutor(self._pool_size, thread_name_prefix=self._name,
-                                            initializer=self._helper_start)
-        t = time.perf_counter()
-        others = [self._pool.submit(self._helper, work, role) for role in roles[1:]]
-        try:
-            inspector.infer(work, roles[:1])
-        except BaseException:
-            wait(others)  # no helper may still write into this Work
-            raise
-        for f in others:
-            f.result()  # raises a helper's error
-        work.latency["infer"] = (time.perf_counter() - t) * 1e3  # all models, together
-        return work
-
-    def _helper_start(self) -> None:
-        pin_this_thread(self._helper_cpus)
-        realtime_this_thread(self._realtime)
-
-    def _helper(self, work: "Work", role: str) -> "Work":
-        if self._yield_to is not None:
-            self._yield_to(self._yield_s)
-        return work.inspector.infer(work, (role,))
+    def drain(self, deadline: float) -> None:
+        """At the stop (``stop`` is set): capture ends, then each stage once it finished
+        what it holds, by ``deadline`` (time.monotonic()); past it, what is left is
+        abandoned and logged."""
+        capture, *stages = self._threads
+        capture.join(max(0.0, deadline - time.monotonic()))
+        self.capture_done.set()
+        for t in stages:  # each finishes what it holds once its upstream is done
+            t.join(max(0.0, deadline - time.monotonic()))
+        if not self.finished.is_set():
+            log.error("stop: %d parts were still in the pipeline at the deadline", self.in_flight())
+            self._abort.set()
 
     def close(self) -> None:
-        """Let the helper threads end (without waiting for a model run still going)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        """Let the infer stage's helper threads end."""
+        self.infer_stage.close()
 
+    def acked(self, seq: int) -> None:
+        """The broker acknowledged outbox ``seq`` (paho's network thread): to the frames
+        settling, and to every sink."""
+        if self.settling is not None:
+            self.settling.acked(seq)
+        self.sinks.acked(seq)
 
-@dataclass
-class Work:
-    """One frame between the Inspector's stages: the tensors prepared for each
-    model (role → array), their geometries, the raw outputs, and the stage
-    latencies so far (ms). ``inspector`` is the one that prepared it, so a
-    reload in between cannot mix two model sets on one frame."""
+    def healthy(self, stall_s: float) -> bool:
+        """Frames make progress: the capture loop turned, and no stage has held one
+        item, within ``stall_s``."""
+        now = time.monotonic()
+        stuck = any(t is not None and now - t > stall_s for t in list(self._busy.values()))
+        return now - self._heartbeat < stall_s and not stuck
 
-    frame: Frame
-    inspector: Inspector
-    tensors: dict[str, np.ndarray] = field(default_factory=dict)
-    geometries: dict[str, Geometry] = field(default_factory=dict)
-    outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    latency: dict[str, float] = field(default_factory=dict)
+    def in_flight(self) -> int:
+        """Frames captured and not yet finished."""
+        return len(self.queue) + len(self._inferred)
+
+    # --- capture ------------------------------------------------------------------------
+
+    def _capture_loop(self) -> None:
+        # Triggered parts and files waiting in a folder are never dropped.
+        must_keep = self.trigger.mode == "mqtt" or self.source.lossless
+        self.policy.background(opencv=True)  # preprocessing's OpenCV workers at this thread's priority too
+        delay = self.cfg.run.reconnect_min_s
+        opened = False
+        try:
+            while not self.stop_event.is_set():
+                self._heartbeat = time.monotonic()
+                if not opened:
+                    retry = self._open(delay)
+                    if retry is not None:
+                        delay = retry
+                        continue
+                    opened, delay = True, self.cfg.run.reconnect_min_s
+                try:
+                    item = self.source.read(0.2)
+                except EndOfSource as exc:
+                    log.info("%s", exc)
+                    self.end_of_source.set()
+                    return
+                except CameraError as exc:
+                    log.error("%s", exc)
+                    self.source.close()
+                    opened = False
+                    self._set_camera("lost")
+                    continue
+                if item is not None:
+                    self._take(item, must_keep)
+        except Exception:  # the top of the worker loop: a crash here must stop the daemon visibly
+            log.exception("capture thread failed")
+            self._crashed()
+        finally:
+            self.source.close()
+            self.capture_done.set()
+
+    def _open(self, delay: float) -> float | None:
+        """Open the source: None when it is open, else the next backoff, after waiting ``delay`` s."""
+        try:
+            self.source.open()
+        except CameraError as exc:
+            self._set_camera("reconnecting")
+            log.warning("%s; retrying in %.1f s", exc, delay)
+            self.stop_event.wait(delay)
+            return min(delay * 2, self.cfg.run.reconnect_max_s)
+        self._set_camera("connected")
+        return None
+
+    def _take(self, item: Item, must_keep: bool) -> None:
+        """One captured frame (or frame error): a part (trigger), prepared and queued."""
+        self.metrics.frame_captured()
+        if isinstance(item, Frame):
+            taken = self.trigger.take(item)
+            if taken is None:
+                self.source.done(item)
+                return
+            item = taken
+        dropped = self.queue.put(self._prepare(item), must_keep, self.stop_event)
+        if dropped is not None:
+            frame = dropped if isinstance(dropped, (Frame, FrameError)) else dropped.frame
+            log.debug("queue full: dropped frame %s", frame.source)
+            self.metrics.frame_dropped("queue_full")
+            self.source.done(frame)
+        self.metrics.set_queue_depth(len(self.queue))
+
+    def _set_camera(self, state: str) -> None:
+        if state != self.camera_state:
+            self.camera_state = state
+            log.info("camera %s: %s", self.source.name, state)
+            self._on_camera(state)
+
+    def _prepare(self, item: Item) -> Work | FrameError | _Failed:
+        if isinstance(item, FrameError):
+            return item
+        try:
+            return self.inspector.prepare(item)
+        except Exception as exc:
+            log.exception("%s: preprocessing failed", item.source)
+            return _Failed(item, f"inspection failed: {exc}")
+
+    # --- infer and finish ---------------------------------------------------------------
+
+    def _stage_loop(self, name: str, inq: FrameQueue, upstream: threading.Event, step: Callable,
+                    outq: FrameQueue | None, done: threading.Event) -> None:
+        if name == "infer":  # the models keep the cores (station/priority.py)
+            self._take_infer_policy()
+        else:
+            self.policy.background()
+        try:
+            while True:
+                item = inq.get(0.2)
+                if item is None:
+                    if upstream.is_set() and len(inq) == 0:
+                        return
+                    continue
+                self._busy[name] = time.monotonic()
+                try:
+                    out = step(item)
+                except Exception as exc:  # one bad part must not stop the line: log, count, go on
+                    log.exception("%s: %s failed", getattr(item, "source", "?"), name)
+                    self.metrics.error(name)
+                    out = _Failed(item.frame if isinstance(item, (Work, _Failed)) else item, f"{name} failed: {exc}")
+                finally:
+                    self._busy[name] = None
+                if outq is not None:
+                    outq.put(out, True, self._abort)
+        finally:
+            done.set()
+
+    def _take_infer_policy(self) -> None:
+        policy = self.policy
+        granted = policy.infer()
+        if granted == "nice":
+            log.info("the infer thread runs at nice %+d under the ordinary policy (run.infer_nice)%s",
+                     policy.infer_nice, f"; the other models' helper threads, if any, under SCHED_FIFO "
+                                        f"{policy.realtime}" if policy.realtime else "")
+        elif granted == "fifo":
+            log.info("the models' threads run under SCHED_FIFO %d (run.realtime_inference)", policy.realtime)
+
+    def _infer(self, item: Work | FrameError | _Failed) -> Work | FrameError | _Failed:
+        try:
+            if not isinstance(item, Work):
+                return item
+            try:
+                return self.infer_stage(item)
+            except Exception as exc:
+                log.exception("%s: inference failed", item.frame.source)
+                return _Failed(item.frame, f"inspection failed: {exc}")
+        finally:
+            if self.settling is not None:
+                self.settling.inferred()  # every item goes on to the finish stage
+
+    def _finish(self, item: Work | FrameError | _Failed) -> None:
+        seq = None
+        try:
+            seq = self._finish_one(item)
+        finally:
+            if self.settling is not None:
+                self.settling.finished(seq)
+
+    def _finish_one(self, item: Work | FrameError | _Failed) -> int | None:
+        """Postprocess and grade one item and hand its record to the sinks; its outbox
+        seq (None: not stored)."""
+        record, frame, result = self._record(item)
+        ctx = Delivery(frame, result)
+        self.sinks.deliver(record, ctx)
+        if ctx.stored:  # a folder file whose result was not stored stays, for the next start to inspect
+            self.source.done(frame)
+        return ctx.seq
+
+    def _record(self, item: Work | FrameError | _Failed) -> tuple[dict, Item, InspectionResult | None]:
+        """The record of one item: its graded result's, or an error record; with its frame."""
+        station_id = self.cfg.station.id
+        if isinstance(item, FrameError):
+            return error_record(item.source, item.error, max(item.seq, 0), station_id, item.part_id), item, None
+        if isinstance(item, _Failed):
+            f = item.frame
+            return error_record(f.source, item.error, f.seq, station_id, f.part_id), f, None
+        frame = item.frame
+        result = None
+        try:
+            result = item.inspector.finish(item)
+            record = result_record(result, self.cfg.run.include_mask)
+        except Exception as exc:
+            log.exception("%s: postprocessing failed", frame.source)
+            record = error_record(frame.source, f"inspection failed: {exc}", frame.seq, station_id, frame.part_id)
+        return record, frame, result

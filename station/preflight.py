@@ -2,14 +2,15 @@
 
 ``station check-config`` and the daemon's start both call :func:`check_for_run`,
 so a config that passes the one is not refused by the other. The checks read
-what the config names (password file, TLS files, this host's CPUs) but change
-nothing; the models are opened by the caller (``open_models``).
+what the config names (password file, TLS files, this host's CPUs, the GenICam
+binding) but change nothing; the models are opened by the caller (``open_models``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from .camera.genicam import binding as genicam_binding
 from .config import StationConfig
 from .errors import ConfigError
 from .priority import split_cpus
@@ -20,11 +21,16 @@ def problems_for_run(cfg: StationConfig, camera_optional: bool = False) -> list[
     """Every reason ``station run`` would refuse ``cfg`` (models aside), one line each.
     camera_optional: a missing camera section is not one (a config for ``station replay``)."""
     problems = []
+    checks: list[Callable[[], Any]] = [lambda: split_cpus(cfg.run.infer_cpu)]
     if cfg.camera is None and not camera_optional:
         problems.append("camera: section missing: `station run` needs a frame source")
     if cfg.trigger.type == "mqtt" and cfg.mqtt is None:
         problems.append("trigger.type: mqtt needs an mqtt section")
-    checks: list[Callable[[], Any]] = [lambda: split_cpus(cfg.run.infer_cpu)]
+    if cfg.camera is not None and cfg.camera.type == "genicam":
+        if cfg.camera.trigger_mode == "software" and cfg.trigger.type != "mqtt":
+            problems.append("camera.trigger_mode: software takes a frame per part named by the trigger: "
+                            "it needs trigger.type mqtt")
+        checks.append(genicam_binding)
     if cfg.mqtt is not None:
         mqtt = cfg.mqtt
         checks += [lambda: read_password(mqtt.auth), lambda: tls_context(mqtt.tls)]

@@ -63,17 +63,28 @@ up to 50 ms, about 5 % of the line (docs/lab/benchmarks.md, sitting 17).
 is never stopped, but other processes' threads may take its CPU for a moment,
 which lengthens a paced line's latency tail; it serves lines that keep their
 models busy. The other models' threads keep ``run.realtime_inference``.
+
+:class:`ThreadPolicy` holds these decisions, taken once from the ``run``
+section; every thread of the daemon applies its part of it to itself as it
+starts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import cv2
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -201,3 +212,64 @@ def adopt_opencv_pool() -> None:
     if n > 1:
         cv2.setNumThreads(1)  # ends the current workers
         cv2.setNumThreads(n)  # the next parallel call starts new ones from this thread
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreadPolicy:
+    """Where and at what priority each thread of the station runs, decided once.
+
+    nice: the increment of every thread but inference (``run.nice_non_inference``,
+    resolved by :func:`non_inference_increment`); realtime: ``run.realtime_inference``;
+    infer_nice: ``run.infer_nice``; cpus: (the infer thread's CPUs, every other
+    thread's) with ``run.infer_cpu`` (:func:`split_cpus`), else None. The default
+    changes nothing: every thread keeps its creator's priority and CPUs.
+
+    Each thread applies its part to itself as it starts: :meth:`background` (every
+    thread but inference), :meth:`infer` (the infer stage), :meth:`helper` (the
+    threads that run a frame's other models at the same time), :meth:`main` (the
+    thread that starts the others).
+    """
+
+    nice: int = 0
+    realtime: int = 0
+    infer_nice: int | None = None
+    cpus: tuple[set[int], set[int]] | None = None
+
+    @classmethod
+    def from_run(cls, run: RunConfig) -> "ThreadPolicy":
+        """The policy of a ``run`` section; ConfigError for a ``run.infer_cpu`` this process cannot use."""
+        return cls(non_inference_increment(run.nice_non_inference, run.realtime_inference),
+                   run.realtime_inference, run.infer_nice, split_cpus(run.infer_cpu))
+
+    def background(self, opencv: bool = False) -> None:
+        """Every thread but inference: ``nice`` steps below its creator. ``opencv``: the
+        thread preprocesses, and OpenCV's workers follow it (:func:`adopt_opencv_pool`)."""
+        if lower_this_thread(self.nice) is not None and opencv:
+            adopt_opencv_pool()
+
+    def infer(self) -> str | None:
+        """The infer thread: on its own CPU, under :func:`infer_policy_this_thread`;
+        "nice", "fifo" or None as that returns."""
+        pin_this_thread(self.cpus[0] if self.cpus is not None else None)
+        return infer_policy_this_thread(self.realtime, self.infer_nice)
+
+    def helper(self) -> None:
+        """A thread that runs one of a frame's other models: off the infer thread's CPU,
+        under ``SCHED_FIFO`` at ``realtime`` when set."""
+        pin_this_thread(self.cpus[1] if self.cpus is not None else None)
+        realtime_this_thread(self.realtime)
+
+    @contextlib.contextmanager
+    def main(self) -> Iterator[None]:
+        """The calling thread, while it starts and runs the others: off the infer thread's
+        CPU, so that every thread started from it (paho's, the models' helpers, the
+        stages) is too; its CPUs are given back at the end."""
+        if self.cpus is None:
+            yield
+            return
+        before = os.sched_getaffinity(0)
+        pin_this_thread(self.cpus[1])
+        try:
+            yield
+        finally:
+            pin_this_thread(before)

@@ -5,14 +5,20 @@ deleted only when the broker acknowledged it (PUBACK, QoS 1), so a broker
 outage or a daemon restart loses nothing. The publisher serialises; it never
 computes inspection data.
 
+Three parts: :class:`MqttPublisher` sends the outbox (its entries in seq order,
+at most ``max_inflight`` unacknowledged; a PUBACK deletes its entry);
+:class:`MqttLink` keeps the connection it sends on (connect, retained status,
+subscriptions, reconnect with capped backoff, the clean stop); a
+:class:`_Session` is one connection (its paho client and callbacks).
+
 Threads:
 
-* the caller (the daemon's inspect thread): :meth:`MqttPublisher.publish_result`
-  stores the record and wakes the sender; it never waits for the network.
-* the sender thread (``mqtt-sender``, ours): connects, publishes ``online``,
-  sends the outbox in seq order keeping at most ``max_inflight`` results
-  unacknowledged, reconnects with capped exponential backoff, and runs the
-  clean stop.
+* the caller (the daemon's finish thread): :meth:`MqttPublisher.publish_result`
+  stores the record and, while connected, hands it to paho itself; it never
+  waits for the network.
+* the sender thread (``mqtt-sender``, the link's): connects, publishes
+  ``online``, sends what the caller did not, reconnects with capped exponential
+  backoff, and runs the clean stop.
 * paho's network thread (``loop_start``, one per connection): socket I/O and
   callbacks; a PUBACK deletes its entry from the outbox.
 
@@ -46,7 +52,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -54,11 +60,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .config import MqttAuthConfig, MqttConfig, MqttTlsConfig, StationConfig, warn_if_exposed
+from .config import MqttAuthConfig, MqttConfig, MqttTlsConfig, warn_if_exposed
 from .errors import ConfigError, PublishError
 from .messages import StatusState, Topics, dumps, stamp_sent, status_record, topics_for
 from .outbox import Outbox
-from .priority import lower_this_thread
+from .priority import ThreadPolicy
 
 log = logging.getLogger(__name__)
 _paho_log = logging.getLogger(__name__ + ".paho")
@@ -145,15 +151,78 @@ class _PahoLog(logging.Logger):
 _PAHO_LOG = _PahoLog(_paho_log.name)
 
 
+class _Broker:
+    """Where and how the link connects: the ``mqtt`` section, with the password and
+    the TLS context read once (ConfigError when they cannot be)."""
+
+    def __init__(self, cfg: MqttConfig, station_id: str):
+        self.cfg = cfg
+        self.client_id = cfg.client_id or f"station-{station_id}"
+        self._password = read_password(cfg.auth)
+        self.tls = tls_context(cfg.tls)
+        self._protocol = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
+
+    def client(self, s: _Session, will_topic: str, will: bytes) -> mqtt.Client:
+        """A fresh paho client for the connection ``s``, with its callbacks and Last Will."""
+        kwargs: dict[str, Any] = {}
+        if self._protocol != mqtt.MQTTv5:
+            # No broker session by default: the outbox is the persistence of what is sent.
+            # A persistent one keeps the subscriptions, and the QoS 1 messages (triggers)
+            # published to them while the station is away.
+            kwargs["clean_session"] = not self.cfg.persistent_session
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=self._protocol,
+            userdata=s,
+            reconnect_on_failure=False,
+            **kwargs,
+        )
+        client.enable_logger(_PAHO_LOG)
+        client.connect_timeout = self.cfg.connect_timeout_s
+        client.max_inflight_messages_set(self.cfg.max_inflight + 1)  # + the status message
+        if self.tls is not None:
+            client.tls_set_context(self.tls)
+        if self.cfg.auth is not None:
+            client.username_pw_set(self.cfg.auth.username, self._password)
+        client.will_set(will_topic, will, qos=1, retain=True)
+        client.on_connect = s.on_connect
+        client.on_disconnect = s.on_disconnect
+        client.on_publish = s.on_publish
+        client.on_message = s.on_message
+        client.on_socket_open = s.on_socket_open
+        return client
+
+    def connect(self, client: mqtt.Client) -> None:
+        """Send the CONNECT (OSError, ssl.SSLError or ValueError when it cannot be)."""
+        cfg = self.cfg
+        if self._protocol == mqtt.MQTTv5:
+            client.connect(cfg.host, cfg.effective_port, keepalive=cfg.keepalive_s,
+                           clean_start=not cfg.persistent_session, properties=self._connect_properties())
+        else:
+            client.connect(cfg.host, cfg.effective_port, keepalive=cfg.keepalive_s)
+
+    def _connect_properties(self) -> Properties | None:
+        """MQTT 5 CONNECT properties: the session expiry of a persistent session
+        (without it the broker ends the session at the disconnect)."""
+        if not self.cfg.persistent_session:
+            return None
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.cfg.session_expiry_s
+        return props
+
+
 class _Session:
-    """One connection: its paho client and the messages sent on it.
+    """One connection: its paho client, the messages sent on it, and paho's callbacks
+    for it (on paho's network thread), which report to the link.
 
     inflight: paho mid → outbox seq (None for status/stats) of messages sent and
     not yet acknowledged. early: acknowledgements that arrived before publish()
     returned the mid (paho's network thread can be that quick).
     """
 
-    def __init__(self, window: int):
+    def __init__(self, link: MqttLink, window: int):
+        self.link = link
         self.client: mqtt.Client | None = None
         self.lock = threading.Lock()
         self.inflight: dict[int, int | None] = {}
@@ -173,26 +242,114 @@ class _Session:
         sets ``connack`` too, with ``refused`` and no ``connected_at``.)"""
         return self.connack.is_set() and self.refused is None
 
+    def send(self, topic: str, payload: bytes, qos: int, retain: bool, seq: int | None) -> mqtt.MQTTMessageInfo | None:
+        """client.publish() and remember mid → seq; None when paho did not take it."""
+        assert self.client is not None  # the link made it before connecting
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return None
+        with self.lock:
+            early = self.early.pop(info.mid, None)
+            if early is None:
+                self.inflight[info.mid] = seq
+        if early is not None:
+            self.link.acked(seq, early)
+        return info
 
-class MqttPublisher:
-    """Publishes results (QoS 1, via the outbox), status (retained) and stats (QoS 0).
+    def abort(self) -> None:
+        """End paho's network thread even when the broker is frozen and a polite
+        DISCONNECT could not be written: the loop sees the shut socket and exits."""
+        sock = self.client.socket() if self.client is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]  # paho's SocketLike type lacks shutdown()
+            except OSError:
+                pass
 
-    cfg: the ``mqtt`` config section; station_id: ``station.id``.
-    outbox: an open Outbox; the publisher never closes it (its owner does).
+    # --- paho callbacks (paho's network thread) --------------------------------------
+
+    def on_connect(self, client, userdata, flags, reason_code: ReasonCode, properties) -> None:
+        if reason_code.is_failure:
+            self.refused = reason_code
+        else:
+            self.connected_at = time.time()
+            self.session_present = bool(getattr(flags, "session_present", False))
+            receive_max = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
+            if receive_max:  # MQTT 5: the broker disconnects a client that exceeds it
+                self.window = max(1, min(self.window, int(receive_max)))
+        self.connack.set()
+        self.link.wake()
+
+    def on_disconnect(self, client, userdata, flags, reason_code: ReasonCode, properties) -> None:
+        self.lost_reason = str(reason_code)
+        self.lost.set()
+        self.link.wake()
+
+    def on_publish(self, client, userdata, mid: int, reason_code: ReasonCode, properties) -> None:
+        try:
+            with self.lock:
+                if mid not in self.inflight:
+                    self.early[mid] = reason_code
+                    return
+                seq = self.inflight.pop(mid)
+            self.link.acked(seq, reason_code)
+        except PublishError as exc:  # e.g. disk full: the entry stays and is sent again on the next connection
+            log.error("acknowledgement of mid %d not recorded: %s", mid, exc)
+            self.link.count("errors")
+        except Exception:  # never let an outbox error kill paho's network thread
+            log.exception("handling the acknowledgement of mid %d failed", mid)
+            self.link.count("errors")
+
+    def on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        self.link.received(message.topic, bytes(message.payload), bool(message.retain))
+
+    @staticmethod
+    def on_socket_open(client, userdata, sock) -> None:
+        # Each MQTT packet is one write: Nagle's algorithm would hold a PUBLISH back
+        # until the broker's TCP acknowledged the previous segment (a delayed ACK
+        # away, milliseconds), for nothing.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (AttributeError, OSError):  # not a TCP socket (e.g. a websocket wrapper)
+            pass
+
+
+class _Sender(Protocol):
+    """What a link's connection is for (MqttPublisher)."""
+
+    def pump(self, s: _Session) -> None:
+        """Send what waits on the accepted session ``s`` (the sender thread, woken)."""
+
+    def flush(self, s: _Session, deadline: float) -> None:
+        """At the clean stop: send what waits until it is acknowledged or ``deadline`` (monotonic) passes."""
+
+    def acked(self, seq: int, reason: ReasonCode) -> None:
+        """The broker answered the message sent for outbox ``seq`` (paho's network thread)."""
+
+    def backlog(self) -> int:
+        """Results waiting to be sent or acknowledged (for the log)."""
+
+
+class MqttLink:
+    """The connection to the broker, kept by the sender thread (``mqtt-sender``).
+
+    Each connection is a fresh paho client (:class:`_Session`) with the Last Will
+    "offline"; once the broker accepted it the link publishes the retained status
+    "online", subscribes, and hands the connection to its ``sender`` until it ends;
+    then it reconnects with capped exponential backoff (slowly after refused
+    credentials). :meth:`stop` runs the clean stop. The link's state and counters
+    are for people (:meth:`stats`) and for callers that wait (:meth:`wait_until`).
 
     Raises ConfigError at construction when the password or the TLS files cannot be read.
     """
 
-    def __init__(self, cfg: MqttConfig, station_id: str, outbox: Outbox, nice: int = 0):
+    def __init__(self, cfg: MqttConfig, station_id: str, sender: _Sender, policy: ThreadPolicy | None = None):
         self.cfg = cfg
-        self.nice = nice  # raise the sender's (and paho's) nice value by this (station/priority.py)
+        self._policy = policy if policy is not None else ThreadPolicy()  # the sender thread's part: background
         self.station_id = station_id
-        self.outbox = outbox
         self.topics: Topics = topics_for(cfg, station_id)
-        self.client_id = cfg.client_id or f"station-{station_id}"
-        self._password = read_password(cfg.auth)
-        self._tls = tls_context(cfg.tls)
-        self._protocol = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
+        self.broker = _Broker(cfg, station_id)
+        self._sender = sender
         self._cond = threading.Condition()  # guards the fields below; notified on every change
         self._state = LinkState.IDLE
         self._last_error: str | None = None
@@ -200,41 +357,13 @@ class MqttPublisher:
         self._retry_at: float | None = None
         self._session: _Session | None = None
         self._wake = threading.Event()
-        self._pumping = threading.Lock()  # one thread at a time hands outbox entries to paho
         self._stopping = threading.Event()
         self._stop_deadline = 0.0
         self._thread: threading.Thread | None = None
         self._subscriptions: dict[str, Callable[[str, bytes, bool], None]] = {}
-        # Called with the outbox seq of each result the broker acknowledged, on
-        # paho's network thread (station bench measures end-to-end latency with it).
-        self.on_ack: Callable[[int], None] | None = None
         self._status_details: dict = {}
 
-    @classmethod
-    def from_config(cls, cfg: StationConfig, outbox: Outbox) -> "MqttPublisher":
-        if cfg.mqtt is None:
-            raise ConfigError("mqtt: section missing: MQTT publishing is not configured")
-        return cls(cfg.mqtt, cfg.station.id, outbox)
-
-    # --- the caller's side --------------------------------------------------------
-
-    def publish_result(self, record: dict) -> int:
-        """Store one result (or error) record durably and queue it for sending; returns its outbox seq.
-
-        The outbox key is ``record["id"]`` (a record already waiting is not stored
-        twice); a record without an id (an error record) gets a fresh key. The
-        topic is stored with it. While connected, the calling thread hands it to
-        paho itself (:meth:`_send_now`). Never blocks on the network.
-        Raises OutboxFull (a PublishError) when the outbox refuses it.
-        """
-        key = str(record.get("id") or uuid.uuid4())
-        try:
-            payload = dumps(record).encode("utf-8")
-        except (TypeError, ValueError) as exc:
-            raise PublishError(f"result {key}: cannot serialise ({exc})") from exc
-        seq = self.outbox.put(key, self.topics.result, payload, time.time())
-        self._send_now()
-        return seq
+    # --- the callers' side --------------------------------------------------------
 
     def publish_stats(self, stats: dict) -> bool:
         """Send one stats message (QoS 0, not retained) if connected.
@@ -247,10 +376,10 @@ class MqttPublisher:
         except (TypeError, ValueError) as exc:
             raise PublishError(f"stats: cannot serialise ({exc})") from exc
         s = self._session
-        if s is None or not self.connected or self._send(s, self.topics.stats, payload, 0, False, None) is None:
-            self._count("stats_dropped")
+        if s is None or not self.connected or s.send(self.topics.stats, payload, 0, False, None) is None:
+            self.count("stats_dropped")
             return False
-        self._count("stats_sent")
+        self.count("stats_sent")
         return True
 
     def subscribe(self, topic: str, callback: Callable[[str, bytes, bool], None]) -> None:
@@ -273,7 +402,7 @@ class MqttPublisher:
             self._status_details.update(details)
             s = self._session
         if s is not None and self.connected:
-            self._send(s, self.topics.status, self._status("online"), 1, True, None)
+            s.send(self.topics.status, self._status("online"), 1, True, None)
 
     @property
     def connected(self) -> bool:
@@ -289,12 +418,13 @@ class MqttPublisher:
         return self._last_error
 
     @property
-    def outbox_depth(self) -> int:
-        return self.outbox.depth()
+    def session(self) -> _Session | None:
+        """The connection being made or up, None between two."""
+        with self._cond:
+            return self._session
 
     def stats(self) -> dict:
-        """Link state and counters: sent, acked, late, broker_rejected, connects,
-        connect_attempts, stats_sent, stats_dropped, errors; plus the outbox's."""
+        """Link state and counters (see _COUNTERS)."""
         with self._cond:
             out: dict[str, Any] = {
                 "state": self._state.value,
@@ -304,17 +434,13 @@ class MqttPublisher:
             }
             for name in _COUNTERS:
                 out[name] = self._counts[name]
-        out["outbox"] = self.outbox.stats()
         return out
 
-    def wait_until(self, predicate: Callable[["MqttPublisher"], bool], timeout: float) -> bool:
-        """Block until ``predicate(self)`` is true (re-checked on every state or
-        counter change) or ``timeout`` seconds passed; returns the last result."""
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Block until ``predicate()`` is true (re-checked on every state or counter
+        change) or ``timeout`` seconds passed; returns the last result."""
         with self._cond:
-            return self._cond.wait_for(lambda: predicate(self), timeout)
-
-    def wait_connected(self, timeout: float) -> bool:
-        return self.wait_until(lambda p: p.connected, timeout)
+            return self._cond.wait_for(predicate, timeout)
 
     # --- lifetime -------------------------------------------------------------------
 
@@ -325,39 +451,67 @@ class MqttPublisher:
         self._thread = threading.Thread(target=self._run, name="mqtt-sender", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> bool:
-        """Flush and disconnect cleanly; returns True when the outbox is empty.
-
-        While connected: wait up to ``timeout`` s until every stored result is
-        acknowledged, publish the retained status "stopped" (waiting ≤ 1 s for its
-        acknowledgement) and disconnect, so the broker discards the Last Will.
-        While disconnected: stop at once; stored results stay in the outbox for
-        the next start. Returns within about timeout + 1 s (+ connect_timeout_s
-        if a TCP/TLS connect is in progress).
-        """
+    def stop(self, timeout: float) -> None:
+        """The clean stop (see MqttPublisher.stop); returns within about timeout + 1 s
+        (+ connect_timeout_s if a TCP/TLS connect is in progress)."""
         if self._thread is None:
-            return self.outbox.depth() == 0
+            return
         self._stop_deadline = time.monotonic() + max(0.0, timeout)
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout + self.cfg.connect_timeout_s + 3.0)
         if self._thread.is_alive():
             log.error("MQTT sender thread did not stop in time")
-        return self.outbox.depth() == 0
+
+    # --- what the sessions report ---------------------------------------------------
+
+    def acked(self, seq: int | None, reason: ReasonCode) -> None:
+        """The broker answered a message sent with ``seq`` (None: status or stats)."""
+        if seq is not None:
+            self._sender.acked(seq, reason)
+
+    def received(self, topic: str, payload: bytes, retained: bool) -> None:
+        callback = self._subscriptions.get(topic)
+        if callback is None:
+            return
+        try:
+            callback(topic, payload, retained)
+        except Exception:  # never let a subscriber's error kill paho's network thread
+            log.exception("handling a message on %s failed", topic)
+            self.count("errors")
+
+    def wake(self) -> None:
+        """Wake the sender thread (new result, ack, connection event, stop)."""
+        self._wake.set()
+
+    def sleep(self, timeout: float) -> bool:
+        """Wait for a wake-up or ``timeout``; False if it timed out."""
+        if timeout <= 0:
+            return False
+        woke = self._wake.wait(timeout)
+        self._wake.clear()
+        return woke
+
+    def count(self, name: str, n: int = 1, **more: int) -> None:
+        with self._cond:
+            self._counts[name] += n
+            for k, v in more.items():
+                self._counts[k] += v
+            self._cond.notify_all()
 
     # --- the sender thread ----------------------------------------------------------
 
     def _run(self) -> None:
-        lower_this_thread(self.nice)  # paho's network thread, started from here, inherits it
+        self._policy.background()  # paho's network thread, started from here, inherits it
         delay = self.cfg.reconnect_min_s
         failures = 0
         while not self._stopping.is_set():
-            s = _Session(self.cfg.max_inflight)
+            s = _Session(self, self.cfg.max_inflight)
             try:
                 outcome, error = self._serve(s)
             except Exception:  # the top of the worker loop: log, count, retry after a pause
                 log.exception("MQTT sender failed; reconnecting")
-                self._count("errors")
+                self.count("errors")
                 outcome, error = "lost", "internal error (see the log)"
             if outcome == "stopped" or self._stopping.is_set():
                 break
@@ -377,25 +531,21 @@ class MqttPublisher:
             else:  # the first failure in a row is a warning, the repeats of an outage are info
                 level = logging.WARNING if failures == 1 else logging.INFO
             log.log(level, "MQTT %s: %s; %d results wait in the outbox; retrying in %.1f s",
-                    state.value, error, self.outbox.depth(), wait)
+                    state.value, error, self._sender.backlog(), wait)
             if self._stopping.wait(wait):
                 break
         self._set_state(LinkState.STOPPED, None)
-        log.info("MQTT publisher stopped; %d results remain in the outbox", self.outbox.depth())
+        log.info("MQTT publisher stopped; %d results remain in the outbox", self._sender.backlog())
 
     def _serve(self, s: _Session) -> tuple[str, str | None]:
         """Run one connection until it ends: ("stopped", None), ("auth", why) when the
         credentials were refused, or ("lost", why)."""
         host, port = self.cfg.host, self.cfg.effective_port
-        client = s.client = self._new_client(s)
+        client = s.client = self.broker.client(s, self.topics.status, self._status("offline"))
         self._set_state(LinkState.CONNECTING, self._last_error)
-        self._count("connect_attempts")
+        self.count("connect_attempts")
         try:
-            if self._protocol == mqtt.MQTTv5:
-                client.connect(host, port, keepalive=self.cfg.keepalive_s, clean_start=not self.cfg.persistent_session,
-                               properties=self._connect_properties())
-            else:
-                client.connect(host, port, keepalive=self.cfg.keepalive_s)
+            self.broker.connect(client)
         except (OSError, ssl.SSLError, ValueError) as exc:  # refused, unreachable, TLS handshake
             return "lost", f"cannot connect to {host}:{port}: {exc}"
         with self._cond:
@@ -404,7 +554,7 @@ class MqttPublisher:
         try:
             deadline = time.monotonic() + self.cfg.connect_timeout_s
             while not s.connack.is_set() and not s.lost.is_set() and not self._stopping.is_set():
-                if not self._sleep(deadline - time.monotonic()):
+                if not self.sleep(deadline - time.monotonic()):
                     break
             if s.refused is not None:
                 code = s.refused.value
@@ -421,19 +571,20 @@ class MqttPublisher:
             with self._cond:
                 self._session = None
             if not s.lost.is_set():
-                self._abort_socket(client)
+                s.abort()
             client.loop_stop()
 
     def _connected(self, s: _Session) -> tuple[str, str | None]:
         host, port = self.cfg.host, self.cfg.effective_port
-        self._count("connects")
+        self.count("connects")
         self._set_state(LinkState.CONNECTED, None)
         session = ""
         if self.cfg.persistent_session:
             session = ", session resumed" if s.session_present else ", new persistent session"
         log.info("MQTT connected to %s:%d as %s (MQTT %s%s%s); %d results wait in the outbox", host, port,
-                 self.client_id, self.cfg.protocol, ", TLS" if self._tls else "", session, self.outbox.depth())
-        self._send(s, self.topics.status, self._status("online"), 1, True, None)
+                 self.broker.client_id, self.cfg.protocol, ", TLS" if self.broker.tls else "", session,
+                 self._sender.backlog())
+        s.send(self.topics.status, self._status("online"), 1, True, None)
         with self._cond:
             topics = list(self._subscriptions)
         assert s.client is not None  # _serve set it before connecting
@@ -445,23 +596,15 @@ class MqttPublisher:
             if self._stopping.is_set():
                 self._finish(s)
                 return "stopped", None
-            with self._pumping:
-                self._pump(s)
-            self._sleep(1.0)
+            self._sender.pump(s)
+            self.sleep(1.0)
 
     def _finish(self, s: _Session) -> None:
         """The clean stop: flush until the deadline, publish "stopped", disconnect."""
-        while self.outbox.depth() and not s.lost.is_set():
-            remaining = self._stop_deadline - time.monotonic()
-            if remaining <= 0:
-                log.warning("MQTT stop: %d results not acknowledged in time; they stay in the outbox", self.outbox.depth())
-                break
-            with self._pumping:
-                self._pump(s)
-            self._sleep(min(remaining, 0.5))
+        self._sender.flush(s, self._stop_deadline)
         if s.lost.is_set():
             return
-        info = self._send(s, self.topics.status, self._status("stopped"), 1, True, None)
+        info = s.send(self.topics.status, self._status("stopped"), 1, True, None)
         if info is not None:
             try:
                 info.wait_for_publish(1.0)
@@ -471,23 +614,173 @@ class MqttPublisher:
         s.client.disconnect()
         s.lost.wait(1.0)  # on_disconnect: the DISCONNECT was written
 
+    def _status(self, state: StatusState) -> bytes:
+        record = status_record(state, self.station_id)
+        if state == "online":
+            record.update(self._status_details)
+        return dumps(record).encode("utf-8")
+
+    def _set_state(self, state: LinkState, error: str | None, retry_at: float | None = None) -> None:
+        """State, error and (while disconnected) the monotonic time of the next attempt, at once."""
+        with self._cond:
+            self._state = state
+            self._last_error = error
+            self._retry_at = retry_at
+            self._cond.notify_all()
+
+
+class MqttPublisher:
+    """Publishes results (QoS 1, via the outbox), status (retained) and stats (QoS 0).
+
+    cfg: the ``mqtt`` config section; station_id: ``station.id``.
+    outbox: an open Outbox; the publisher never closes it (its owner does).
+    policy: the station's thread policy, of which the sender thread (and paho's)
+    takes the background part (station/priority.py); default: none.
+    on_ack: called with the outbox seq of each result the broker acknowledged, on
+    paho's network thread.
+
+    It sends the outbox on the connection its :class:`MqttLink` keeps (``link``).
+    Raises ConfigError at construction when the password or the TLS files cannot be read.
+    """
+
+    def __init__(self, cfg: MqttConfig, station_id: str, outbox: Outbox, policy: ThreadPolicy | None = None,
+                 on_ack: Callable[[int], None] | None = None):
+        self.outbox = outbox
+        self._on_ack = on_ack
+        self._pumping = threading.Lock()  # one thread at a time hands outbox entries to paho
+        self.link = MqttLink(cfg, station_id, self, policy)
+
+    # --- the caller's side --------------------------------------------------------
+
+    def publish_result(self, record: dict) -> int:
+        """Store one result (or error) record durably and queue it for sending; returns its outbox seq.
+
+        The outbox key is ``record["id"]`` (a record already waiting is not stored
+        twice); a record without an id (an error record) gets a fresh key. The
+        topic is stored with it. While connected, the calling thread hands it to
+        paho itself (:meth:`_send_now`). Never blocks on the network.
+        Raises OutboxFull (a PublishError) when the outbox refuses it.
+        """
+        key = str(record.get("id") or uuid.uuid4())
+        try:
+            payload = dumps(record).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise PublishError(f"result {key}: cannot serialise ({exc})") from exc
+        seq = self.outbox.put(key, self.link.topics.result, payload, time.time())
+        self._send_now()
+        return seq
+
+    def publish_stats(self, stats: dict) -> bool:
+        """See :meth:`MqttLink.publish_stats`."""
+        return self.link.publish_stats(stats)
+
+    def subscribe(self, topic: str, callback: Callable[[str, bytes, bool], None]) -> None:
+        """See :meth:`MqttLink.subscribe`."""
+        self.link.subscribe(topic, callback)
+
+    def set_status(self, **details) -> None:
+        """See :meth:`MqttLink.set_status`."""
+        self.link.set_status(**details)
+
+    @property
+    def connected(self) -> bool:
+        return self.link.connected
+
+    @property
+    def state(self) -> LinkState:
+        return self.link.state
+
+    @property
+    def last_error(self) -> str | None:
+        """The last connection problem, for people (no secrets)."""
+        return self.link.last_error
+
+    @property
+    def outbox_depth(self) -> int:
+        return self.outbox.depth()
+
+    def stats(self) -> dict:
+        """Link state and counters: sent, acked, late, broker_rejected, connects,
+        connect_attempts, stats_sent, stats_dropped, errors; plus the outbox's."""
+        out = self.link.stats()
+        out["outbox"] = self.outbox.stats()
+        return out
+
+    def wait_until(self, predicate: Callable[["MqttPublisher"], bool], timeout: float) -> bool:
+        """Block until ``predicate(self)`` is true (re-checked on every state or
+        counter change) or ``timeout`` seconds passed; returns the last result."""
+        return self.link.wait_until(lambda: predicate(self), timeout)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.wait_until(lambda p: p.connected, timeout)
+
+    # --- lifetime -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the sender thread; it connects in the background and keeps retrying."""
+        self.link.start()
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Flush and disconnect cleanly; returns True when the outbox is empty.
+
+        While connected: wait up to ``timeout`` s until every stored result is
+        acknowledged, publish the retained status "stopped" (waiting ≤ 1 s for its
+        acknowledgement) and disconnect, so the broker discards the Last Will.
+        While disconnected: stop at once; stored results stay in the outbox for
+        the next start. Returns within about timeout + 1 s (+ connect_timeout_s
+        if a TCP/TLS connect is in progress).
+        """
+        self.link.stop(timeout)
+        return self.outbox.depth() == 0
+
+    # --- sending (the link calls these) ---------------------------------------------
+
+    def pump(self, s: _Session) -> None:
+        with self._pumping:
+            self._pump(s)
+
+    def flush(self, s: _Session, deadline: float) -> None:
+        while self.outbox.depth() and not s.lost.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("MQTT stop: %d results not acknowledged in time; they stay in the outbox", self.outbox.depth())
+                break
+            self.pump(s)
+            self.link.sleep(min(remaining, 0.5))
+
+    def acked(self, seq: int, reason: ReasonCode) -> None:
+        if reason.is_failure:
+            # MQTT 5 only: the broker refused this message (e.g. not authorised on the
+            # topic). It stays in the outbox and is tried again on the next connection.
+            self.link.count("broker_rejected")
+            log.error("broker rejected result seq %d on %s: %s; it stays in the outbox", seq,
+                      self.link.topics.result, reason)
+        else:
+            self.outbox.ack(seq)
+            self.link.count("acked")
+            if self._on_ack is not None:
+                self._on_ack(seq)
+        self.link.wake()
+
+    def backlog(self) -> int:
+        return self.outbox.depth()
+
     def _send_now(self) -> None:
         """Hand what waits in the outbox to paho from the calling thread, when a
         connection is up and no other thread is doing it; else (or should it fail)
         wake the sender thread to do it. A wake-up on every result would add the
         host's thread wake-up latency (``station bench``) to each one."""
-        with self._cond:
-            s = self._session
+        s = self.link.session
         if s is not None and s.accepted and self._pumping.acquire(blocking=False):
             try:
                 self._pump(s)
                 return
             except Exception:  # stored already: the sender thread sends it
                 log.exception("sending from the caller's thread failed; the sender thread takes over")
-                self._count("errors")
+                self.link.count("errors")
             finally:
                 self._pumping.release()
-        self._wake.set()
+        self.link.wake()
 
     def _pump(self, s: _Session) -> None:
         """Send outbox entries after ``s.cursor`` while the window has room; the
@@ -517,176 +810,11 @@ class MqttPublisher:
                 except (ValueError, TypeError):
                     log.error("outbox entry %d (%s) is not a JSON object; sent as stored", e.seq, e.result_id)
                     payload = e.payload
-                if self._send(s, e.topic, payload, 1, False, e.seq) is None:
+                if s.send(e.topic, payload, 1, False, e.seq) is None:
                     return  # the connection is going; the next one sends from the outbox
                 s.cursor = e.seq
-                self._count("sent", late=int(late))
-
-    def _send(
-        self, s: _Session, topic: str, payload: bytes, qos: int, retain: bool, seq: int | None
-    ) -> mqtt.MQTTMessageInfo | None:
-        """client.publish() and remember mid → seq; None when paho did not take it."""
-        assert s.client is not None  # _serve set it before connecting
-        info = s.client.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            return None
-        with s.lock:
-            early = s.early.pop(info.mid, None)
-            if early is None:
-                s.inflight[info.mid] = seq
-        if early is not None:
-            self._acked(s, seq, early)
-        return info
-
-    def _acked(self, s: _Session, seq: int | None, reason: ReasonCode) -> None:
-        if seq is None:
-            return
-        if reason.is_failure:
-            # MQTT 5 only: the broker refused this message (e.g. not authorised on the
-            # topic). It stays in the outbox and is tried again on the next connection.
-            self._count("broker_rejected")
-            log.error("broker rejected result seq %d on %s: %s; it stays in the outbox", seq, self.topics.result, reason)
-        else:
-            self.outbox.ack(seq)
-            self._count("acked")
-            if self.on_ack is not None:
-                self.on_ack(seq)
-        self._wake.set()
-
-    # --- paho callbacks (paho's network thread) --------------------------------------
-
-    def _on_connect(self, client, s: _Session, flags, reason_code: ReasonCode, properties) -> None:
-        if reason_code.is_failure:
-            s.refused = reason_code
-        else:
-            s.connected_at = time.time()
-            s.session_present = bool(getattr(flags, "session_present", False))
-            receive_max = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
-            if receive_max:  # MQTT 5: the broker disconnects a client that exceeds it
-                s.window = max(1, min(s.window, int(receive_max)))
-        s.connack.set()
-        self._wake.set()
-
-    def _on_disconnect(self, client, s: _Session, flags, reason_code: ReasonCode, properties) -> None:
-        s.lost_reason = str(reason_code)
-        s.lost.set()
-        self._wake.set()
-
-    def _on_publish(self, client, s: _Session, mid: int, reason_code: ReasonCode, properties) -> None:
-        try:
-            with s.lock:
-                if mid not in s.inflight:
-                    s.early[mid] = reason_code
-                    return
-                seq = s.inflight.pop(mid)
-            self._acked(s, seq, reason_code)
-        except PublishError as exc:  # e.g. disk full: the entry stays and is sent again on the next connection
-            log.error("acknowledgement of mid %d not recorded: %s", mid, exc)
-            self._count("errors")
-        except Exception:  # never let an outbox error kill paho's network thread
-            log.exception("handling the acknowledgement of mid %d failed", mid)
-            self._count("errors")
-
-    def _on_message(self, client, s: _Session, message: mqtt.MQTTMessage) -> None:
-        callback = self._subscriptions.get(message.topic)
-        if callback is None:
-            return
-        try:
-            callback(message.topic, bytes(message.payload), bool(message.retain))
-        except Exception:  # never let a subscriber's error kill paho's network thread
-            log.exception("handling a message on %s failed", message.topic)
-            self._count("errors")
-
-    # --- helpers --------------------------------------------------------------------
-
-    def _new_client(self, s: _Session) -> mqtt.Client:
-        kwargs: dict[str, Any] = {}
-        if self._protocol != mqtt.MQTTv5:
-            # No broker session by default: the outbox is the persistence of what is sent.
-            # A persistent one keeps the subscriptions, and the QoS 1 messages (triggers)
-            # published to them while the station is away.
-            kwargs["clean_session"] = not self.cfg.persistent_session
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=self._protocol,
-            userdata=s,
-            reconnect_on_failure=False,
-            **kwargs,
-        )
-        client.enable_logger(_PAHO_LOG)
-        client.connect_timeout = self.cfg.connect_timeout_s
-        client.max_inflight_messages_set(self.cfg.max_inflight + 1)  # + the status message
-        if self._tls is not None:
-            client.tls_set_context(self._tls)
-        if self.cfg.auth is not None:
-            client.username_pw_set(self.cfg.auth.username, self._password)
-        client.will_set(self.topics.status, self._status("offline"), qos=1, retain=True)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_message = self._on_message
-        client.on_socket_open = self._on_socket_open
-        return client
-
-    @staticmethod
-    def _on_socket_open(client, s: _Session, sock) -> None:
-        # Each MQTT packet is one write: Nagle's algorithm would hold a PUBLISH back
-        # until the broker's TCP acknowledged the previous segment (a delayed ACK
-        # away, milliseconds), for nothing.
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (AttributeError, OSError):  # not a TCP socket (e.g. a websocket wrapper)
-            pass
-
-    @staticmethod
-    def _abort_socket(client: mqtt.Client) -> None:
-        # Ends paho's network thread even when the broker is frozen and a polite
-        # DISCONNECT could not be written: the loop sees the shut socket and exits.
-        sock = client.socket()
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]  # paho's SocketLike type lacks shutdown()
-            except OSError:
-                pass
-
-    def _connect_properties(self) -> Properties | None:
-        """MQTT 5 CONNECT properties: the session expiry of a persistent session
-        (without it the broker ends the session at the disconnect)."""
-        if not self.cfg.persistent_session:
-            return None
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.cfg.session_expiry_s
-        return props
-
-    def _status(self, state: StatusState) -> bytes:
-        record = status_record(state, self.station_id)
-        if state == "online":
-            record.update(self._status_details)
-        return dumps(record).encode("utf-8")
-
-    def _sleep(self, timeout: float) -> bool:
-        """Wait for a wake-up (new result, ack, connection event, stop) or ``timeout``; False if it timed out."""
-        if timeout <= 0:
-            return False
-        woke = self._wake.wait(timeout)
-        self._wake.clear()
-        return woke
-
-    def _set_state(self, state: LinkState, error: str | None, retry_at: float | None = None) -> None:
-        """State, error and (while disconnected) the monotonic time of the next attempt, at once."""
-        with self._cond:
-            self._state = state
-            self._last_error = error
-            self._retry_at = retry_at
-            self._cond.notify_all()
-
-    def _count(self, name: str, n: int = 1, **more: int) -> None:
-        with self._cond:
-            self._counts[name] += n
-            for k, v in more.items():
-                self._counts[k] += v
-            self._cond.notify_all()
+                self.link.count("sent", late=int(late))
 
     def __repr__(self) -> str:
-        return f"MqttPublisher({self.cfg.host}:{self.cfg.effective_port}, {self.topics.prefix!r}, {self._state.value})"
+        link = self.link
+        return f"MqttPublisher({link.cfg.host}:{link.cfg.effective_port}, {link.topics.prefix!r}, {link.state.value})"

@@ -18,7 +18,7 @@ from .camera.files import FileSource
 from .config import FolderCamera, InputLimits
 from .messages import dumps, error_record, result_record
 from .overlay import draw_overlay
-from .pipeline import Inspector
+from .inspector import Inspector
 from .types import Frame, FrameError, Grade
 
 log = logging.getLogger(__name__)

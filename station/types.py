@@ -23,6 +23,8 @@ class Frame:
     seq: sequence number within the source run, from 0.
     captured_at: UNIX time in seconds when the frame was captured or read.
     part_id: the part this frame shows, when a trigger named one.
+    camera_timestamp_ns: the camera's own timestamp of the frame (its clock, in
+    ns; GenICam cameras), when the source has one.
     """
 
     image: np.ndarray
@@ -30,6 +32,7 @@ class Frame:
     seq: int = 0
     captured_at: float = field(default_factory=time.time)
     part_id: str | None = None
+    camera_timestamp_ns: int | None = None
 
     def __post_init__(self) -> None:
         img = self.image
@@ -148,6 +151,7 @@ class InspectionResult:
     mask: (H, W) bool union mask at source resolution, or None when no
     segmentation model ran.
     latency_ms: stage name → milliseconds (preprocess, infer.<role>, postprocess, grade).
+    camera_timestamp_ns: the frame's camera timestamp (Frame.camera_timestamp_ns), when it has one.
     """
 
     id: str
@@ -165,6 +169,7 @@ class InspectionResult:
     models: dict[str, str]
     latency_ms: dict[str, float] = field(default_factory=dict)
     mask: np.ndarray | None = None
+    camera_timestamp_ns: int | None = None
 
 
 @dataclass(frozen=True)

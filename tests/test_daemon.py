@@ -83,6 +83,41 @@ def stations():
         s.kill()
 
 
+class RecordSink:
+    """A sink of the daemon (station/sinks.py) that hands each record to ``fn``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def start(self) -> None:
+        pass
+
+    def deliver(self, record: dict, ctx) -> None:
+        self.fn(record)
+
+    def acked(self, seq: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class AckSink(RecordSink):
+    """A sink that also keeps each record's (record, outbox seq, unrounded capture time)
+    and the seqs the broker acknowledged."""
+
+    def __init__(self):
+        super().__init__(lambda record: None)
+        self.published: list[tuple[dict, int | None, float | None]] = []
+        self.acks: list[int] = []
+
+    def deliver(self, record: dict, ctx) -> None:
+        self.published.append((record, ctx.seq, ctx.captured_at))
+
+    def acked(self, seq: int) -> None:
+        self.acks.append(seq)
+
+
 def mqtt_section(broker: Mosquitto, **extra) -> str:
     lines = [
         "mqtt:",
@@ -402,10 +437,10 @@ def test_watchdog_health_follows_progress(tmp_path):
 
     d = Daemon(parse_config("camera: {type: fake}\nrun: {stall_s: 2}\n"))
     assert d._healthy()
-    d._busy["infer"] = time.monotonic() - 3  # one inspection stuck for 3 s
+    d.pipeline._busy["infer"] = time.monotonic() - 3  # one inspection stuck for 3 s
     assert not d._healthy()
-    d._busy["infer"] = None
-    d._heartbeat = time.monotonic() - 3  # the capture loop stopped turning
+    d.pipeline._busy["infer"] = None
+    d.pipeline._heartbeat = time.monotonic() - 3  # the capture loop stopped turning
     assert not d._healthy()
 
 
@@ -434,7 +469,7 @@ def test_threads_but_inference_run_at_the_lower_priority(tmp_path, broker, incre
     text = (f"camera: {{type: fake, frames: 6, height: 96, width: 128}}\n"
             f"run: {{nice_non_inference: {'null' if increment is None else increment}, "
             f"state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
-    daemon = Daemon(parse_config(text), sink=sink)
+    daemon = Daemon(parse_config(text), sinks=[RecordSink(sink)])
     assert daemon.run(install_signals=False) == 0
     lowered = min(19, base + (10 if increment is None else increment))
     for name in ("capture", "finish", "mqtt-sender", "paho-mqtt-client", "outbox-checkpoint"):
@@ -465,7 +500,7 @@ def _threads_of_a_run(tmp_path, broker, run: str, probe) -> dict:
             "inference: {parallel_models: true}\n"
             "camera: {type: fake, frames: 4, height: 96, width: 128}\n"
             f"run: {{{run}, state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
-    assert Daemon(parse_config(text), sink=sink).run(install_signals=False) == 0
+    assert Daemon(parse_config(text), sinks=[RecordSink(sink)]).run(install_signals=False) == 0
     return seen
 
 
@@ -478,6 +513,7 @@ def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broke
     import threading
 
     caplog.set_level("INFO", logger="station.daemon")
+    caplog.set_level("INFO", logger="station.pipeline")
     base = _nice(threading.get_native_id())
     found = _threads_of_a_run(tmp_path, broker, "realtime_inference: 3", lambda tid: (
         os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority, _nice(tid)))
@@ -520,7 +556,7 @@ def test_the_infer_thread_alone_on_its_cpu_can_run_at_a_nice_value_instead_of_fi
     threads at the process's priority (docs/benchmarks.md, seventeenth sitting)."""
     import threading
 
-    caplog.set_level("INFO", logger="station.daemon")
+    caplog.set_level("INFO", logger="station.pipeline")
     base = _nice(threading.get_native_id())
     cpu = max(os.sched_getaffinity(0))
     seen = _threads_of_a_run(tmp_path, broker, f"infer_cpu: {cpu}, infer_nice: -6, realtime_inference: 3",
@@ -569,36 +605,34 @@ def test_the_outbox_is_checkpointed_by_its_own_thread(tmp_path, broker, monkeypa
     autocheckpoint: list[int] = []
 
     def sink(record: dict) -> None:
-        autocheckpoint.append(daemon.outbox._conn().execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+        autocheckpoint.append(daemon.mqtt.outbox._conn().execute("PRAGMA wal_autocheckpoint").fetchone()[0])
 
     text = (f"camera: {{type: fake, frames: 40, fps: 50, height: 96, width: 128}}\n"
             f"outbox: {{checkpoint_s: 0.05}}\nrun: {{state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
-    daemon = Daemon(parse_config(text), sink=sink)
+    daemon = Daemon(parse_config(text), sinks=[RecordSink(sink)])
     assert daemon.run(install_signals=False) == 0
-    assert set(autocheckpoint) == {WAL_LIMIT // daemon.outbox.page_size}
+    assert set(autocheckpoint) == {WAL_LIMIT // daemon.mqtt.outbox.page_size}
     assert len(calls) >= 5 and set(calls) == {"outbox-checkpoint"}
     with Outbox(tmp_path / "state" / "outbox.sqlite3") as box:
         assert box.depth() == 0
 
 
-def test_bench_hooks_get_the_stored_seq_and_the_unrounded_capture_time(tmp_path, broker):
-    """on_published(record, seq, captured_at) gives the frame's own capture time (the
+def test_a_sink_gets_the_stored_seq_the_unrounded_capture_time_and_the_acks(tmp_path, broker):
+    """A sink's Delivery gives the outbox seq and the frame's own capture time (the
     record carries it rounded down to the millisecond, which would add 0-1 ms to every
-    latency station bench measures); on_ack then reports each of those seqs."""
+    latency station bench measures); acked() then reports each of those seqs."""
     from datetime import datetime
 
     from station.config import parse_config
     from station.daemon import Daemon
 
-    published: list[tuple[dict, int | None, float | None]] = []
-    acked: list[int] = []
+    sink = AckSink()
     text = (f"camera: {{type: fake, frames: 8, fps: null, height: 96, width: 128}}\n"
             f"run: {{state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
-    daemon = Daemon(parse_config(text))
-    daemon.on_published = lambda record, seq, captured: published.append((record, seq, captured))
-    daemon.on_ack = acked.append
+    daemon = Daemon(parse_config(text), sinks=[sink])
     assert daemon.run(install_signals=False) == 0
-    assert len(published) == 8 and sorted(acked) == sorted(seq for _, seq, _ in published)
+    published = sink.published
+    assert len(published) == 8 and sorted(sink.acks) == sorted(seq for _, seq, _ in published)
     lost = []
     for record, _, captured in published:
         rounded = datetime.fromisoformat(record["captured_at"].replace("Z", "+00:00")).timestamp()
@@ -615,7 +649,7 @@ def test_the_daemon_warms_its_stages_up_before_the_first_frame(tmp_path, monkeyp
 
     from station.config import parse_config
     from station.daemon import Daemon
-    from station.pipeline import WARM_PARTS, Inspector
+    from station.inspector import WARM_PARTS, Inspector
 
     calls = []
     warmed: list[int] = []  # seq of each synthetic part prepared
@@ -635,11 +669,11 @@ def test_the_daemon_warms_its_stages_up_before_the_first_frame(tmp_path, monkeyp
     monkeypatch.setattr(Inspector, "prepare", prepare)
     records: list[dict] = []
     text = f"camera: {{type: fake, frames: 3, fps: null, height: 96, width: 128}}\nrun: {{state_dir: {tmp_path / 'state'}}}\n"
-    daemon = Daemon(parse_config(text), sink=records.append)
+    daemon = Daemon(parse_config(text), sinks=[RecordSink(records.append)])
     assert daemon.run(install_signals=False) == 0
     assert len(calls) == 1
     args, kwargs, threads, before = calls[0]
-    assert args == (daemon._parallel_infer,) and kwargs == {}  # the infer stage the frames use
+    assert args == (daemon.pipeline.infer_stage,) and kwargs == {}  # the infer stage the frames use
     assert WARM_PARTS == 5 and warmed == list(range(WARM_PARTS))  # five parts, as the README says
     assert threads == set() and before == 0  # before any stage thread, before any frame
     assert len(records) == 3 and all(r["source"] != "warm-up" for r in records)
@@ -656,17 +690,17 @@ def test_the_daemon_applies_steady_malloc_when_asked(tmp_path, monkeypatch, on):
     monkeypatch.setattr(daemon_mod, "steady_malloc", lambda: calls.append("set") or True)
     text = ("camera: {type: fake, frames: 2, height: 64, width: 64}\n"
             f"run: {{steady_malloc: {str(on).lower()}, state_dir: {tmp_path / 'state'}}}\n")
-    assert daemon_mod.Daemon(parse_config(text), sink=lambda record: None).run(install_signals=False) == 0
+    assert daemon_mod.Daemon(parse_config(text), sinks=[RecordSink(lambda record: None)]).run(install_signals=False) == 0
     assert calls == (["set"] if on else [])
 
 
 def test_settling_counts_frames_until_finished_and_acknowledged():
-    """Daemon.Settling, what a frame's second model waits for (inference.helper_yield_ms):
+    """Settling, what a frame's second model waits for (inference.helper_yield_ms):
     settled once every inferred frame is finished and each stored one acknowledged, in
     whichever order the acknowledgement and the finish stage's count arrive."""
     import threading
 
-    from station.daemon import Settling
+    from station.parallel import Settling
 
     s = Settling(keep=4)
     assert s.wait(0)
@@ -706,16 +740,15 @@ def test_the_daemon_with_helper_yield_delivers_every_result_and_settles(tmp_path
     from station.config import parse_config
     from station.daemon import Daemon
 
-    acked: list[int] = []
+    sink = AckSink()
     text = (f"models: {{segmentation: {ROOT / 'models/magnetic_tile_unet.onnx'}, "
             f"detection: {ROOT / 'models/neu_det_detector.onnx'}}}\n"
             "inference: {parallel_models: true, helper_yield_ms: 3}\n"
             "camera: {type: fake, frames: 12, height: 96, width: 128}\n"
             f"run: {{state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
-    daemon = Daemon(parse_config(text))
-    daemon.on_ack = acked.append
+    daemon = Daemon(parse_config(text), sinks=[sink])
     assert daemon.run(install_signals=False) == 0
-    assert len(acked) == 12
-    assert daemon.settling.wait(0)
+    assert len(sink.acks) == 12
+    assert daemon.pipeline.settling.wait(0)
     # off (the default), nothing is counted on the frames' path
-    assert Daemon(parse_config(text.replace("helper_yield_ms: 3", "helper_yield_ms: 0"))).settling is None
+    assert Daemon(parse_config(text.replace("helper_yield_ms: 3", "helper_yield_ms: 0"))).pipeline.settling is None

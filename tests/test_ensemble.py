@@ -27,7 +27,8 @@ from station.errors import ConfigError
 from station.imageio import read_image
 from station.messages import load_schema
 from station.modelcard import ResizeOp
-from station.pipeline import Inspector, ParallelInfer, open_models
+from station.inspector import Inspector, open_models
+from station.parallel import ParallelInfer
 from station.postprocess import mask_probabilities
 from station.preprocess import preprocess, to_tensor
 from station.types import Frame

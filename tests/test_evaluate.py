@@ -468,7 +468,7 @@ def test_eval_real_magnetic_tiles_agrees_with_the_inspector(tmp_path, threshold_
 
     from station.config import load_config
     from station.imageio import read_image, read_mask
-    from station.pipeline import Inspector, open_models
+    from station.inspector import Inspector, open_models
     from station.types import Frame
 
     root = shared_data("magnetic_tile")

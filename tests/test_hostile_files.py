@@ -351,7 +351,7 @@ EXTENSIONS = st.sampled_from([b".png", b".PNG", b".jpg", b"", b".png.tmp"])
 @pytest.fixture(scope="module")
 def inspector():
     from station.config import DEFAULT_CONFIG, load_config
-    from station.pipeline import Inspector, open_models
+    from station.inspector import Inspector, open_models
 
     cfg = load_config(DEFAULT_CONFIG)
     return Inspector(open_models(cfg), cfg)

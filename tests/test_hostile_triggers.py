@@ -26,7 +26,7 @@ from mosquitto import Mosquitto, Subscriber, free_port, have_mosquitto
 from test_daemon import PREFIX, VALIDATOR, Station, mqtt_section, payloads
 
 from station.config import parse_config
-from station.daemon import Trigger, parse_trigger
+from station.trigger import Trigger, parse_trigger
 from station.messages import dumps, error_record
 from station.types import Frame
 

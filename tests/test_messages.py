@@ -4,6 +4,7 @@ encoding round-trips."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 
 import cv2
@@ -59,6 +60,13 @@ def test_records_validate_and_round():
     assert "mask" in with_mask and "mask" not in without
     assert without["defects"][0]["score"] == 0.8765 and without["captured_at"] == "2023-11-14T22:13:20.250Z"
     assert result_record(result(None), include_mask=True).get("mask") is None
+
+
+def test_the_camera_timestamp_is_in_the_record_only_when_the_camera_gave_one():
+    stamped = result_record(dataclasses.replace(result(None), camera_timestamp_ns=1_700_000_000_250_000_123))
+    VALIDATOR.validate(stamped)
+    assert stamped["camera_timestamp_ns"] == 1_700_000_000_250_000_123
+    assert "camera_timestamp_ns" not in result_record(result(None))
 
 
 def test_status_and_stats_payloads_are_json():

@@ -11,7 +11,8 @@ import pytest
 
 from station.config import StationConfig
 from station.imageio import read_image
-from station.pipeline import Inspector, ParallelInfer, model_threads, open_models
+from station.inspector import Inspector, model_threads, open_models
+from station.parallel import ParallelInfer
 from station.types import Frame
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -129,7 +129,7 @@ def test_inspector_counts_no_defect_pixel_of_mirrored_padding(tmp_path):
 
     from station.config import load_config
     from station.infer import OnnxModel
-    from station.pipeline import Inspector
+    from station.inspector import Inspector
     from station.types import Frame
 
     image = np.full((100, 200), 60, np.uint8)
@@ -156,7 +156,7 @@ def test_inspector_counts_no_defect_pixel_of_mirrored_padding(tmp_path):
 def test_inspector_feeds_the_model_exactly_the_card_tensor(which, threshold_model, monkeypatch):
     from station.config import DEMO_MODEL, load_config
     from station.infer import OnnxModel
-    from station.pipeline import Inspector
+    from station.inspector import Inspector
     from station.types import Frame
 
     model = OnnxModel(threshold_model if which == "threshold" else DEMO_MODEL)

@@ -106,7 +106,7 @@ def publishers():
 
 def nodelay(pub: MqttPublisher) -> bool:
     """TCP_NODELAY on the publisher's current connection."""
-    sock = pub._session.client.socket()
+    sock = pub.link.session.client.socket()
     return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
 
@@ -154,23 +154,25 @@ def test_a_result_is_sent_by_the_calling_thread_unless_another_is_sending(broker
     sender thread sends it once that is over. Either way: once, in order, acknowledged."""
     import threading
 
-    senders: list[tuple[int | None, str]] = []
-    real = MqttPublisher._send
+    from station.publish import MqttLink, _Session
 
-    def send(self, s, topic, payload, qos, retain, seq):
+    senders: list[tuple[int | None, str]] = []
+    real = _Session.send
+
+    def send(self, topic, payload, qos, retain, seq):
         senders.append((seq, threading.current_thread().name))
-        return real(self, s, topic, payload, qos, retain, seq)
+        return real(self, topic, payload, qos, retain, seq)
 
     idle = threading.Event()  # the sender thread is between two rounds of sending (it waits up to 1 s)
-    real_sleep = MqttPublisher._sleep
+    real_sleep = MqttLink.sleep
 
     def sleep(self, timeout):
         if threading.current_thread().name == "mqtt-sender":
             idle.set()
         return real_sleep(self, timeout)
 
-    monkeypatch.setattr(MqttPublisher, "_send", send)
-    monkeypatch.setattr(MqttPublisher, "_sleep", sleep)
+    monkeypatch.setattr(_Session, "send", send)
+    monkeypatch.setattr(MqttLink, "sleep", sleep)
     cfg = mqtt_cfg(broker)
     with Subscriber(broker.port, topics_for(cfg, STATION).result) as sub:
         pub = publishers(cfg, outbox)
@@ -365,10 +367,10 @@ def test_a_result_stored_while_the_broker_refuses_the_connection_waits_in_the_ou
     from station.publish import _Session
 
     pub = MqttPublisher(MqttConfig(host="127.0.0.1", port=1), STATION, outbox)  # never started
-    refused = _Session(10)
+    refused = _Session(pub.link, 10)
     refused.refused = ReasonCode(PacketTypes.CONNACK, "Bad user name or password")
     refused.connack.set()
-    pub._session = refused
+    pub.link._session = refused
     assert not refused.accepted
     with caplog.at_level(logging.ERROR, logger="station.publish"):
         pub.publish_result(make_record(0))

@@ -247,7 +247,7 @@ def test_pinned_model_loads_and_a_mismatch_names_file_expected_and_actual(tmp_pa
 
 def test_pins_in_the_config(tmp_path, capsys):
     from station.cli import main
-    from station.pipeline import open_models
+    from station.inspector import open_models
 
     model = tmp_path / "seg.onnx"
     shutil.copyfile(DEMO_MODEL, model)

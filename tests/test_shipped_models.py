@@ -16,7 +16,7 @@ from conftest import ROOT
 from export.onnx_export import read_card
 from station.config import load_config
 from station.modelcard import MaskOutput
-from station.pipeline import Inspector, open_models
+from station.inspector import Inspector, open_models
 
 MODELS = {"magnetic_tile_unet": "config/magnetic_tile.yaml", "neu_det_detector": "config/neu_det.yaml"}
 

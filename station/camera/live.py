@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import cv2
 import numpy as np
@@ -29,12 +29,25 @@ from ..errors import CameraError, InputError
 from ..imageio import DEFAULT_LIMITS, IMAGE_EXTENSIONS, read_image, to_frame_image
 from ..messages import text
 from ..types import Frame, FrameError
+from .genicam import GenICamSource
 
 log = logging.getLogger(__name__)
 
 
 class EndOfSource(Exception):
     """A finite source has delivered its last frame (not an error)."""
+
+
+@runtime_checkable
+class SoftwareTriggered(Protocol):
+    """A source that takes a frame only when told to (a GenICam camera with
+    ``trigger_mode: software``): while ``wants_software_trigger`` is true, the
+    station's trigger calls ``fire()`` once for every part it accepts, from any
+    thread; ``fire`` returns at once."""
+
+    wants_software_trigger: bool
+
+    def fire(self) -> None: ...
 
 
 class LiveSource(Protocol):
@@ -438,6 +451,7 @@ SOURCES: dict[str, Callable[..., LiveSource]] = {
     "video": lambda c: VideoSource(c.path, c.loop, c.realtime),
     "opencv": lambda c: OpenCVSource(c.device, c.backend, c.width, c.height, c.fps),
     "fake": lambda c: FakeSource(c.fps, c.height, c.width, c.seed, c.frames, c.fail_after_frames, c.fail_for_s, c.distinct),
+    "genicam": GenICamSource,
 }
 
 
