@@ -167,7 +167,7 @@ class Daemon:
         self.pipeline.warm_up()
         # What start-up made (modules, the models' cards, the config) lives as long as the
         # process: out of the cyclic collector's sight, a full collection no longer scans
-        # it, which stopped every Python thread for 22-29 ms (docs/benchmarks.md).
+        # it, which stopped every Python thread for 22-29 ms (docs/lab/benchmarks.md, sitting 2).
         gc.collect()
         gc.freeze()
         self.pipeline.start()

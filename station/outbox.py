@@ -463,7 +463,7 @@ class Outbox:
 
         By default the commit that brings the WAL to 1,000 pages copies it into the
         database file: with put, mark and ack of a result ≈ 6 pages, every ~170th
-        result's put or ack waits for that copy (docs/benchmarks.md). After this a
+        result's put or ack waits for that copy (docs/lab/benchmarks.md, sitting 2). After this a
         commit checkpoints only once the WAL reaches ``WAL_LIMIT`` bytes, i.e. when
         :meth:`checkpoint` is not called often enough for the rate: that keeps the
         log bounded even then. The daemon calls this and checkpoints from a

@@ -8,7 +8,7 @@
 The capture thread preprocesses each frame itself: a hand-over to a thread
 of its own would cost a thread wake-up for every frame (``station bench``
 measures it; on a virtual machine its p99 is many milliseconds,
-docs/benchmarks.md), and preprocessing still overlaps the inference of the
+docs/lab/benchmarks.md, sitting 3), and preprocessing still overlaps the inference of the
 frame before. Infer (ONNX Runtime, which releases the GIL) hands over to finish
 through a small blocking queue, so that postprocessing overlaps the next
 frame's inference too. Each frame goes through the same Inspector functions as

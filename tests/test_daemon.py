@@ -509,7 +509,7 @@ def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broke
     """run.realtime_inference: the infer thread and the helper that runs the second model
     at the same time (inference.parallel_models) are under SCHED_FIFO at that priority,
     every other thread keeps the ordinary policy and, run.nice_non_inference being
-    unset, the process's nice value (docs/benchmarks.md, fourteenth sitting)."""
+    unset, the process's nice value (docs/lab/benchmarks.md, sitting 14)."""
     import threading
 
     caplog.set_level("INFO", logger="station.daemon")
@@ -534,7 +534,7 @@ def test_the_infer_thread_runs_alone_on_its_cpu_when_asked(tmp_path, broker, cap
     """run.infer_cpu: the infer thread (the frame's first model) runs on that CPU and every
     other thread of the station (the second model's helper, capture, finish, the MQTT
     threads, the checkpoints) on the others; the caller's thread gets its CPUs back
-    (docs/benchmarks.md, sixteenth sitting)."""
+    (docs/lab/benchmarks.md, sitting 16)."""
     caplog.set_level("INFO", logger="station.daemon")
     allowed = os.sched_getaffinity(0)
     cpu = max(allowed)
@@ -553,7 +553,7 @@ def test_the_infer_thread_alone_on_its_cpu_can_run_at_a_nice_value_instead_of_fi
     """run.infer_nice: the infer thread, alone on its CPU (run.infer_cpu), runs under the ordinary
     policy at that nice value, which the kernel's real-time limit never stops; the helper that
     runs the second model stays under SCHED_FIFO (run.realtime_inference), the station's other
-    threads at the process's priority (docs/benchmarks.md, seventeenth sitting)."""
+    threads at the process's priority (docs/lab/benchmarks.md, sitting 17)."""
     import threading
 
     caplog.set_level("INFO", logger="station.pipeline")
