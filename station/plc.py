@@ -33,7 +33,6 @@ import concurrent.futures
 import enum
 import hashlib
 import logging
-import os
 import random
 import threading
 import time
@@ -50,7 +49,8 @@ try:
 except ImportError as exc:  # the optional dependency, named for whoever configured plc
     raise ImportError(f"plc.type opcua needs the opcua extra (pip install 'station[opcua]'): {exc}") from exc
 
-from .config import OpcUaAuthConfig, OpcUaConfig, OpcUaSecurityConfig, warn_if_exposed
+from .config import OpcUaConfig, OpcUaSecurityConfig, warn_if_exposed
+from .publish import read_password
 from .errors import ConfigError
 from .priority import ThreadPolicy
 
@@ -107,31 +107,6 @@ class PlcState(str, enum.Enum):
     DISCONNECTED = "disconnected"  # lost or unreachable; retrying with backoff
     REFUSED = "refused"  # credentials, certificate or a configured variable refused; retrying every reconnect_max_s
     STOPPED = "stopped"
-
-
-def read_password(auth: OpcUaAuthConfig | None) -> str | None:
-    """The OPC UA password from ``auth.password_file`` (first line) or ``auth.password_env``.
-
-    Raises ConfigError naming the field, never the value.
-    """
-    if auth is None:
-        return None
-    if auth.password_file is not None:
-        warn_if_exposed(auth.password_file, "plc.auth.password_file", secret=True)
-        try:
-            text = auth.password_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or type(exc).__name__
-            raise ConfigError(f"plc.auth.password_file: {auth.password_file}: cannot read ({reason})") from None
-        lines = text.splitlines()
-        if not lines or not lines[0]:
-            raise ConfigError(f"plc.auth.password_file: {auth.password_file}: empty first line")
-        return lines[0]
-    assert auth.password_env is not None  # the config takes exactly one of the two
-    value = os.environ.get(auth.password_env)
-    if not value:
-        raise ConfigError(f"plc.auth.password_env: environment variable {auth.password_env} is not set or empty")
-    return value
 
 
 def _read_bytes(path: Path, field: str) -> bytes:
@@ -228,7 +203,7 @@ class OpcUaWriter:
         self.on_part = on_part
         self._policy = policy if policy is not None else ThreadPolicy()
         self._session_name = f"station {station_id}"
-        self._password = read_password(cfg.auth)
+        self._password = read_password(cfg.auth, "plc.auth")
         self._security = _Security(cfg.security) if cfg.security is not None else None
         self._application_uri = cfg.application_uri or (self._security.application_uri if self._security else None) \
             or f"urn:station:{station_id}"

@@ -51,6 +51,7 @@ import ssl
 import threading
 import time
 import uuid
+from pathlib import Path
 from collections import Counter
 from typing import Any, Callable, Protocol
 
@@ -60,7 +61,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from .config import MqttAuthConfig, MqttConfig, MqttTlsConfig, warn_if_exposed
+from .config import MqttConfig, MqttTlsConfig, warn_if_exposed
 from .errors import ConfigError, PublishError
 from .messages import StatusState, Topics, dumps, stamp_sent, status_record, topics_for
 from .outbox import Outbox
@@ -88,28 +89,38 @@ class LinkState(str, enum.Enum):
     STOPPED = "stopped"
 
 
-def read_password(auth: MqttAuthConfig | None) -> str | None:
-    """The MQTT password from ``auth.password_file`` (first line) or ``auth.password_env``.
+class PasswordSource(Protocol):
+    """An ``auth`` section that names where its password is (``mqtt.auth``, ``plc.auth``, …)."""
 
-    Raises ConfigError naming the field, never the value.
+    @property
+    def password_file(self) -> Path | None: ...
+
+    @property
+    def password_env(self) -> str | None: ...
+
+
+def read_password(auth: PasswordSource | None, field: str = "mqtt.auth") -> str | None:
+    """The password from ``auth.password_file`` (first line) or ``auth.password_env``.
+
+    Raises ConfigError naming the field (``field``, e.g. ``plc.auth``), never the value.
     """
     if auth is None:
         return None
     if auth.password_file is not None:
-        warn_if_exposed(auth.password_file, "mqtt.auth.password_file", secret=True)
+        warn_if_exposed(auth.password_file, f"{field}.password_file", secret=True)
         try:
             text = auth.password_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or type(exc).__name__
-            raise ConfigError(f"mqtt.auth.password_file: {auth.password_file}: cannot read ({reason})") from None
+            raise ConfigError(f"{field}.password_file: {auth.password_file}: cannot read ({reason})") from None
         lines = text.splitlines()
         if not lines or not lines[0]:
-            raise ConfigError(f"mqtt.auth.password_file: {auth.password_file}: empty first line")
+            raise ConfigError(f"{field}.password_file: {auth.password_file}: empty first line")
         return lines[0]
     if auth.password_env is not None:
         value = os.environ.get(auth.password_env)
         if not value:
-            raise ConfigError(f"mqtt.auth.password_env: environment variable {auth.password_env} is not set or empty")
+            raise ConfigError(f"{field}.password_env: environment variable {auth.password_env} is not set or empty")
         return value
     return None
 

@@ -473,7 +473,7 @@ class SparkplugNode:
         self.client_id = cfg.client_id or f"spb-{cfg.group_id}-{cfg.edge_node_id}"
         self.bd_seq = BdSeqFile(state_path(cfg, state_dir))
         try:
-            self._password = read_password(cfg.auth)
+            self._password = read_password(cfg.auth, "sparkplug.auth")
             self._tls = tls_context(cfg.tls)
         except ConfigError as exc:  # the helpers name the mqtt section's fields; these are ours
             text = str(exc)
