@@ -515,16 +515,21 @@ class MqttTlsConfig(_Strict):
         return self
 
 
-class MqttAuthConfig(_Strict):
-    """Username and where to find the password; the password is never written here."""
+class _PasswordSource(_Strict):
+    """Where to find a password (publish.read_password reads it); never the password itself."""
 
-    username: str = Field(..., min_length=1, description="MQTT username")
     password_file: Path | None = Field(
         None, description="file holding the password (its first line); keep it mode 0600"
     )
     password_env: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="environment variable holding the password"
     )
+
+
+class MqttAuthConfig(_PasswordSource):
+    """Username and where to find the password; the password is never written here."""
+
+    username: str = Field(..., min_length=1, description="MQTT username")
 
     @model_validator(mode="after")
     def _one_password_source(self) -> "MqttAuthConfig":
@@ -752,16 +757,10 @@ class OpcUaSecurityConfig(_Strict):
     )
 
 
-class OpcUaAuthConfig(_Strict):
+class OpcUaAuthConfig(_PasswordSource):
     """Username and where to find the password; the password is never written here."""
 
     username: str = Field(..., min_length=1, description="OPC UA user name (a UserName identity token)")
-    password_file: Path | None = Field(
-        None, description="file holding the password (its first line); keep it mode 0600"
-    )
-    password_env: str | None = Field(
-        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="environment variable holding the password"
-    )
 
     @model_validator(mode="after")
     def _one_password_source(self) -> "OpcUaAuthConfig":

@@ -89,6 +89,17 @@ class LinkState(str, enum.Enum):
     STOPPED = "stopped"
 
 
+def shut_socket(client: "mqtt.Client | None") -> None:
+    """Shut a paho client's socket without a DISCONNECT (a Last Will stays armed): its
+    network loop sees the shut socket and ends, even when the broker does not answer."""
+    sock = client.socket() if client is not None else None
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]  # paho's SocketLike type lacks shutdown()
+        except OSError:
+            pass
+
+
 class PasswordSource(Protocol):
     """An ``auth`` section that names where its password is (``mqtt.auth``, ``plc.auth``, …)."""
 
@@ -270,12 +281,7 @@ class _Session:
     def abort(self) -> None:
         """End paho's network thread even when the broker is frozen and a polite
         DISCONNECT could not be written: the loop sees the shut socket and exits."""
-        sock = self.client.socket() if self.client is not None else None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]  # paho's SocketLike type lacks shutdown()
-            except OSError:
-                pass
+        shut_socket(self.client)
 
     # --- paho callbacks (paho's network thread) --------------------------------------
 

@@ -55,7 +55,6 @@ import json
 import logging
 import os
 import random
-import socket
 import ssl
 import threading
 import time
@@ -74,7 +73,7 @@ from . import sparkplug_b_pb2 as spb
 from .config import SparkplugConfig
 from .errors import ConfigError
 from .priority import ThreadPolicy
-from .publish import read_password, tls_context
+from .publish import read_password, shut_socket, tls_context
 
 if TYPE_CHECKING:  # sinks.py builds the sinks, this one among them
     from .sinks import Delivery, Sink
@@ -402,12 +401,7 @@ class _Session:
     def abort(self) -> None:
         """End paho's network thread without a DISCONNECT (so the Will stays armed) even
         when the broker does not answer: the loop sees the shut socket and exits."""
-        sock = self.client.socket() if self.client is not None else None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]  # paho's SocketLike type lacks shutdown()
-            except OSError:
-                pass
+        shut_socket(self.client)
 
     # --- paho callbacks (paho's network thread; an exception would end it) -----------------
 
