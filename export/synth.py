@@ -27,7 +27,8 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from station.synthetic import CLASSES, SEVERITIES, Plate, capture, check_size, make_plate, make_scene, to_bgr
+from station.synthetic import (CLASSES, SEVERITIES, TRAIN_MIX, Plate, capture, check_size, make_plate, make_scene,
+                               to_bgr)
 
 from . import ExportError
 
@@ -59,6 +60,7 @@ def write_dataset(
     shots: tuple[int, int] = (1, 3),
     jpeg_quality: int = 95,
     overwrite: bool = False,
+    defective: float | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, str]:
     """Write ``n`` plate images with masks under ``out_dir``; return {image path: group}.
@@ -76,6 +78,8 @@ def write_dataset(
         raise ExportError(f"--count {n}: need at least one image")
     if shots[0] < 1 or shots[1] < shots[0]:
         raise ExportError(f"shots {shots}: need 1 <= min <= max")
+    if defective is not None and not 0.0 <= defective <= 1.0:
+        raise ExportError(f"--defective {defective}: expected a share between 0 and 1")
     height, width = size
     try:
         check_size(height, width)
@@ -94,7 +98,7 @@ def write_dataset(
     while written < n:
         rng = np.random.default_rng([seed, g])
         count = int(rng.integers(shots[0], shots[1] + 1))
-        scene = make_scene(rng, height, width)
+        scene = make_scene(rng, height, width, _severity(rng, defective))
         folder = FOLDERS[scene.primary] if scene.primary else FREE_FOLDER
         (out / folder).mkdir(exist_ok=True)
         for s in range(min(count, n - written)):
@@ -120,6 +124,18 @@ def write_dataset(
     return groups
 
 
+def _severity(rng: np.random.Generator, defective: float | None) -> str | None:
+    """A plate's severity: None (make_scene draws the training mix) or, with a
+    ``defective`` share, "free" or one of the defective severities in the mix's proportions."""
+    if defective is None:
+        return None
+    if rng.random() >= defective:
+        return "free"
+    names = [n for n in TRAIN_MIX if n != "free"]
+    weights = np.array([TRAIN_MIX[n] for n in names])
+    return names[int(rng.choice(len(names), p=weights / weights.sum()))]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.synth", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path, help="directory to write <Folder>/<name>.jpg/.png into")
@@ -127,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, required=True, help="random seed (same seed → identical files)")
     parser.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"), help="image size, pixels")
     parser.add_argument("--shots", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"), help="photos per plate")
+    parser.add_argument("--defective", type=float, metavar="P",
+                        help="share of plates with a defect (default: the training mix, 0.8)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
@@ -135,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         with tqdm(total=args.count, unit="img", disable=None) as bar:
             write_dataset(args.out_dir, args.count, args.seed, tuple(args.size), shots=tuple(args.shots),
-                          overwrite=args.overwrite, progress=bar.update)
+                          overwrite=args.overwrite, defective=args.defective, progress=bar.update)
     except ExportError as exc:
         log.error("%s", exc)
         return 2

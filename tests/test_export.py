@@ -76,6 +76,18 @@ def test_dataset_layout(tmp_path: Path) -> None:
         assert (folder == synth.FREE_FOLDER) == (not mask.any())
 
 
+@pytest.mark.parametrize("defective", [0.0, 0.125, 1.0])
+def test_dataset_defective_share(tmp_path: Path, defective: float) -> None:
+    groups = synth.write_dataset(tmp_path, 64, seed=3, size=(32, 32), shots=(1, 1), defective=defective)
+    free = sum(key.startswith(synth.FREE_FOLDER + "/") for key in groups)
+    assert abs((len(groups) - free) / len(groups) - defective) <= 0.1
+
+
+def test_dataset_defective_share_out_of_range(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="--defective 1.5"):
+        synth.write_dataset(tmp_path, 2, seed=0, defective=1.5)
+
+
 def test_dataset_refuses_non_empty_dir(tmp_path: Path) -> None:
     (tmp_path / "x.txt").write_text("keep me")
     with pytest.raises(ExportError, match="not empty"):
