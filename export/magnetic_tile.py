@@ -41,7 +41,7 @@ from typing import Any, Sequence
 from . import ExportError, run_commands
 from .card import PreprocessOptions, preprocess_ops
 from .onnx_export import embed_card_file, read_card
-from .train import TrainConfig, command_of, train
+from .train import TrainConfig, TrainResult, command_of, train
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,19 @@ def cv_figures(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _trained(cfg: TrainConfig) -> TrainResult:
+    """The model of ``cfg``: trained, or the one its run folder already holds from the same
+    recipe (an earlier ``train`` whose card is to be written again from a newer cv report)."""
+    onnx_path = cfg.out_dir / "model.onnx"
+    if onnx_path.is_file():
+        card = read_card(onnx_path)
+        if card.training.command.endswith(cfg.command):
+            log.info("%s: trained by the same recipe, kept (delete it to train again)", onnx_path)
+            return TrainResult(card=card, onnx_path=onnx_path, best_epoch=cfg.epochs,
+                               seconds=card.training.seconds or 0.0, history=[])
+    return train(cfg)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from station.config import load_config
     from station.modelcard import MaskOutput
@@ -165,17 +178,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.cv_report.is_file():
         raise ExportError(f"{args.cv_report}: no cross-validation report; run 'python -m export.magnetic_tile cv' "
                           "first (it chooses the threshold the model ships with)")
-    report = json.loads(args.cv_report.read_text())
-    chosen = report["chosen"]
     cfg = recipe(args.data, args.run, args.weights, epochs=args.epochs)
-    result = train(cfg)
+    result = _trained(cfg)
+    report = json.loads(args.cv_report.read_text())  # read after training: a cv run may have finished meanwhile
+    chosen = report["chosen"]
     card = result.card
     assert isinstance(card.output, MaskOutput)  # the U-Net's
     training = card.training
     card = card.model_copy(update={
         "output": card.output.model_copy(update={"threshold": float(chosen["threshold"])}),
         "training": training.model_copy(update={
-            "command": f"python -m export.magnetic_tile train --data {args.data}   # = {training.command}",
+            "command": f"python -m export.magnetic_tile train --data {args.data}   # = {cfg.command}",
             "figures": {**{k: v for k, v in training.figures.items() if k != "best_epoch"}, **cv_figures(report)},
             "evaluated_by": (
                 f"{report['command']}: {len(report['per_fold'])}-fold cross-validation grouped by physical tile, "
