@@ -161,12 +161,15 @@ def _trained(cfg: TrainConfig) -> TrainResult:
     """The model of ``cfg``: trained, or the one its run folder already holds from the same
     recipe (an earlier ``train`` whose card is to be written again from a newer cv report)."""
     onnx_path = cfg.out_dir / "model.onnx"
-    if onnx_path.is_file():
-        card = read_card(onnx_path)
-        if card.training.command.endswith(cfg.command):
-            log.info("%s: trained by the same recipe, kept (delete it to train again)", onnx_path)
-            return TrainResult(card=card, onnx_path=onnx_path, best_epoch=cfg.epochs,
-                               seconds=card.training.seconds or 0.0, history=[])
+    try:
+        card = read_card(onnx_path) if onnx_path.is_file() else None
+    except ExportError as exc:  # a run stopped while writing it: train again
+        log.warning("%s", exc)
+        card = None
+    if card is not None and card.training.command.endswith(cfg.command):
+        log.info("%s: trained by the same recipe, kept (delete it to train again)", onnx_path)
+        return TrainResult(card=card, onnx_path=onnx_path, best_epoch=cfg.epochs,
+                           seconds=card.training.seconds or 0.0, history=[])
     return train(cfg)
 
 
