@@ -10,10 +10,12 @@ Run the modules as ``python -m export.<module>`` from the repository root:
 * ``export.crossval``    out-of-fold predictions of k fold runs → threshold and min_area_px under an escape budget
 * ``export.magnetic_tile`` / ``export.neu_det``  the shipped models' recipes (``cv``, ``train``; ``train``, ``eval``)
 * ``export.alloc``      the memory allocator training runs get (they restart under jemalloc where installed)
+* ``export.quantize``   an INT8 copy of a model for CPUs, calibrated on real images and judged by station eval
 
 Library modules: ``card`` (model-card drafts, preprocessing flags → ops),
 ``data`` (image/mask pairs → arrays through ``station.preprocess``), ``unet``
-(the Keras model), ``crossval`` (out-of-fold figures and thresholds). TensorFlow is imported only by ``unet``, by ``train`` and
+(the Keras model), ``crossval`` (out-of-fold figures and thresholds), ``subpixel`` and
+``equalize`` (float graph rewrites that keep the outputs, for INT8). TensorFlow is imported only by ``unet``, by ``train`` and
 ``onnx_export`` when they train or convert, and by ``make_demo`` through them;
 ``synth``, ``data`` and ``card`` need numpy and OpenCV alone, like ``station``.
 """

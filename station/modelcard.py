@@ -166,6 +166,23 @@ class ExportInfo(_Strict):
     parity: dict[str, float] = Field(default_factory=dict, description="TF vs ONNX Runtime agreement")
 
 
+class QuantizationInfo(_Strict):
+    """How an INT8 copy was made from its float model (``python -m export.quantize``) and
+    what it costs in accuracy. The rest of the card is the float model's."""
+
+    source: str = Field(description="the float model: card name, version and file name")
+    source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the float model's file")
+    method: str = Field(description="format, data types, granularity, toolchain")
+    calibration: str = Field(description="calibration method and its settings")
+    calibration_data: str = Field(description="the calibration images: folder, how they were chosen")
+    calibration_images: int = Field(ge=1)
+    kept_float: str = Field("", description="the nodes left in float, and why")
+    evaluation: str = Field(description="the held-out images the figures were measured on, and how")
+    figures: dict[str, float] = Field(
+        default_factory=dict, description="station eval figures: fp32_*, int8_* and delta_* (INT8 minus float)")
+    command: str = Field(description="the command that reproduces this file from the float model")
+
+
 class ModelCard(_Strict):
     schema_version: Literal[1] = CARD_SCHEMA_VERSION
     name: str
@@ -178,6 +195,7 @@ class ModelCard(_Strict):
     output: Union[MaskOutput, DetectionOutputs] = Field(discriminator="type")
     training: TrainingInfo
     export: ExportInfo
+    quantization: QuantizationInfo | None = Field(None, description="set on an INT8 copy of a float model")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelCard":
