@@ -347,3 +347,29 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def entry_files(root: Path) -> dict[str, dict[str, Path]]:
+    """What an archive holds, for readers (``station report``): the result id as its file
+    names spell it (:func:`file_id`) → {"image" | "mask" | "overlay" | "record": path}.
+    One listing of the day folders; files not of the archive's naming are left out."""
+    out: dict[str, dict[str, Path]] = {}
+    try:
+        days = sorted(p for p in Path(root).iterdir() if p.is_dir() and _DAY.match(p.name))
+    except OSError:
+        return out
+    for folder in days:
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            m = _FILE.match(name)
+            if m is not None:
+                out.setdefault(m.group(2), {})[m.group(3)] = folder / name
+    return out
+
+
+def file_id(result_id: str) -> str:
+    """A result id as the archive's file names spell it (the key of :func:`entry_files`)."""
+    return _safe_id(result_id)
