@@ -37,6 +37,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
+from .backoff import Backoff
 from .errors import StationError
 from .messages import STATES, dumps, load_schema
 
@@ -406,7 +407,7 @@ def _listen(events: queue.Queue, client: mqtt.Client, target: _Target, args: arg
     def remaining() -> float | None:
         return None if deadline is None else deadline - time.monotonic()
 
-    delay = target.mqtt.reconnect_min_s
+    backoff = Backoff(target.mqtt.reconnect_min_s, target.mqtt.reconnect_max_s)
     while args.count is None or tally.results < args.count:
         left = remaining()
         if left is not None and left <= 0:
@@ -422,35 +423,34 @@ def _listen(events: queue.Queue, client: mqtt.Client, target: _Target, args: arg
             say(f"the broker at {target.where} refused the reconnection: {event[1]}")
         elif kind == "subscribe":  # after a reconnection (the first SUBACK was awaited before)
             say(f"reconnected to {target.where}; subscribed again")
-            delay = target.mqtt.reconnect_min_s
+            backoff.reset()
         elif kind == "disconnect":
             say(f"connection to {target.where} lost ({event[1]}); reconnecting")
             client.loop_stop()  # paho's thread has ended (no automatic reconnect)
-            delay = _reconnect(client, target, delay, remaining, say)
-            if delay is None:
+            if not _reconnect(client, target, backoff, remaining, say):
                 return
 
 
-def _reconnect(client: mqtt.Client, target: _Target, delay: float, remaining: Callable[[], float | None],
-               say: Callable[[str], None]) -> float | None:
-    """Reconnect with capped exponential backoff until it works (→ the next delay) or the deadline passes (→ None).
+def _reconnect(client: mqtt.Client, target: _Target, backoff: Backoff, remaining: Callable[[], float | None],
+               say: Callable[[str], None]) -> bool:
+    """Reconnect with capped exponential backoff until it works (True) or the deadline passes (False).
 
     on_connect subscribes again (the session is clean); a refused CONNACK arrives as
     a "connect" event followed by "disconnect", which brings us back here.
     """
     while True:
+        wait = backoff.next()
         left = remaining()
-        if left is not None and left <= delay:
-            return None
-        time.sleep(delay)  # the backoff: nothing to wait for but time
-        delay = min(delay * 2, target.mqtt.reconnect_max_s)
+        if left is not None and left <= wait:
+            return False
+        time.sleep(wait)  # the backoff: nothing to wait for but time
         try:
             client.reconnect()
         except (OSError, ValueError) as exc:
-            say(f"cannot reconnect to {target.where}: {_why(exc)}; next try in {delay:g} s")
+            say(f"cannot reconnect to {target.where}: {_why(exc)}; trying again")
             continue
         client.loop_start()
-        return delay
+        return True
 
 
 def _on_message(topic: str, payload: bytes, retained: bool, args: argparse.Namespace, out: TextIO,

@@ -231,11 +231,14 @@ def stats_record(
     providers: dict[str, list[str]],
     camera: str,
     triggers: dict[str, int] | None = None,
+    sinks: dict[str, dict] | None = None,
 ) -> dict:
     """The periodic ``…/stats`` payload: counts since start, recent rate and latencies.
 
-    triggers: with an MQTT trigger, its messages and parts by outcome since start
-    (``metrics.TRIGGER_OUTCOMES``); absent otherwise."""
+    triggers: with an MQTT or PLC trigger, its messages and parts by outcome since start
+    (``metrics.TRIGGER_OUTCOMES``); absent otherwise. sinks: the outputs fed from the
+    outbox (mqtt, plc, sparkplug) by name: their link's ``state`` and the results
+    ``waiting`` for them in the outbox; absent without any."""
     record = {
         "schema_version": SCHEMA_VERSION,
         "station_id": station_id,
@@ -254,4 +257,6 @@ def stats_record(
     }
     if triggers is not None:
         record["triggers"] = dict(triggers)
+    if sinks:
+        record["sinks"] = {name: dict(state) for name, state in sinks.items()}
     return record

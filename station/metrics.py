@@ -15,7 +15,9 @@ Exposed series (all prefixed ``station_``; times in seconds, as Prometheus expec
 ``triggers_total{outcome}``                            MQTT trigger messages by outcome (see TRIGGER_OUTCOMES)
 ``stage_latency_seconds{stage}``                       histogram per pipeline stage (latency_ms of a result)
 ``end_to_end_latency_seconds``                         histogram, capture → result observed (queueing included)
-``outbox_depth`` / ``outbox_alarm``                    results waiting in the outbox; 1 while it is full
+``outbox_depth`` / ``outbox_alarm``                    results held in the outbox; 1 while it is full
+``outbox_waiting{sink}``                               results in the outbox not yet confirmed by that output
+``sink_connected{sink}``                               1 while that output (mqtt, plc, sparkplug) can deliver
 ``camera_state{camera_state}``                         enum: connected / reconnecting / lost
 ``mqtt_connected``                                     1 while connected to the broker
 ``queue_depth{queue}``                                 frames waiting in a bounded queue
@@ -122,6 +124,10 @@ class Metrics:
         )
         self._outbox_depth = Gauge("outbox_depth", "Results waiting in the outbox", namespace=ns, registry=r)
         self._outbox_alarm = Gauge("outbox_alarm", "1 while the outbox is full or dropping results", namespace=ns, registry=r)
+        self._outbox_waiting = Gauge("outbox_waiting", "Results in the outbox not yet confirmed by an output", ["sink"],
+                                     namespace=ns, registry=r)
+        self._sink = Gauge("sink_connected", "1 while an output fed from the outbox can deliver", ["sink"],
+                           namespace=ns, registry=r)
         self._camera = Enum("camera_state", "Frame source state", states=list(CAMERA_STATES), namespace=ns, registry=r)
         self._mqtt = Gauge("mqtt_connected", "1 while connected to the MQTT broker", namespace=ns, registry=r)
         self._queue = Gauge("queue_depth", "Items waiting in a bounded queue", ["queue"], namespace=ns, registry=r)
@@ -181,9 +187,15 @@ class Metrics:
             if e2e >= 0:  # a clock step backwards would give nonsense
                 self._e2e.observe(e2e)
 
-    def set_outbox(self, depth: int, alarm: bool) -> None:
+    def set_outbox(self, depth: int, alarm: bool, waiting: Mapping[str, int] | None = None) -> None:
+        """depth: results held; waiting: results not yet confirmed, by output (sink name: a label)."""
         self._outbox_depth.set(depth)
         self._outbox_alarm.set(1 if alarm else 0)
+        for sink, n in (waiting or {}).items():
+            self._outbox_waiting.labels(sink).set(n)
+
+    def set_sink_connected(self, sink: str, connected: bool) -> None:
+        self._sink.labels(sink).set(1 if connected else 0)
 
     def set_camera_state(self, state: str) -> None:
         """state: connected, reconnecting or lost (ValueError otherwise: a bug in the caller)."""

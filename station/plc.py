@@ -19,10 +19,14 @@ Threads: the writer's own (``opcua-writer``) runs an asyncio event loop that hol
 the connection, the heartbeat and the subscription; the callers' methods are
 synchronous, thread-safe, and hand their work to that loop. Each connection is a
 fresh asyncua ``Client`` (its own reconnection is off): when one ends, the writer
-connects again with capped exponential backoff, as the MQTT publisher does.
-:class:`OpcUaSink` is the daemon's sink (station/sinks.py): it queues each record
-and writes it from a thread of its own (``opcua-sink``), so that a slow or absent
-PLC never slows the line.
+connects again with capped exponential backoff (station/backoff.py), as the MQTT
+publisher does.
+:class:`OpcUaSink` is the daemon's sink (station/sinks.py): fed from the durable
+outbox, it writes from a thread of its own (``opcua-sink``), so that a slow or absent
+PLC never slows the line, and acknowledges each part in the outbox once the PLC
+confirmed it: a part the PLC did not confirm, before an outage or a restart, is
+written again when it is back (the PLC may then see a part twice, with the same
+sequence number).
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ import collections
 import concurrent.futures
 import enum
 import hashlib
+import json
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -49,9 +53,11 @@ try:
 except ImportError as exc:  # the optional dependency, named for whoever configured plc
     raise ImportError(f"plc.type opcua needs the opcua extra (pip install 'station[opcua]'): {exc}") from exc
 
+from .backoff import Backoff
 from .config import OpcUaConfig, OpcUaSecurityConfig, warn_if_exposed
 from .publish import read_password
-from .errors import ConfigError
+from .errors import ConfigError, PublishError
+from .outbox import Entry, Outbox
 from .priority import ThreadPolicy
 
 if TYPE_CHECKING:
@@ -98,6 +104,15 @@ _SECURITY_REFUSALS = frozenset({
 # and asyncua's watchdog (a read every second) keep a live one open.
 _SESSION_TIMEOUT_MS = 30_000
 _PART_PRESENT_QUEUE = 16  # changes the server keeps between two notifications: fast pulses are not merged
+_BATCH = 64  # outbox entries the sink reads at a time
+
+
+class Written(str, enum.Enum):
+    """What became of one record written to the PLC (:meth:`OpcUaWriter.write_part`)."""
+
+    CONFIRMED = "confirmed"  # the server answered Good for every variable of the part
+    FAILED = "failed"  # not confirmed (refused, no answer, not connected): worth another try
+    SKIPPED = "skipped"  # never written: an error record with plc.error_code null, or no part at all
 
 
 class PlcState(str, enum.Enum):
@@ -167,20 +182,269 @@ class _Security:
             self.application_uri = None
 
 
-class _Edges:
-    """The subscription's handler (asyncua calls it on the writer's loop, in order):
-    rising edges of ``part_present`` into ``queue``. The first value after each
+class _Status:
+    """The writer's connection state, last errors and counters (see _COUNTERS), under one
+    condition notified on every change: for status, stats and metrics, and for the
+    callers that wait on them (:meth:`wait_until`)."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self._cond = threading.Condition()  # guards the fields below; notified on every change
+        self.state = PlcState.IDLE
+        self.last_error: str | None = None  # the last connection problem (None while connected)
+        self._last_write_error: str | None = None
+        self._retry_at: float | None = None
+        self._counts: collections.Counter[str] = collections.Counter()
+
+    def snapshot(self) -> dict:
+        """Connection state, last errors and counters. last_error: the last connection
+        problem (None while connected); last_write_error: the last part or heartbeat
+        not confirmed."""
+        with self._cond:
+            out: dict[str, Any] = {
+                "type": "opcua",
+                "endpoint": self.endpoint,
+                "state": self.state.value,
+                "connected": self.state is PlcState.CONNECTED,
+                "last_error": self.last_error,
+                "last_write_error": self._last_write_error,
+                "retry_in_s": None if self._retry_at is None else round(max(0.0, self._retry_at - time.monotonic()), 3),
+            }
+            for name in _COUNTERS:
+                out[name] = self._counts[name]
+        return out
+
+    def wait_until(self, predicate: Callable[[dict], bool], timeout: float | None) -> bool:
+        """Block until ``predicate(self.snapshot())`` is true (re-checked on every change
+        and :meth:`wake`) or ``timeout`` seconds passed; returns the last result."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self.snapshot()), timeout)
+
+    def wake(self) -> None:
+        """Have the waiters of :meth:`wait_until` look again (their predicate may depend on more)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._cond:
+            self._counts[name] += n
+            self._cond.notify_all()
+
+    def write_failed(self, counter: str, message: str) -> None:
+        """A part or heartbeat not confirmed (or a record that is no part): counted under
+        ``counter``, kept as ``last_write_error`` and logged."""
+        with self._cond:
+            self._counts[counter] += 1
+            self._last_write_error = message
+            self._cond.notify_all()
+        log.warning("PLC: not written: %s", message)
+
+    def set(self, state: PlcState, error: str | None, retry_at: float | None = None) -> None:
+        """State, error and (while disconnected) the monotonic time of the next attempt, at once."""
+        with self._cond:
+            self.state = state
+            self.last_error = error
+            self._retry_at = retry_at
+            self._cond.notify_all()
+
+
+class _PartPresent:
+    """``plc.nodes.part_present`` followed, on the writer's loop: the subscription's
+    handler (asyncua calls it in order) queues each rising edge, and :meth:`hand_out`
+    reads the part's id (``plc.nodes.part_present_id``, when configured) and calls the
+    writer's ``on_part`` (looked up at each edge). The first value after each
     subscription is where it starts from, not an edge."""
 
-    def __init__(self, queue: asyncio.Queue[float]):
-        self._queue = queue
+    def __init__(self, cfg: OpcUaConfig, status: _Status, on_part: Callable[[], Callable[[str | None], None] | None]):
+        self.cfg = cfg
+        self.status = status
+        self._on_part = on_part
+        self._queue: asyncio.Queue[float] = asyncio.Queue()
         self._last: bool | None = None
+
+    async def subscribe(self, client: Client) -> None:
+        assert self.cfg.nodes.part_present is not None
+        self._last = None
+        interval = self.cfg.part_present_interval_ms
+        subscription = await client.create_subscription(interval, self)
+        await subscription.subscribe_data_change(client.get_node(self.cfg.nodes.part_present),
+                                                 queuesize=_PART_PRESENT_QUEUE, sampling_interval=ua.Double(interval))
 
     def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
         present = bool(val)
         if self._last is False and present:
             self._queue.put_nowait(time.monotonic())
         self._last = present
+
+    async def hand_out(self, current: Callable[[], Client | None]) -> None:
+        """Each rising edge: read the part id on the ``current()`` connection and call on_part."""
+        id_node = self.cfg.nodes.part_present_id
+        while True:
+            await self._queue.get()
+            part_id: str | None = None
+            client = current()
+            if id_node is not None:
+                try:
+                    if client is None:
+                        raise ConnectionError("not connected")
+                    value = await client.get_node(id_node).read_value()
+                    part_id = None if value is None else str(value)
+                except Exception as exc:  # the part is there all the same: it goes on without its id
+                    self.status.count("part_id_reads_failed")
+                    log.warning("PLC part present, but its id (%s) could not be read: %s", id_node, _describe(exc))
+            callback = self._on_part()
+            try:
+                if callback is not None:
+                    callback(part_id)
+            except Exception:  # the daemon's hook: never let it end the edges
+                self.status.count("callback_errors")
+                log.exception("PLC part present: on_part(%r) failed", part_id)
+            self.status.count("part_edges")  # counted once handed out: who waits on it finds on_part called
+
+
+class _Heartbeat:
+    """``plc.nodes.heartbeat``, written every ``plc.heartbeat_s`` while connected: a
+    counter (1, 2, … wrapping at the type's largest value) or a toggled Boolean."""
+
+    def __init__(self, cfg: OpcUaConfig, status: _Status):
+        self.cfg = cfg
+        self.status = status
+        self._beat = 0
+
+    async def beat(self, client: Client) -> str | None:
+        """Write one beat: None, or why the connection is gone. Refused, it is counted."""
+        node = self.cfg.nodes.heartbeat
+        assert node is not None
+        kind = self.cfg.heartbeat_type
+        value: bool | int = self._beat % 2 == 0 if kind == "Boolean" else (self._beat + 1) % (_INT_MAX[kind] + 1)
+        dv = ua.DataValue(ua.Variant(value, _TYPES[kind]))
+        try:
+            [status] = await client.write_values([client.get_node(node)], [dv], raise_on_partial_error=False)
+        except (ConnectionError, OSError) as exc:
+            return f"heartbeat: connection lost: {_describe(exc)}"
+        except (asyncio.TimeoutError, ua.UaError) as exc:
+            if isinstance(exc, ua.UaStatusCodeError) and exc.code in _SESSION_GONE:
+                return f"heartbeat: {_describe(exc)}"
+            self.status.write_failed("heartbeats_failed", f"heartbeat {node}: {_describe(exc)}")
+            return None
+        if not status.is_good():
+            self.status.write_failed("heartbeats_failed", f"heartbeat {node}: the server answered {status.name}")
+            return None
+        self._beat = self._beat + 1 if kind == "Boolean" else int(value)
+        self.status.count("heartbeats")
+        return None
+
+
+class _Endpoint:
+    """Where and how the writer connects: the ``plc`` section, with the password and the
+    certificates read once (ConfigError when they cannot be)."""
+
+    def __init__(self, cfg: OpcUaConfig, station_id: str):
+        self.cfg = cfg
+        self._session_name = f"station {station_id}"
+        self._password = read_password(cfg.auth, "plc.auth")
+        self._security = _Security(cfg.security) if cfg.security is not None else None
+        self._application_uri = cfg.application_uri or (self._security.application_uri if self._security else None) \
+            or f"urn:station:{station_id}"
+
+    async def new_client(self) -> Client:
+        client = Client(self.cfg.endpoint, timeout=self.cfg.request_timeout_s)
+        client.name = client.description = self._session_name
+        client.application_uri = self._application_uri
+        client.product_uri = "urn:station"
+        client.session_timeout = _SESSION_TIMEOUT_MS
+        if self._security is not None:
+            sec = self._security
+            await client.set_security(sec.policy, sec.certificate, sec.private_key,
+                                      server_certificate=sec.server_certificate, mode=sec.mode)
+        if self.cfg.auth is not None:
+            assert self._password is not None  # read_password gives one for an auth section
+            client.set_user(self.cfg.auth.username)
+            client.set_password(self._password)
+        return client
+
+    async def connect(self, client: Client) -> str | None:
+        """Connect ``client``, once the server's endpoints showed one of the configured
+        security whose certificate is the one trusted; else why not (nothing connected).
+
+        The endpoints come over a channel without security, as OPC UA discovery does:
+        they only serve to name the problem (a server that presents another certificate
+        could not read what the station encrypts for the trusted one in any case)."""
+        probe = Client(self.cfg.endpoint, timeout=self.cfg.request_timeout_s)
+        endpoints = await probe.connect_and_get_server_endpoints()
+        sec = self._security
+        mode = sec.mode if sec is not None else ua.MessageSecurityMode.None_
+        uri = sec.policy.URI if sec is not None else security_policies.SecurityPolicyNone.URI
+        matching = [ep for ep in endpoints if ep.SecurityMode == mode and ep.SecurityPolicyUri == uri]
+        if not matching:
+            offered = ", ".join(sorted({_security_name(ep.SecurityMode, ep.SecurityPolicyUri) for ep in endpoints}))
+            return (f"{self.cfg.endpoint} offers no endpoint with security {_security_name(mode, uri)} (it offers "
+                    f"{offered or 'none'}): check plc.security")
+        if sec is not None:
+            presented = uacrypto.x509_from_der(matching[0].ServerCertificate)
+            der = presented.public_bytes(serialization.Encoding.DER) if presented is not None else b""
+            if der != sec.server_certificate:
+                return (f"{self.cfg.endpoint} presents a certificate other than plc.security.server_certificate "
+                        f"(thumbprint {_thumbprint(der)}, trusted {_thumbprint(sec.server_certificate)}): export "
+                        "the server's certificate again if it was renewed")
+        await client.connect()
+        return None
+
+    def describe_error(self, exc: Exception, what: str | None = None) -> tuple[str, str]:
+        """("refused" or "lost", a sentence for people) for an exception of connect or subscribe."""
+        where = self.cfg.endpoint if what is None else f"{self.cfg.endpoint}: {what}"
+        if isinstance(exc, ua.UaStatusCodeError):
+            name = ua.StatusCode(exc.code).name
+            if exc.code in _AUTH_REFUSALS:
+                user = self.cfg.auth.username if self.cfg.auth else None
+                return "refused", f"{where} refused the credentials ({name}; user {user!r}): check plc.auth"
+            if exc.code in _SECURITY_REFUSALS:
+                return "refused", (f"{where} refused the security settings ({name}): check plc.security, and that "
+                                   "the server trusts plc.security.certificate")
+            if what is not None and exc.code not in _SESSION_GONE:
+                return "refused", f"{where}: {name}"
+            return "lost", f"{where}: {name}"
+        if isinstance(exc, OSError):
+            return "lost", f"cannot connect to {where}: {exc.strerror or exc}"
+        if isinstance(exc, ua.UaError) and "certificate mismatch" in str(exc).lower():  # asyncua's create_session
+            return "refused", f"{where} presented a certificate other than plc.security.server_certificate"
+        return "lost", f"{where}: {_describe(exc)}"
+
+
+def part_fields(cfg: OpcUaConfig) -> list[tuple[str, str, ua.VariantType]]:
+    """A part's variables in request order, the sequence last (see the module's text):
+    (its name, its NodeId, its type)."""
+    nodes = cfg.nodes
+    return [("part_id", nodes.part_id, ua.VariantType.String), ("grade", nodes.grade, _TYPES[cfg.grade_type]),
+            ("defect_area_pct", nodes.defect_area_pct, ua.VariantType.Double),
+            ("sequence", nodes.sequence, _TYPES[cfg.sequence_type])]
+
+
+def part_values(cfg: OpcUaConfig, record: dict) -> list[Any] | None:
+    """The part's values in the order of _part_fields; None when not written (an
+    error record with plc.error_code null). ValueError for a record that is not one."""
+    grade = record.get("grade")
+    if grade is None:
+        if "error" not in record:
+            raise ValueError("a record with neither a grade nor an error")
+        if cfg.error_code is None:
+            return None
+        code, area = cfg.error_code, ERROR_AREA_PCT
+    else:
+        if grade not in GRADE_CODES:
+            raise ValueError(f"unknown grade {grade!r}")
+        code, area = GRADE_CODES[grade], float(record["defect_area_pct"])
+    seq = record.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise ValueError(f"seq {seq!r} is not a sequence number")
+    if cfg.sequence_type == "UInt32":
+        seq %= 2**32
+    elif seq > _INT_MAX["Int64"]:
+        raise ValueError(f"seq {seq} does not fit an Int64")
+    part_id = record.get("part_id")
+    if part_id is not None and not isinstance(part_id, str):
+        raise ValueError(f"part_id {part_id!r} is not text")
+    return [part_id or "", code, area, seq]
 
 
 class OpcUaWriter:
@@ -202,23 +466,9 @@ class OpcUaWriter:
         self.cfg = cfg
         self.on_part = on_part
         self._policy = policy if policy is not None else ThreadPolicy()
-        self._session_name = f"station {station_id}"
-        self._password = read_password(cfg.auth, "plc.auth")
-        self._security = _Security(cfg.security) if cfg.security is not None else None
-        self._application_uri = cfg.application_uri or (self._security.application_uri if self._security else None) \
-            or f"urn:station:{station_id}"
-        nodes = cfg.nodes
-        # the part's variables in request order: the sequence last (see the module's text)
-        self._part_fields = [("part_id", nodes.part_id, ua.VariantType.String),
-                             ("grade", nodes.grade, _TYPES[cfg.grade_type]),
-                             ("defect_area_pct", nodes.defect_area_pct, ua.VariantType.Double),
-                             ("sequence", nodes.sequence, _TYPES[cfg.sequence_type])]
-        self._cond = threading.Condition()  # guards the fields below; notified on every change
-        self._state = PlcState.IDLE
-        self._last_error: str | None = None
-        self._last_write_error: str | None = None
-        self._retry_at: float | None = None
-        self._counts: collections.Counter[str] = collections.Counter()
+        self._endpoint = _Endpoint(cfg, station_id)
+        self._part_fields = part_fields(cfg)
+        self.status = _Status(cfg.endpoint)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = threading.Event()
@@ -230,7 +480,8 @@ class OpcUaWriter:
         self._lost: asyncio.Event | None = None
         self._lost_reason: str | None = None
         self._connecting: asyncio.Future[str | None] | None = None  # the connect under way
-        self._beat = 0
+        self._parts = _PartPresent(cfg, self.status, lambda: self.on_part)
+        self._heartbeat = _Heartbeat(cfg, self.status)
 
     # --- the callers' side ----------------------------------------------------------
 
@@ -242,18 +493,20 @@ class OpcUaWriter:
         self._thread.start()
         self._started.wait()
 
-    def write_part(self, record: dict, timeout: float) -> bool:
+    def write_part(self, record: dict, timeout: float) -> Written:
         """Write one record (``messages.result_record`` or ``error_record``) to the PLC:
-        True only when the server answered Good for every variable of the part within
-        ``timeout`` seconds (waiting for the connection included). False otherwise,
-        logged, counted (``not_confirmed``) and in ``last_write_error``, naming the
-        variable and the status the server gave, or why nothing was written; also
-        False, counted ``skipped``, for an error record when ``plc.error_code`` is null.
+        CONFIRMED only when the server answered Good for every variable of the part
+        within ``timeout`` seconds (waiting for the connection included). FAILED
+        otherwise, logged, counted (``not_confirmed``) and in ``last_write_error``, naming
+        the variable and the status the server gave, or why nothing was written. SKIPPED,
+        counted ``skipped``, for what is never written: an error record when
+        ``plc.error_code`` is null, and a record that is not a part (logged, and in
+        ``last_write_error``).
         Thread-safe; blocks up to about ``timeout``; never call it from ``on_part``."""
         if threading.current_thread() is self._thread:
             raise RuntimeError("write_part() called on the writer's own thread (from on_part?): it would wait for itself")
         loop = self._loop
-        if loop is None or self._state is PlcState.STOPPED:
+        if loop is None or self.status.state is PlcState.STOPPED:
             return self._not_written(record, "the PLC writer is not running")
         try:
             future = asyncio.run_coroutine_threadsafe(self._write(record, timeout), loop)
@@ -268,39 +521,23 @@ class OpcUaWriter:
             return self._not_written(record, f"no result within {timeout} s")
 
     def state(self) -> dict:
-        """Connection state, last errors and counters (see _COUNTERS), for status,
-        stats and metrics. last_error: the last connection problem (None while
-        connected); last_write_error: the last part or heartbeat not confirmed."""
-        with self._cond:
-            out: dict[str, Any] = {
-                "type": "opcua",
-                "endpoint": self.cfg.endpoint,
-                "state": self._state.value,
-                "connected": self._state is PlcState.CONNECTED,
-                "last_error": self._last_error,
-                "last_write_error": self._last_write_error,
-                "retry_in_s": None if self._retry_at is None else round(max(0.0, self._retry_at - time.monotonic()), 3),
-            }
-            for name in _COUNTERS:
-                out[name] = self._counts[name]
-        return out
+        """See :meth:`_Status.snapshot`."""
+        return self.status.snapshot()
 
     @property
     def connected(self) -> bool:
-        return self._state is PlcState.CONNECTED
+        return self.status.state is PlcState.CONNECTED
 
     def wait_until(self, predicate: Callable[[dict], bool], timeout: float) -> bool:
-        """Block until ``predicate(self.state())`` is true (re-checked on every state or
-        counter change) or ``timeout`` seconds passed; returns the last result."""
-        with self._cond:
-            return self._cond.wait_for(lambda: predicate(self.state()), timeout)
+        """See :meth:`_Status.wait_until`."""
+        return self.status.wait_until(predicate, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the session and stop the thread, within about ``timeout`` seconds.
         Parts written meanwhile are not confirmed."""
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
-            self._set_state(PlcState.STOPPED, None)
+            self.status.set(PlcState.STOPPED, None)
             return
         try:
             loop.call_soon_threadsafe(self._stop_now)
@@ -329,7 +566,7 @@ class OpcUaWriter:
             loop.run_until_complete(loop.shutdown_asyncgens())
             asyncio.set_event_loop(None)
             loop.close()
-            self._set_state(PlcState.STOPPED, None)
+            self.status.set(PlcState.STOPPED, None)
 
     def _stop_now(self) -> None:
         assert self._stopping is not None and self._wake is not None
@@ -340,35 +577,23 @@ class OpcUaWriter:
 
     async def _main(self) -> None:
         self._stopping, self._wake, self._up = asyncio.Event(), asyncio.Event(), asyncio.Event()
-        edges: asyncio.Queue[float] = asyncio.Queue()
         self._started.set()
-        part_present = asyncio.create_task(self._hand_out_parts(edges))
-        delay, failures = self.cfg.reconnect_min_s, 0
+        part_present = asyncio.create_task(self._parts.hand_out(lambda: self._client))
+        backoff = Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
         try:
             while not self._stopping.is_set():
                 try:
-                    outcome, error, got_in = await self._session(edges)
+                    outcome, error, got_in = await self._session()
                 except Exception:  # the top of the worker loop: log, count, retry after a pause
                     log.exception("OPC UA writer failed; reconnecting")
                     outcome, error, got_in = "lost", "internal error (see the log)", False
                 if outcome == "stopped" or self._stopping.is_set():
                     break
-                if got_in:  # a connection that got in resets the backoff
-                    delay, failures = self.cfg.reconnect_min_s, 0
-                failures += 1
-                if outcome == "refused":
-                    wait = self.cfg.reconnect_max_s
-                else:
-                    wait = delay
-                    delay = min(delay * 2, self.cfg.reconnect_max_s)
-                wait *= random.uniform(0.8, 1.0)  # stations of one PLC do not retry in lock-step
-                state = PlcState.REFUSED if outcome == "refused" else PlcState.DISCONNECTED
-                self._set_state(state, error, retry_at=time.monotonic() + wait)
-                if outcome == "refused":
-                    level = logging.ERROR
-                else:  # the first failure in a row is a warning, the repeats of an outage are info
-                    level = logging.WARNING if failures == 1 else logging.INFO
-                log.log(level, "PLC %s: %s; retrying in %.1f s", state.value, error, wait)
+                refused = outcome == "refused"
+                wait = backoff.after(got_in, refused)
+                state = PlcState.REFUSED if refused else PlcState.DISCONNECTED
+                self.status.set(state, error, retry_at=time.monotonic() + wait)
+                log.log(backoff.level(refused), "PLC %s: %s; retrying in %.1f s", state.value, error, wait)
                 try:
                     await asyncio.wait_for(self._stopping.wait(), wait)
                 except asyncio.TimeoutError:
@@ -377,17 +602,17 @@ class OpcUaWriter:
             part_present.cancel()
         log.info("PLC writer stopped")
 
-    async def _session(self, edges: asyncio.Queue[float]) -> tuple[str, str | None, bool]:
+    async def _session(self) -> tuple[str, str | None, bool]:
         """One connection, from connect to its end: (outcome, why, whether it got in);
         outcome "stopped", "refused" (retried slowly) or "lost"."""
         assert self._stopping is not None and self._wake is not None and self._up is not None
         endpoint = self.cfg.endpoint
-        client = await self._new_client()
+        client = await self._endpoint.new_client()
         lost = asyncio.Event()
-        self._set_state(PlcState.CONNECTING, self._last_error)
-        self.count("connect_attempts")
+        self.status.set(PlcState.CONNECTING, self.status.last_error)
+        self.status.count("connect_attempts")
         # a task of its own, which the stop cancels: close() need not wait for connect_timeout_s
-        self._connecting = asyncio.ensure_future(asyncio.wait_for(self._connect(client), self.cfg.connect_timeout_s))
+        self._connecting = asyncio.ensure_future(asyncio.wait_for(self._endpoint.connect(client), self.cfg.connect_timeout_s))
         try:
             refused = await self._connecting
         except asyncio.CancelledError:
@@ -399,7 +624,7 @@ class OpcUaWriter:
             client.disconnect_socket()  # the connect was cancelled half-way
             return "lost", f"{endpoint}: no session within {self.cfg.connect_timeout_s} s (plc.connect_timeout_s)", False
         except Exception as exc:  # refused, unreachable, security, credentials
-            outcome, why = self._connect_error(exc)
+            outcome, why = self._endpoint.describe_error(exc)
             return outcome, why, False
         finally:
             self._connecting = None
@@ -414,13 +639,14 @@ class OpcUaWriter:
         try:
             if self.cfg.nodes.part_present is not None:
                 try:
-                    await self._subscribe(client, edges)
+                    await self._parts.subscribe(client)
                 except Exception as exc:
-                    outcome, why = self._connect_error(exc, f"plc.nodes.part_present {self.cfg.nodes.part_present}")
+                    outcome, why = self._endpoint.describe_error(
+                        exc, f"plc.nodes.part_present {self.cfg.nodes.part_present}")
                     return outcome, why, False
-            self.count("connects")
+            self.status.count("connects")
             self._up.set()
-            self._set_state(PlcState.CONNECTED, None)
+            self.status.set(PlcState.CONNECTED, None)
             log.info("PLC connected: %s (security %s, %s)", endpoint,
                      "None" if self.cfg.security is None else f"{self.cfg.security.mode} {self.cfg.security.policy}",
                      f"user {self.cfg.auth.username!r}" if self.cfg.auth else "anonymous")
@@ -428,57 +654,7 @@ class OpcUaWriter:
         finally:
             self._up.clear()
             self._client = self._lost = None
-            await self._disconnect(client, lost)
-
-    async def _new_client(self) -> Client:
-        client = Client(self.cfg.endpoint, timeout=self.cfg.request_timeout_s)
-        client.name = client.description = self._session_name
-        client.application_uri = self._application_uri
-        client.product_uri = "urn:station"
-        client.session_timeout = _SESSION_TIMEOUT_MS
-        if self._security is not None:
-            sec = self._security
-            await client.set_security(sec.policy, sec.certificate, sec.private_key,
-                                      server_certificate=sec.server_certificate, mode=sec.mode)
-        if self.cfg.auth is not None:
-            assert self._password is not None  # read_password gives one for an auth section
-            client.set_user(self.cfg.auth.username)
-            client.set_password(self._password)
-        return client
-
-    async def _connect(self, client: Client) -> str | None:
-        """Connect ``client``, once the server's endpoints showed one of the configured
-        security whose certificate is the one trusted; else why not (nothing connected).
-
-        The endpoints come over a channel without security, as OPC UA discovery does:
-        they only serve to name the problem (a server that presents another certificate
-        could not read what the station encrypts for the trusted one in any case)."""
-        probe = Client(self.cfg.endpoint, timeout=self.cfg.request_timeout_s)
-        endpoints = await probe.connect_and_get_server_endpoints()
-        sec = self._security
-        mode = sec.mode if sec is not None else ua.MessageSecurityMode.None_
-        uri = sec.policy.URI if sec is not None else security_policies.SecurityPolicyNone.URI
-        matching = [ep for ep in endpoints if ep.SecurityMode == mode and ep.SecurityPolicyUri == uri]
-        if not matching:
-            offered = ", ".join(sorted({_security_name(ep.SecurityMode, ep.SecurityPolicyUri) for ep in endpoints}))
-            return (f"{self.cfg.endpoint} offers no endpoint with security {_security_name(mode, uri)} (it offers "
-                    f"{offered or 'none'}): check plc.security")
-        if sec is not None:
-            presented = uacrypto.x509_from_der(matching[0].ServerCertificate)
-            der = presented.public_bytes(serialization.Encoding.DER) if presented is not None else b""
-            if der != sec.server_certificate:
-                return (f"{self.cfg.endpoint} presents a certificate other than plc.security.server_certificate "
-                        f"(thumbprint {_thumbprint(der)}, trusted {_thumbprint(sec.server_certificate)}): export "
-                        "the server's certificate again if it was renewed")
-        await client.connect()
-        return None
-
-    async def _subscribe(self, client: Client, edges: asyncio.Queue[float]) -> None:
-        assert self.cfg.nodes.part_present is not None
-        interval = self.cfg.part_present_interval_ms
-        subscription = await client.create_subscription(interval, _Edges(edges))
-        await subscription.subscribe_data_change(client.get_node(self.cfg.nodes.part_present),
-                                                 queuesize=_PART_PRESENT_QUEUE, sampling_interval=ua.Double(interval))
+            await _disconnect(client, lost, self.cfg.request_timeout_s)
 
     async def _serve(self, client: Client, lost: asyncio.Event) -> tuple[str, str | None]:
         """Heartbeats until the connection is lost or the writer stops."""
@@ -492,7 +668,9 @@ class OpcUaWriter:
             if lost.is_set():
                 return "lost", self._lost_reason
             if self.cfg.nodes.heartbeat is not None and loop.time() >= next_beat:
-                await self._heartbeat(client, lost)
+                gone = await self._heartbeat.beat(client)
+                if gone is not None:
+                    self._lose(lost, gone)
                 next_beat += beat_s
                 if next_beat <= loop.time():  # late (a slow reply): the cadence starts again from now
                     next_beat = loop.time() + beat_s
@@ -503,71 +681,25 @@ class OpcUaWriter:
             except asyncio.TimeoutError:
                 pass
 
-    async def _heartbeat(self, client: Client, lost: asyncio.Event) -> None:
-        node = self.cfg.nodes.heartbeat
-        assert node is not None
-        kind = self.cfg.heartbeat_type
-        value: bool | int = self._beat % 2 == 0 if kind == "Boolean" else (self._beat + 1) % (_INT_MAX[kind] + 1)
-        dv = ua.DataValue(ua.Variant(value, _TYPES[kind]))
-        try:
-            [status] = await client.write_values([client.get_node(node)], [dv], raise_on_partial_error=False)
-        except (ConnectionError, OSError) as exc:
-            self._lose(lost, f"heartbeat: connection lost: {_describe(exc)}")
-            return
-        except (asyncio.TimeoutError, ua.UaError) as exc:
-            if isinstance(exc, ua.UaStatusCodeError) and exc.code in _SESSION_GONE:
-                self._lose(lost, f"heartbeat: {_describe(exc)}")
-                return
-            self._write_failed("heartbeats_failed", f"heartbeat {node}: {_describe(exc)}")
-            return
-        if not status.is_good():
-            self._write_failed("heartbeats_failed", f"heartbeat {node}: the server answered {status.name}")
-            return
-        self._beat = self._beat + 1 if kind == "Boolean" else int(value)
-        self.count("heartbeats")
-
-    async def _hand_out_parts(self, edges: asyncio.Queue[float]) -> None:
-        """Each rising edge of part_present: read the part id (when configured) and call on_part."""
-        id_node = self.cfg.nodes.part_present_id
-        while True:
-            await edges.get()
-            part_id: str | None = None
-            client = self._client
-            if id_node is not None:
-                try:
-                    if client is None:
-                        raise ConnectionError("not connected")
-                    value = await client.get_node(id_node).read_value()
-                    part_id = None if value is None else str(value)
-                except Exception as exc:  # the part is there all the same: it goes on without its id
-                    self.count("part_id_reads_failed")
-                    log.warning("PLC part present, but its id (%s) could not be read: %s", id_node, _describe(exc))
-            callback = self.on_part
-            try:
-                if callback is not None:
-                    callback(part_id)
-            except Exception:  # the daemon's hook: never let it end the edges
-                self.count("callback_errors")
-                log.exception("PLC part present: on_part(%r) failed", part_id)
-            self.count("part_edges")  # counted once handed out: who waits on it finds on_part called
-
-    async def _write(self, record: dict, timeout: float) -> bool:
+    async def _write(self, record: dict, timeout: float) -> Written:
         """One part (see write_part), on the loop."""
         assert self._up is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            values = self._part_values(record)
-        except ValueError as exc:
-            return self._not_written(record, str(exc))
+            values = part_values(self.cfg, record)
+        except ValueError as exc:  # never a part: retrying would not make it one
+            self.status.write_failed("skipped", f"record {record.get('id')!r} (seq {record.get('seq')}): {exc}")
+            return Written.SKIPPED
         if values is None:
-            self.count("skipped")
-            return False
+            self.status.count("skipped")
+            return Written.SKIPPED
         if not self._up.is_set():
             try:
                 await asyncio.wait_for(self._up.wait(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
-                return self._not_written(record, f"not connected to {self.cfg.endpoint} ({self._last_error or self._state.value})")
+                why = self.status.last_error or self.status.state.value
+                return self._not_written(record, f"not connected to {self.cfg.endpoint} ({why})")
         client, lost = self._client, self._lost
         if client is None or lost is None:  # up, and lost again before this task ran
             return self._not_written(record, f"connection to {self.cfg.endpoint} lost ({self._lost_reason})")
@@ -589,46 +721,13 @@ class OpcUaWriter:
                    for (field, node, _), status in zip(self._part_fields, statuses) if not status.is_good()]
         if refused:
             return self._not_written(record, "the server refused " + ", ".join(refused))
-        self.count("confirmed")
+        self.status.count("confirmed")
         log.debug("part %r (seq %s) written to the PLC", record.get("part_id"), record.get("seq"))
-        return True
+        return Written.CONFIRMED
 
-    def _part_values(self, record: dict) -> list[Any] | None:
-        """The part's values in the order of _part_fields; None when not written (an
-        error record with plc.error_code null). ValueError for a record that is not one."""
-        grade = record.get("grade")
-        if grade is None:
-            if "error" not in record:
-                raise ValueError("a record with neither a grade nor an error")
-            if self.cfg.error_code is None:
-                return None
-            code, area = self.cfg.error_code, ERROR_AREA_PCT
-        else:
-            if grade not in GRADE_CODES:
-                raise ValueError(f"unknown grade {grade!r}")
-            code, area = GRADE_CODES[grade], float(record["defect_area_pct"])
-        seq = record.get("seq")
-        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-            raise ValueError(f"seq {seq!r} is not a sequence number")
-        if self.cfg.sequence_type == "UInt32":
-            seq %= 2**32
-        elif seq > _INT_MAX["Int64"]:
-            raise ValueError(f"seq {seq} does not fit an Int64")
-        part_id = record.get("part_id")
-        if part_id is not None and not isinstance(part_id, str):
-            raise ValueError(f"part_id {part_id!r} is not text")
-        return [part_id or "", code, area, seq]
-
-    async def _disconnect(self, client: Client, lost: asyncio.Event) -> None:
-        """Close the session (when the connection still stands) and the socket; never raises."""
-        try:
-            if lost.is_set():
-                client.disconnect_socket()
-            else:
-                await asyncio.wait_for(client.disconnect(), self.cfg.request_timeout_s)
-        except Exception as exc:  # the session goes with the connection all the same
-            log.debug("PLC disconnect: %s", _describe(exc))
-            client.disconnect_socket()
+    def _not_written(self, record: dict, why: str) -> Written:
+        self.status.write_failed("not_confirmed", f"part {record.get('part_id')!r} (seq {record.get('seq')}): {why}")
+        return Written.FAILED
 
     def _lose(self, lost: asyncio.Event, why: str) -> None:
         """The connection ``lost`` is gone: the serving loop ends it and connects again."""
@@ -640,51 +739,16 @@ class OpcUaWriter:
         if self._wake is not None:
             self._wake.set()
 
-    def _connect_error(self, exc: Exception, what: str | None = None) -> tuple[str, str]:
-        """("refused" or "lost", a sentence for people) for an exception of connect or subscribe."""
-        where = self.cfg.endpoint if what is None else f"{self.cfg.endpoint}: {what}"
-        if isinstance(exc, ua.UaStatusCodeError):
-            name = ua.StatusCode(exc.code).name
-            if exc.code in _AUTH_REFUSALS:
-                user = self.cfg.auth.username if self.cfg.auth else None
-                return "refused", f"{where} refused the credentials ({name}; user {user!r}): check plc.auth"
-            if exc.code in _SECURITY_REFUSALS:
-                return "refused", (f"{where} refused the security settings ({name}): check plc.security, and that "
-                                   "the server trusts plc.security.certificate")
-            if what is not None and exc.code not in _SESSION_GONE:
-                return "refused", f"{where}: {name}"
-            return "lost", f"{where}: {name}"
-        if isinstance(exc, OSError):
-            return "lost", f"cannot connect to {where}: {exc.strerror or exc}"
-        if isinstance(exc, ua.UaError) and "certificate mismatch" in str(exc).lower():  # asyncua's create_session
-            return "refused", f"{where} presented a certificate other than plc.security.server_certificate"
-        return "lost", f"{where}: {_describe(exc)}"
-
-    # --- state ------------------------------------------------------------------------
-
-    def count(self, name: str, n: int = 1) -> None:
-        with self._cond:
-            self._counts[name] += n
-            self._cond.notify_all()
-
-    def _not_written(self, record: dict, why: str) -> bool:
-        self._write_failed("not_confirmed", f"part {record.get('part_id')!r} (seq {record.get('seq')}): {why}")
-        return False
-
-    def _write_failed(self, counter: str, message: str) -> None:
-        with self._cond:
-            self._counts[counter] += 1
-            self._last_write_error = message
-            self._cond.notify_all()
-        log.warning("PLC: not written: %s", message)
-
-    def _set_state(self, state: PlcState, error: str | None, retry_at: float | None = None) -> None:
-        """State, error and (while disconnected) the monotonic time of the next attempt, at once."""
-        with self._cond:
-            self._state = state
-            self._last_error = error
-            self._retry_at = retry_at
-            self._cond.notify_all()
+async def _disconnect(client: Client, lost: asyncio.Event, timeout: float) -> None:
+    """Close the session (when the connection still stands) and the socket; never raises."""
+    try:
+        if lost.is_set():
+            client.disconnect_socket()
+        else:
+            await asyncio.wait_for(client.disconnect(), timeout)
+    except Exception as exc:  # the session goes with the connection all the same
+        log.debug("PLC disconnect: %s", _describe(exc))
+        client.disconnect_socket()
 
 
 def _security_name(mode: ua.MessageSecurityMode, policy_uri: str) -> str:
@@ -709,26 +773,32 @@ def _describe(exc: BaseException) -> str:
 
 
 class OpcUaSink:
-    """The PLC as one of the daemon's sinks (station/sinks.py ``Sink``): each record
-    is queued (at most ``plc.queue_size``; beyond, the oldest is dropped, logged and
-    counted) and written by a thread of its own (``opcua-sink``) with
-    :meth:`OpcUaWriter.write_part`, ``plc.write_timeout_s`` each. A part the PLC did
-    not confirm is reported there and not written again: the part has moved on.
-    Error records are not queued when ``plc.error_code`` is null.
+    """The PLC as one of the daemon's sinks (station/sinks.py ``Sink``, ``Confirming``),
+    fed from the outbox: a thread of its own (``opcua-sink``) writes what the outbox
+    holds for it (``sink``), oldest first, with :meth:`OpcUaWriter.write_part`
+    (``plc.write_timeout_s`` each), and acknowledges each part there once the PLC
+    confirmed it, or once it is a record never written (``Written.SKIPPED``). A part
+    not confirmed is written again, and the parts after it wait, so that the PLC gets
+    them in order: at once when the connection is back, after ``plc.reconnect_min_s``
+    doubling up to ``reconnect_max_s`` while the server refuses it. What waited at a
+    restart is written first. :meth:`deliver` only wakes the thread: a slow or absent
+    PLC never slows the line.
 
-    ``on_part`` is the writer's (part present); :meth:`stats` is the writer's state
-    with the queue's figures. :meth:`close` writes what is queued while the PLC is
-    connected, for at most ``2 × plc.write_timeout_s``, then drops the rest (counted).
+    :meth:`signal_parts` hands the part-present edges on (the trigger); :meth:`stats`
+    is the writer's state with ``waiting``, the parts in the outbox for the PLC.
+    :meth:`close` writes what waits while the PLC is connected, for at most
+    ``2 × plc.write_timeout_s``; the rest waits in the outbox for the next start.
     """
 
-    def __init__(self, cfg: OpcUaConfig, station_id: str, on_part: Callable[[str | None], None] | None = None,
-                 policy: ThreadPolicy | None = None):
+    def __init__(self, cfg: OpcUaConfig, station_id: str, outbox: Outbox,
+                 on_part: Callable[[str | None], None] | None = None, policy: ThreadPolicy | None = None,
+                 sink: str = "plc"):
         self.cfg = cfg
+        self.sink = sink
+        self._outbox = outbox
         self._policy = policy if policy is not None else ThreadPolicy()
         self.writer = OpcUaWriter(cfg, station_id, on_part, self._policy)
-        self._cond = threading.Condition()
-        self._queue: collections.deque[dict] = collections.deque()
-        self._dropped = 0
+        self._new = True  # the outbox may hold parts for the PLC (at the start: those from before)
         self._closing_at: float | None = None  # monotonic deadline of the last writes, once closing
         self._thread: threading.Thread | None = None
 
@@ -739,58 +809,95 @@ class OpcUaSink:
         self._thread.start()
 
     def deliver(self, record: dict, ctx: Delivery) -> None:
-        if record.get("grade") is None and self.cfg.error_code is None:
-            return
-        with self._cond:
-            if self._closing_at is not None:
-                return
-            if len(self._queue) >= self.cfg.queue_size:
-                old = self._queue.popleft()
-                self._dropped += 1
-                log.warning("PLC: part %r (seq %s) dropped: %d parts wait to be written (plc.queue_size)",
-                            old.get("part_id"), old.get("seq"), len(self._queue) + 1)
-            self._queue.append(record)
-            self._cond.notify_all()
+        if ctx.seq is not None:  # stored for the PLC too: the thread reads it from the outbox
+            self._new = True
+            self.writer.status.wake()
 
     def acked(self, seq: int) -> None:
         """The broker's acknowledgements do not concern the PLC."""
 
+    def signal_parts(self, on_part: Callable[[str | None], None]) -> None:
+        """Call ``on_part(part id or None)`` at each rising edge of ``plc.nodes.part_present``
+        (the writer's thread; it must return quickly)."""
+        self.writer.on_part = on_part
+
+    def link_state(self) -> tuple[str, bool]:
+        return self.writer.status.state.value, self.writer.connected
+
     def close(self) -> None:
         thread = self._thread
-        with self._cond:
-            self._closing_at = time.monotonic() + 2 * self.cfg.write_timeout_s
-            self._cond.notify_all()
+        self._closing_at = time.monotonic() + 2 * self.cfg.write_timeout_s
+        self.writer.status.wake()
         if thread is not None:
             thread.join(2 * self.cfg.write_timeout_s + 2.0)
         self.writer.close()
+        left = self._outbox.depth(self.sink)
+        if left:
+            log.warning("PLC: %d parts wait in the outbox for the next start", left)
 
     def stats(self) -> dict:
-        """The writer's state (OpcUaWriter.state) with ``queued`` and ``dropped``."""
+        """The writer's state (OpcUaWriter.state) with ``waiting``: parts in the outbox for the PLC."""
         out = self.writer.state()
-        with self._cond:
-            out["queued"] = len(self._queue)
-            out["dropped"] = self._dropped
+        out["waiting"] = self._outbox.depth(self.sink)
         return out
 
     def _run(self) -> None:
         self._policy.background()
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closing_at is not None)
-                closing_at = self._closing_at
-                if closing_at is not None and (not self._queue or time.monotonic() >= closing_at
-                                               or not self.writer.connected):
-                    left = len(self._queue)
-                    self._queue.clear()
-                    self._dropped += left
-                    if left:
-                        log.warning("PLC: %d parts not written at the stop", left)
-                    return
-                record = self._queue.popleft()
-            timeout = self.cfg.write_timeout_s
-            if closing_at is not None:
-                timeout = max(0.0, min(timeout, closing_at - time.monotonic()))
+        backoff = Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+        after = 0  # the last seq acknowledged: the outbox holds nothing older for the PLC
+        while self._wait_for_work():
+            self._new = False
             try:
-                self.writer.write_part(record, timeout)
-            except Exception:  # the top of the worker loop: the next part is written all the same
-                log.exception("PLC: writing part %r failed", record.get("part_id"))
+                after = self._write_in_order(self._outbox.pending(_BATCH, after, self.sink), after, backoff)
+            except PublishError as exc:  # the outbox cannot be read or written (disk): tried again later
+                log.error("PLC: %s", exc)
+                self._pause(backoff.next())
+                self._new = True
+
+    def _write_in_order(self, entries: list[Entry], after: int, backoff: Backoff) -> int:
+        """Write ``entries`` and acknowledge each, until one is not confirmed (then pause
+        as ``backoff`` says); the last seq acknowledged."""
+        for entry in entries:
+            if self._write(entry) is Written.FAILED:
+                self._pause(backoff.next())
+                self._new = True  # that one again
+                return after
+            backoff.reset()
+            self._outbox.ack(entry.seq, self.sink)
+            after = entry.seq
+        if entries:
+            self._new = True  # more may wait than one batch
+        return after
+
+    def _wait_for_work(self) -> bool:
+        """Until the outbox may hold parts for the PLC and it is connected; False at the
+        stop once the time for the last writes is up, the PLC is away or nothing waits."""
+        self.writer.status.wait_until(lambda s: self._closing_at is not None or (self._new and s["connected"]), None)
+        closing_at = self._closing_at
+        if closing_at is None:
+            return True
+        return time.monotonic() < closing_at and self.writer.connected and self._outbox.depth(self.sink) > 0
+
+    def _pause(self, wait: float) -> None:
+        """``wait`` seconds before the next try, or until the stop."""
+        self.writer.status.wait_until(lambda s: self._closing_at is not None, wait)
+
+    def _write(self, entry: Entry) -> Written:
+        """One outbox entry to the PLC."""
+        try:
+            record = json.loads(entry.payload)
+        except ValueError as exc:
+            log.error("PLC: outbox entry %d (%s) is not JSON (%s): not written", entry.seq, entry.result_id, exc)
+            return Written.SKIPPED
+        if not isinstance(record, dict):
+            log.error("PLC: outbox entry %d (%s) is not a record: not written", entry.seq, entry.result_id)
+            return Written.SKIPPED
+        timeout = self.cfg.write_timeout_s
+        closing_at = self._closing_at
+        if closing_at is not None:
+            timeout = max(0.0, min(timeout, closing_at - time.monotonic()))
+        try:
+            return self.writer.write_part(record, timeout)
+        except Exception:  # the top of the worker loop: tried again
+            log.exception("PLC: writing part %r failed", record.get("part_id"))
+            return Written.FAILED

@@ -5,8 +5,9 @@ deleted only when the broker acknowledged it (PUBACK, QoS 1), so a broker
 outage or a daemon restart loses nothing. The publisher serialises; it never
 computes inspection data.
 
-Three parts: :class:`MqttPublisher` sends the outbox (its entries in seq order,
-at most ``max_inflight`` unacknowledged; a PUBACK deletes its entry);
+Three parts: :class:`MqttPublisher` sends the outbox (its entries that wait for
+the ``mqtt`` sink, in seq order, at most ``max_inflight`` unacknowledged; a PUBACK
+acknowledges its entry for MQTT, which deletes it unless another sink still waits);
 :class:`MqttLink` keeps the connection it sends on (connect, retained status,
 subscriptions, reconnect with capped backoff, the clean stop); a
 :class:`_Session` is one connection (its paho client and callbacks).
@@ -20,7 +21,7 @@ Threads:
   ``online``, sends what the caller did not, reconnects with capped exponential
   backoff, and runs the clean stop.
 * paho's network thread (``loop_start``, one per connection): socket I/O and
-  callbacks; a PUBACK deletes its entry from the outbox.
+  callbacks; a PUBACK acknowledges its entry in the outbox.
 
 Each connection uses a fresh paho client with ``reconnect_on_failure=False``.
 When a connection ends, that client and whatever paho still holds for it are
@@ -45,7 +46,6 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import random
 import socket
 import ssl
 import threading
@@ -61,10 +61,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from .backoff import Backoff
 from .config import MqttConfig, MqttTlsConfig, warn_if_exposed
 from .errors import ConfigError, PublishError
 from .messages import StatusState, Topics, dumps, stamp_sent, status_record, topics_for
-from .outbox import Outbox
+from .outbox import DEFAULT_SINK, Outbox
 from .priority import ThreadPolicy
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,21 @@ def read_password(auth: PasswordSource | None, field: str = "mqtt.auth") -> str 
             raise ConfigError(f"{field}.password_env: environment variable {auth.password_env} is not set or empty")
         return value
     return None
+
+
+def store_record(outbox: Outbox, record: dict, topic: str) -> int:
+    """Store one result (or error) record in ``outbox`` for every sink; its seq.
+
+    The outbox key is ``record["id"]`` (a record already waiting is not stored twice);
+    a record without an id (an error record) gets a fresh key. ``topic``: the MQTT
+    topic it is sent on ("" without MQTT). Raises OutboxFull (a PublishError) when the
+    outbox refuses it, PublishError when it cannot be serialised or written."""
+    key = str(record.get("id") or uuid.uuid4())
+    try:
+        payload = dumps(record).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise PublishError(f"result {key}: cannot serialise ({exc})") from exc
+    return outbox.put(key, topic, payload, time.time())
 
 
 def tls_context(tls: MqttTlsConfig | None) -> ssl.SSLContext | None:
@@ -212,7 +228,7 @@ class _Broker:
         client.on_disconnect = s.on_disconnect
         client.on_publish = s.on_publish
         client.on_message = s.on_message
-        client.on_socket_open = s.on_socket_open
+        client.on_socket_open = no_delay
         return client
 
     def connect(self, client: mqtt.Client) -> None:
@@ -232,6 +248,16 @@ class _Broker:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.cfg.session_expiry_s
         return props
+
+
+def no_delay(client, userdata, sock) -> None:
+    """paho's on_socket_open: TCP_NODELAY. Each MQTT packet is one write: Nagle's algorithm
+    would hold a packet back until the broker's TCP acknowledged the previous segment (a
+    delayed ACK away, up to 40 ms), for nothing."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):  # not a TCP socket (e.g. a websocket wrapper)
+        pass
 
 
 class _Session:
@@ -319,16 +345,6 @@ class _Session:
 
     def on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         self.link.received(message.topic, bytes(message.payload), bool(message.retain))
-
-    @staticmethod
-    def on_socket_open(client, userdata, sock) -> None:
-        # Each MQTT packet is one write: Nagle's algorithm would hold a PUBLISH back
-        # until the broker's TCP acknowledged the previous segment (a delayed ACK
-        # away, milliseconds), for nothing.
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (AttributeError, OSError):  # not a TCP socket (e.g. a websocket wrapper)
-            pass
 
 
 class _Sender(Protocol):
@@ -520,8 +536,7 @@ class MqttLink:
 
     def _run(self) -> None:
         self._policy.background()  # paho's network thread, started from here, inherits it
-        delay = self.cfg.reconnect_min_s
-        failures = 0
+        backoff = Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
         while not self._stopping.is_set():
             s = _Session(self, self.cfg.max_inflight)
             try:
@@ -532,22 +547,11 @@ class MqttLink:
                 outcome, error = "lost", "internal error (see the log)"
             if outcome == "stopped" or self._stopping.is_set():
                 break
-            if s.connected_at is not None:  # a connection that got in resets the backoff
-                delay, failures = self.cfg.reconnect_min_s, 0
-            failures += 1
-            if outcome == "auth":
-                wait = self.cfg.reconnect_max_s
-            else:
-                wait = delay
-                delay = min(delay * 2, self.cfg.reconnect_max_s)
-            wait *= random.uniform(0.8, 1.0)  # stations behind one broker do not retry in lock-step
-            state = LinkState.AUTH_FAILED if outcome == "auth" else LinkState.DISCONNECTED
+            refused = outcome == "auth"
+            wait = backoff.after(s.connected_at is not None, refused)
+            state = LinkState.AUTH_FAILED if refused else LinkState.DISCONNECTED
             self._set_state(state, error, retry_at=time.monotonic() + wait)
-            if outcome == "auth":
-                level = logging.ERROR
-            else:  # the first failure in a row is a warning, the repeats of an outage are info
-                level = logging.WARNING if failures == 1 else logging.INFO
-            log.log(level, "MQTT %s: %s; %d results wait in the outbox; retrying in %.1f s",
+            log.log(backoff.level(refused), "MQTT %s: %s; %d results wait in the outbox; retrying in %.1f s",
                     state.value, error, self._sender.backlog(), wait)
             if self._stopping.wait(wait):
                 break
@@ -655,14 +659,17 @@ class MqttPublisher:
     takes the background part (station/priority.py); default: none.
     on_ack: called with the outbox seq of each result the broker acknowledged, on
     paho's network thread.
+    sink: the outbox's name for MQTT: the entries the publisher sends and acknowledges
+    are those waiting for it (the outbox may hold others, for other sinks).
 
     It sends the outbox on the connection its :class:`MqttLink` keeps (``link``).
     Raises ConfigError at construction when the password or the TLS files cannot be read.
     """
 
     def __init__(self, cfg: MqttConfig, station_id: str, outbox: Outbox, policy: ThreadPolicy | None = None,
-                 on_ack: Callable[[int], None] | None = None):
+                 on_ack: Callable[[int], None] | None = None, sink: str = DEFAULT_SINK):
         self.outbox = outbox
+        self.sink = sink
         self._on_ack = on_ack
         self._pumping = threading.Lock()  # one thread at a time hands outbox entries to paho
         self.link = MqttLink(cfg, station_id, self, policy)
@@ -672,19 +679,12 @@ class MqttPublisher:
     def publish_result(self, record: dict) -> int:
         """Store one result (or error) record durably and queue it for sending; returns its outbox seq.
 
-        The outbox key is ``record["id"]`` (a record already waiting is not stored
-        twice); a record without an id (an error record) gets a fresh key. The
-        topic is stored with it. While connected, the calling thread hands it to
-        paho itself (:meth:`_send_now`). Never blocks on the network.
+        See :func:`store_record`; then, while connected, the calling thread hands it
+        to paho itself (:meth:`send_now`). Never blocks on the network.
         Raises OutboxFull (a PublishError) when the outbox refuses it.
         """
-        key = str(record.get("id") or uuid.uuid4())
-        try:
-            payload = dumps(record).encode("utf-8")
-        except (TypeError, ValueError) as exc:
-            raise PublishError(f"result {key}: cannot serialise ({exc})") from exc
-        seq = self.outbox.put(key, self.link.topics.result, payload, time.time())
-        self._send_now()
+        seq = store_record(self.outbox, record, self.link.topics.result)
+        self.send_now()
         return seq
 
     def publish_stats(self, stats: dict) -> bool:
@@ -714,7 +714,8 @@ class MqttPublisher:
 
     @property
     def outbox_depth(self) -> int:
-        return self.outbox.depth()
+        """Results waiting to be sent or acknowledged."""
+        return self.outbox.depth(self.sink)
 
     def stats(self) -> dict:
         """Link state and counters: sent, acked, late, broker_rejected, connects,
@@ -748,7 +749,7 @@ class MqttPublisher:
         if a TCP/TLS connect is in progress).
         """
         self.link.stop(timeout)
-        return self.outbox.depth() == 0
+        return self.outbox.depth(self.sink) == 0
 
     # --- sending (the link calls these) ---------------------------------------------
 
@@ -757,10 +758,11 @@ class MqttPublisher:
             self._pump(s)
 
     def flush(self, s: _Session, deadline: float) -> None:
-        while self.outbox.depth() and not s.lost.is_set():
+        while self.outbox.depth(self.sink) and not s.lost.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                log.warning("MQTT stop: %d results not acknowledged in time; they stay in the outbox", self.outbox.depth())
+                log.warning("MQTT stop: %d results not acknowledged in time; they stay in the outbox",
+                            self.outbox.depth(self.sink))
                 break
             self.pump(s)
             self.link.sleep(min(remaining, 0.5))
@@ -773,16 +775,16 @@ class MqttPublisher:
             log.error("broker rejected result seq %d on %s: %s; it stays in the outbox", seq,
                       self.link.topics.result, reason)
         else:
-            self.outbox.ack(seq)
+            self.outbox.ack(seq, self.sink)
             self.link.count("acked")
             if self._on_ack is not None:
                 self._on_ack(seq)
         self.link.wake()
 
     def backlog(self) -> int:
-        return self.outbox.depth()
+        return self.outbox.depth(self.sink)
 
-    def _send_now(self) -> None:
+    def send_now(self) -> None:
         """Hand what waits in the outbox to paho from the calling thread, when a
         connection is up and no other thread is doing it; else (or should it fail)
         wake the sender thread to do it. A wake-up on every result would add the
@@ -807,7 +809,7 @@ class MqttPublisher:
                 room = s.window - len(s.inflight)
             if room <= 0:
                 return
-            entries = self.outbox.pending(limit=room, after=s.cursor)
+            entries = self.outbox.pending(limit=room, after=s.cursor, sink=self.sink)
             if not entries:
                 return
             now = time.time()

@@ -7,6 +7,8 @@ overflow of ``trigger.max_pending``, a part with no frame in time, the stop)
 becomes an error record, delivered by a thread of its own (:class:`TriggerErrors`)
 at the pace the broker takes results: a flood of triggers neither holds up
 capture nor queues its errors ahead of the next genuine part's result.
+plc: each rising edge of the PLC's part-present signal is a part
+(:meth:`Trigger.on_signal`, on the PLC writer's thread), the same way from there.
 """
 
 from __future__ import annotations
@@ -85,13 +87,20 @@ def parse_trigger(payload: bytes, max_chars: int) -> tuple[str | None, str | Non
     assert isinstance(part, str)  # the plain text, or a JSON string
     if not part:
         return None, f"empty part id: {_quote(body)}"
+    why = check_part_id(part, max_chars)
+    return (part, None) if why is None else (None, why)
+
+
+def check_part_id(part: str, max_chars: int) -> str | None:
+    """Why ``part`` (not empty) cannot be a part id, or None: at most ``max_chars``
+    characters, none a control character or a lone surrogate."""
     if len(part) > max_chars:
-        return None, f"part id too long ({len(part)} characters; trigger.max_part_id_chars is {max_chars}): {_quote(part)}"
+        return f"part id too long ({len(part)} characters; trigger.max_part_id_chars is {max_chars}): {_quote(part)}"
     if _CONTROL.search(part):
-        return None, f"part id with control characters: {_quote(part)}"
+        return f"part id with control characters: {_quote(part)}"
     if _SURROGATE.search(part):
-        return None, f"part id with a lone surrogate (not Unicode text): {_quote(part)}"
-    return part, None
+        return f"part id with a lone surrogate (not Unicode text): {_quote(part)}"
+    return None
 
 
 @dataclasses.dataclass(slots=True)
@@ -106,7 +115,7 @@ class TriggerError:
     """A trigger message that names no part, or a part that got no frame: the fields
     of its error record."""
 
-    source: str  # the trigger topic
+    source: str  # the trigger topic, or the PLC's part-present variable
     part_id: str | None  # None: the message named no valid part
     error: str
 
@@ -117,6 +126,8 @@ class Trigger:
     free-run: every ``every_nth`` frame, at most ``max_fps`` per second; the
     part id is a counter. mqtt: each message on ``…/trigger`` names a part
     (:func:`parse_trigger`); the next frame is tagged with it, oldest part first.
+    plc: each rising edge of the PLC's part-present signal is a part
+    (:meth:`on_signal`), named as the PLC names it, else by a counter.
 
     Every mqtt message yields one record: a graded result, or an error record
     (a :class:`TriggerError`, handed out by :meth:`errors`) when its payload names
@@ -131,6 +142,8 @@ class Trigger:
     def __init__(self, cfg: StationConfig):
         self.cfg = cfg.trigger
         self.mode = self.cfg.type
+        # where a part comes from, in its error record: the PLC's part-present variable
+        self._signal_source = f"plc:{cfg.plc.nodes.part_present}" if cfg.plc is not None else "plc"
         # Called once for every part accepted (outside the lock): a software-triggered camera's fire().
         self.on_part: Callable[[], None] | None = None
         self._lock = threading.Condition(threading.Lock())
@@ -160,22 +173,48 @@ class Trigger:
             if part is None:
                 self._refuse(TriggerError(topic, None, f"trigger refused: {why}"), "invalid")
                 return
-            self._tally("accepted")
-            if self._closed:
-                self._refuse(TriggerError(topic, part, f"part {part}: the station stopped before a frame came"), "stopped")
-                return
-            self._pending.append(_Pending(part, time.monotonic() + self.cfg.timeout_s, topic))
-            while len(self._pending) > self.cfg.max_pending:
-                old = self._pending.popleft()
-                self._refuse(TriggerError(old.topic, old.part_id, f"trigger overflow: part {old.part_id} dropped, the "
-                                          f"oldest of more than {self.cfg.max_pending} parts waiting for a frame "
-                                          "(trigger.max_pending)"), "overflow")
+            self._accept(part, topic)
         if self.on_part is not None:  # a camera that takes a frame only when told (GenICam software trigger)
             self.on_part()
 
+    def on_signal(self, part_id: str | None) -> None:
+        """A part the PLC signalled (a rising edge of ``plc.nodes.part_present``, on the PLC
+        writer's thread): ``part_id`` as the PLC names it, or None (a counter names it)."""
+        source = self._signal_source
+        with self._lock:
+            why = check_part_id(part_id, self.cfg.max_part_id_chars) if part_id else None
+            if why is not None:
+                self._refuse(TriggerError(source, None, f"part signalled, its id refused: {why}"), "invalid")
+                return
+            if not part_id:
+                self._count += 1
+                part_id = str(self._count)
+            self._accept(part_id, source)
+        if self.on_part is not None:
+            self.on_part()
+
+    def _accept(self, part: str, source: str) -> None:
+        """A part named: it waits for its frame (the oldest beyond ``max_pending`` is
+        refused); refused at once after the stop. Callers hold the lock."""
+        self._tally("accepted")
+        if self._closed:
+            self._refuse(TriggerError(source, part, f"part {part}: the station stopped before a frame came"), "stopped")
+            return
+        self._pending.append(_Pending(part, time.monotonic() + self.cfg.timeout_s, source))
+        while len(self._pending) > self.cfg.max_pending:
+            old = self._pending.popleft()
+            self._refuse(TriggerError(old.topic, old.part_id, f"trigger overflow: part {old.part_id} dropped, the "
+                                      f"oldest of more than {self.cfg.max_pending} parts waiting for a frame "
+                                      "(trigger.max_pending)"), "overflow")
+
+    @property
+    def triggered(self) -> bool:
+        """Parts come from a trigger (mqtt, plc), not from every frame (free-run)."""
+        return self.mode != "free-run"
+
     def take(self, frame: Frame) -> Frame | None:
         """The frame as a part (tagged with its part id), or None if not inspected."""
-        if self.mode == "mqtt":
+        if self.triggered:
             with self._lock:
                 self._expire(time.monotonic())
                 if not self._pending:

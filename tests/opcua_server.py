@@ -5,6 +5,7 @@
         plc.read("Grade")                         # (value, VariantType)
         plc.set("PartPresent", True)              # as the PLC program would
         plc.writes                                # each client Write request: its NodeIds, in order
+        plc.written                               # … and its values: {variable name: value}
         plc.stop(); plc.start()                   # the PLC gone, and back on the same port
 
 The variables live in namespace 2 as ``ns=2;s=Line3.Cam1.<name>`` (:func:`node`);
@@ -116,6 +117,7 @@ class PlcServer:
         self.secure = secure
         self.users = users
         self.writes: list[list[str]] = []
+        self.written: list[dict[str, Any]] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="plc-server", daemon=True)
         self._thread.start()
@@ -156,7 +158,9 @@ class PlcServer:
 
         def written(event: Any, dispatcher: Any) -> None:
             if event.is_external:
-                self.writes.append([w.NodeId.to_string() for w in event.request_params.NodesToWrite])
+                nodes = event.request_params.NodesToWrite
+                self.writes.append([w.NodeId.to_string() for w in nodes])
+                self.written.append({str(w.NodeId.Identifier).rsplit(".", 1)[-1]: w.Value.Value.Value for w in nodes})
 
         server.subscribe_server_callback(CallbackType.PostWrite, written)
         self._server = server

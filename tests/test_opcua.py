@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,12 +15,16 @@ import pytest
 pytest.importorskip("asyncua", reason="the opcua extra (part of dev) is not installed")
 
 from asyncua import ua  # noqa: E402
+from inprocess import Running, wait_for_metric  # noqa: E402
 from opcua_server import VARIABLES, PlcServer, make_certificates, node  # noqa: E402
 
 from station.config import OpcUaConfig, parse_config  # noqa: E402
+from station.outbox import Outbox  # noqa: E402
+from station.publish import store_record  # noqa: E402
+from station.sinks import Delivery  # noqa: E402
 from station.errors import ConfigError  # noqa: E402
 from station.messages import error_record  # noqa: E402
-from station.plc import OpcUaSink, OpcUaWriter  # noqa: E402
+from station.plc import OpcUaSink, OpcUaWriter, Written  # noqa: E402
 
 VT = ua.VariantType
 PART_NODES = {"part_id": node("PartId"), "grade": node("Grade"), "sequence": node("Sequence"),
@@ -122,7 +127,7 @@ def test_unreadable_secrets_are_refused_at_construction(tmp_path):
 def test_a_part_arrives_with_its_types_in_one_request(plc, writers):
     w = writers(plc_config(plc.endpoint))
     plc.writes.clear()
-    assert w.write_part(result(41, "DISCOUNT", "LGP-0041", 0.8125), timeout=2.0)
+    assert w.write_part(result(41, "DISCOUNT", "LGP-0041", 0.8125), timeout=2.0) is Written.CONFIRMED
     assert plc.read("PartId") == ("LGP-0041", VT.String)
     assert plc.read("Grade") == (1, VT.Int16)
     assert plc.read("DefectAreaPct") == (0.8125, VT.Double)
@@ -142,22 +147,22 @@ def test_a_part_arrives_with_its_types_in_one_request(plc, writers):
 ])
 def test_values_written(plc, writers, record, expected):
     w = writers(plc_config(plc.endpoint))
-    assert w.write_part(record, timeout=2.0)
+    assert w.write_part(record, timeout=2.0) is Written.CONFIRMED
     assert tuple(plc.read(n)[0] for n in ("PartId", "Grade", "DefectAreaPct", "Sequence")) == expected
 
 
 def test_wider_types_as_configured(plc, writers):
     w = writers(plc_config(plc.endpoint, {"grade": node("Grade32"), "sequence": node("Sequence64")},
                            grade_type="Int32", sequence_type="Int64", error_code=3))
-    assert w.write_part(result(2**40, "REJECT"), timeout=2.0)
+    assert w.write_part(result(2**40, "REJECT"), timeout=2.0) is Written.CONFIRMED
     assert plc.read("Grade32") == (2, VT.Int32) and plc.read("Sequence64") == (2**40, VT.Int64)
-    assert w.write_part(error_record("trigger", "no frame", seq=7), timeout=2.0)
+    assert w.write_part(error_record("trigger", "no frame", seq=7), timeout=2.0) is Written.CONFIRMED
     assert plc.read("Grade32") == (3, VT.Int32) and plc.read("DefectAreaPct") == (-1.0, VT.Double)
 
 
 def test_error_records_are_skipped_when_error_code_is_null(plc, writers):
     w = writers(plc_config(plc.endpoint, error_code=None))
-    assert not w.write_part(error_record("trigger", "no frame", seq=7), timeout=1.0)
+    assert w.write_part(error_record("trigger", "no frame", seq=7), timeout=1.0) is Written.SKIPPED
     assert (w.state()["skipped"], w.state()["not_confirmed"]) == (1, 0)
 
 
@@ -169,7 +174,7 @@ def test_error_records_are_skipped_when_error_code_is_null(plc, writers):
 ])
 def test_a_refused_variable_means_not_confirmed_and_is_named(plc, writers, nodes, fields, refused):
     w = writers(plc_config(plc.endpoint, nodes, **fields))
-    assert not w.write_part(result(5, part_id="P-5"), timeout=2.0)
+    assert w.write_part(result(5, part_id="P-5"), timeout=2.0) is Written.FAILED
     s = w.state()
     assert (s["confirmed"], s["not_confirmed"]) == (0, 1)
     assert s["last_write_error"].startswith("part 'P-5' (seq 5): the server refused "), s["last_write_error"]
@@ -179,9 +184,10 @@ def test_a_refused_variable_means_not_confirmed_and_is_named(plc, writers, nodes
 
 def test_a_record_that_is_not_a_part_is_not_written(plc, writers):
     w = writers(plc_config(plc.endpoint))
-    assert not w.write_part({"seq": 1, "part_id": "x"}, timeout=1.0)
-    assert not w.write_part({**result(1), "grade": "MAYBE"}, timeout=1.0)
+    assert w.write_part({"seq": 1, "part_id": "x"}, timeout=1.0) is Written.SKIPPED  # never a part: not retried
+    assert w.write_part({**result(1), "grade": "MAYBE"}, timeout=1.0) is Written.SKIPPED
     assert "unknown grade 'MAYBE'" in w.state()["last_write_error"]
+    assert (w.state()["skipped"], w.state()["not_confirmed"]) == (2, 0)
 
 
 # --- heartbeat and part present -----------------------------------------------------------
@@ -289,11 +295,11 @@ def test_server_gone_then_back():
         w.start()
         try:
             assert w.wait_until(lambda s: s["connected"], 10)
-            assert w.write_part(result(1), timeout=2.0)
+            assert w.write_part(result(1), timeout=2.0) is Written.CONFIRMED
             server.stop()
             assert w.wait_until(lambda s: not s["connected"], 10), w.state()
             t0 = time.monotonic()
-            assert not w.write_part(result(2), timeout=0.3)
+            assert w.write_part(result(2), timeout=0.3) is Written.FAILED
             assert time.monotonic() - t0 < 1.5
             s = w.state()
             assert s["state"] in ("disconnected", "connecting") and s["not_confirmed"] == 1
@@ -301,7 +307,7 @@ def test_server_gone_then_back():
             assert s["last_error"] is None or server.endpoint in s["last_error"]
             server.start()
             assert w.wait_until(lambda s: s["connected"], 10), w.state()
-            assert w.write_part(result(3), timeout=2.0)
+            assert w.write_part(result(3), timeout=2.0) is Written.CONFIRMED
             assert server.read("Sequence")[0] == 3
             s = w.state()
             assert s["connects"] == 2 and s["confirmed"] == 2 and s["last_error"] is None
@@ -311,7 +317,7 @@ def test_server_gone_then_back():
         finally:
             w.close()
         assert w.state()["state"] == "stopped"
-        assert not w.write_part(result(4), timeout=1.0)
+        assert w.write_part(result(4), timeout=1.0) is Written.FAILED
 
 
 def test_nothing_listening_retries_with_backoff():
@@ -321,7 +327,7 @@ def test_nothing_listening_retries_with_backoff():
         assert w.wait_until(lambda s: s["connect_attempts"] >= 3, 5), w.state()
         s = w.state()
         assert s["connects"] == 0 and "cannot connect to opc.tcp://127.0.0.1" in s["last_error"]
-        assert not w.write_part(result(1), timeout=0.2)
+        assert w.write_part(result(1), timeout=0.2) is Written.FAILED
     finally:
         w.close()
 
@@ -369,7 +375,7 @@ def test_secure_endpoint_with_username_and_password(secure_plc, writers, tmp_pat
                                "server_certificate": str(certs.server_cert)},
                      auth={"username": "station", "password_file": str(secret)})
     w = writers(cfg)
-    assert w.write_part(result(77, "PASS", "S-77", 0.1), timeout=3.0)
+    assert w.write_part(result(77, "PASS", "S-77", 0.1), timeout=3.0) is Written.CONFIRMED
     assert server.read("PartId") == ("S-77", VT.String) and server.read("Sequence") == (77, VT.UInt32)
     assert w.wait_until(lambda s: s["heartbeats"] >= 2, 5)
 
@@ -397,47 +403,157 @@ def test_secure_endpoint_refusals_are_named(secure_plc, writers, tmp_path, monke
     assert w.wait_until(lambda s: s["connect_attempts"] >= 1 and s["state"] in ("refused", "disconnected"), 10), w.state()
     s = w.state()
     assert not s["connected"] and refused in s["last_error"], s
-    assert not w.write_part(result(1), timeout=0.2)
+    assert w.write_part(result(1), timeout=0.2) is Written.FAILED
 
 
-# --- the sink -----------------------------------------------------------------------------------
+# --- the sink: fed from the outbox, across outages and restarts --------------------------------
 
 
-def test_sink_writes_each_record_in_order(plc):
-    sink = OpcUaSink(plc_config(plc.endpoint), "test")
-    sink.start()
-    try:
-        assert sink.writer.wait_until(lambda s: s["connected"], 10)
-        plc.writes.clear()
-        for seq in range(1, 6):
-            sink.deliver(result(seq, part_id=f"Q-{seq}"), ctx=None)
-        assert sink.writer.wait_until(lambda s: s["confirmed"] >= 5, 10), sink.stats()
-        assert plc.read("PartId")[0] == "Q-5" and plc.read("Sequence")[0] == 5
-        assert len(plc.writes) == 5
-        stats = sink.stats()
-        assert (stats["queued"], stats["dropped"], stats["not_confirmed"]) == (0, 0, 0)
-    finally:
-        sink.close()
-    assert sink.stats()["state"] == "stopped"
+def stored(box: Outbox, sink: OpcUaSink, record: dict) -> int:
+    """Store ``record`` as the daemon's outbox sink does and tell ``sink`` of it."""
+    seq = store_record(box, record, "")
+    sink.deliver(record, Delivery(None, seq=seq))
+    return seq
 
 
-def test_sink_drops_the_oldest_beyond_its_queue_and_stops_in_bounded_time():
-    cfg = plc_config(f"opc.tcp://127.0.0.1:{_closed_port()}", queue_size=2, write_timeout_s=0.3, error_code=None)
-    sink = OpcUaSink(cfg, "test")
-    sink.start()
-    try:
-        sink.deliver(error_record("trigger", "no frame", seq=1), ctx=None)  # error_code null: not queued
+def test_sink_writes_each_part_from_the_outbox_in_order(plc, tmp_path):
+    with Outbox(tmp_path / "outbox.sqlite3", sinks=("plc",)) as box:
+        sink = OpcUaSink(plc_config(plc.endpoint), "test", box)
+        sink.start()
+        try:
+            assert sink.writer.wait_until(lambda s: s["connected"], 10)
+            plc.written.clear()
+            for seq in range(1, 6):
+                stored(box, sink, result(seq, part_id=f"Q-{seq}"))
+            sink.deliver(error_record("trigger", "no frame", seq=6), Delivery(None))  # not stored: not for the PLC
+            assert sink.writer.wait_until(lambda s: s["confirmed"] >= 5, 10), sink.stats()
+            assert [w["Sequence"] for w in plc.written] == [1, 2, 3, 4, 5]
+            assert [w["PartId"] for w in plc.written] == [f"Q-{seq}" for seq in range(1, 6)]
+            assert sink.writer.wait_until(lambda s: box.depth("plc") == 0, 5)  # acknowledged after the write
+            stats = sink.stats()
+            assert (stats["waiting"], stats["not_confirmed"]) == (0, 0)
+        finally:
+            sink.close()
+        assert sink.stats()["state"] == "stopped" and box.depth() == 0
+
+
+def test_sink_skips_what_is_never_written_and_retries_what_is_refused(plc, tmp_path):
+    """An error record with plc.error_code null is acknowledged unwritten; a part the
+    server refuses stays (and the parts after it wait) until the server takes it."""
+    cfg = plc_config(plc.endpoint, {"grade": node("Grade32")}, error_code=None, reconnect_min_s=0.05,
+                     reconnect_max_s=0.1)  # Int16 sent to an Int32: refused
+    with Outbox(tmp_path / "outbox.sqlite3", sinks=("plc",)) as box:
+        sink = OpcUaSink(cfg, "test", box)
+        sink.start()
+        try:
+            stored(box, sink, error_record("trigger", "no frame", seq=1))
+            stored(box, sink, result(2))
+            assert sink.writer.wait_until(lambda s: s["not_confirmed"] >= 3, 10), sink.stats()
+            assert box.depth("plc") == 1 and sink.stats()["skipped"] == 1  # the error record went, the part waits
+        finally:
+            sink.close()
+        assert box.depth("plc") == 1  # for the next start
+
+
+def _closed_port_endpoint() -> str:
+    return f"opc.tcp://127.0.0.1:{_closed_port()}"
+
+
+def test_sink_stops_in_bounded_time_with_the_plc_away_and_keeps_the_parts(tmp_path):
+    cfg = plc_config(_closed_port_endpoint(), write_timeout_s=0.3)
+    with Outbox(tmp_path / "outbox.sqlite3", sinks=("plc",)) as box:
+        sink = OpcUaSink(cfg, "test", box)
+        sink.start()
         for seq in range(1, 7):
-            sink.deliver(result(seq), ctx=None)
-        stats = sink.stats()
-        assert stats["queued"] <= 2 and stats["dropped"] >= 3, stats
-    finally:
+            stored(box, sink, result(seq))
         t0 = time.monotonic()
         sink.close()
         assert time.monotonic() - t0 < 3.0
-    stats = sink.stats()
-    assert stats["queued"] == 0 and stats["confirmed"] == 0
-    assert stats["dropped"] + stats["not_confirmed"] == 6, stats
+        stats = sink.stats()
+        assert stats["confirmed"] == 0 and stats["not_confirmed"] == 0  # nothing tried while the PLC was away
+        assert stats["waiting"] == 6 == box.depth("plc")
+
+
+# --- the daemon: the PLC away while parts arrive, the daemon restarted, the PLC back -----------
+
+
+def daemon_config(state: Path, endpoint: str, camera: str, **extra: str) -> Any:
+    text = (f"station: {{id: cam1}}\ncamera: {camera}\nrun: {{state_dir: {state}, stop_timeout_s: 5}}\n"
+            f"plc:\n  type: opcua\n  endpoint: {endpoint}\n  reconnect_min_s: 0.05\n  reconnect_max_s: 0.2\n"
+            f"  nodes: {{part_id: '{node('PartId')}', grade: '{node('Grade')}', sequence: '{node('Sequence')}', "
+            f"defect_area_pct: '{node('DefectAreaPct')}'{extra.get('nodes', '')}}}\n" + extra.get("more", ""))
+    return parse_config(text)
+
+
+def _part(record: dict) -> tuple:
+    """A record as the PLC gets it (OpcUaWriter's values)."""
+    return (record["part_id"], {"PASS": 0, "DISCOUNT": 1, "REJECT": 2}[record["grade"]], record["seq"])
+
+
+def test_parts_survive_a_plc_outage_and_a_daemon_restart(tmp_path):
+    """Parts keep coming while the PLC is away; the daemon is stopped and started again
+    meanwhile; once the PLC is back, every part of both runs is written to it, the older
+    first, none lost."""
+    from collections import Counter
+
+    with PlcServer() as server:
+        cfg = daemon_config(tmp_path / "state", server.endpoint, "{type: fake, fps: 20, height: 64, width: 64}")
+        first = Running(cfg)
+        try:
+            first.sink.wait(2)
+            server.stop()  # the PLC goes away while parts keep coming
+            before = len(server.written)
+            n = len(first.sink.records)
+            first.sink.wait(n + 4)
+            stats = first.daemon.stats_payload()["sinks"]["plc"]  # what waits shows in stats and metrics
+            assert stats["state"] != "connected" and stats["waiting"] >= 3, stats
+            assert wait_for_metric(first.daemon, 'station_outbox_waiting{sink="plc"}', lambda v: v >= 3)
+            assert wait_for_metric(first.daemon, 'station_sink_connected{sink="plc"}', lambda v: v == 0)
+        finally:
+            first.stop()
+        second = Running(cfg)
+        try:
+            second.sink.wait(3)
+            server.start()
+            second.sink.wait(len(second.sink.records) + 3)  # and parts come on while it catches up
+        finally:
+            second.stop()  # the stop writes what waits while the PLC is there
+        delivered = [_part(r) for r in first.sink.records + second.sink.records if "grade" in r]
+        written = [(w["PartId"], w["Grade"], w["Sequence"]) for w in server.written]
+        assert not Counter(delivered) - Counter(written), (delivered, written)
+        # after the outage: what the first run left, then the second run's, each in order
+        seqs = [seq for _, _, seq in written[before:]]
+        assert sum(b <= a for a, b in zip(seqs, seqs[1:])) <= 1, seqs
+    with Outbox(tmp_path / "state" / "outbox.sqlite3", sinks=("plc",)) as box:
+        assert box.depth() == 0
+
+
+def test_a_rising_edge_of_part_present_is_one_graded_part(tmp_path, plc):
+    """trigger.type plc: each false→true edge of the part-present variable is one part
+    (the id the PLC wrote), graded and written back; holding it true makes no more."""
+    plc.set("PartPresent", False)
+    cfg = daemon_config(tmp_path / "state", plc.endpoint, "{type: fake, fps: 20, height: 64, width: 64}",
+                        nodes=f", part_present: '{node('PartPresent')}', part_present_id: '{node('PresentPartId')}'",
+                        more="  part_present_interval_ms: 5\ntrigger: {type: plc, timeout_s: 5}\n")
+    run = Running(cfg)
+    try:
+        writer = next(s for s in run.daemon.sinks.sinks if isinstance(s, OpcUaSink)).writer
+        assert writer.wait_until(lambda s: s["connected"], 30)
+        for i, part in enumerate(["E-1", "E-2", "E-3"], start=1):
+            plc.set("PresentPartId", part)
+            plc.set("PartPresent", True)
+            run.sink.wait(i)
+            assert writer.wait_until(lambda s, i=i: s["part_edges"] >= i, 5)
+            if i == 2:  # held true: no part more, however many frames come meanwhile
+                assert not writer.wait_until(lambda s: s["part_edges"] > 2, 0.5)
+            plc.set("PartPresent", False)
+        assert writer.wait_until(lambda s: s["confirmed"] >= 3, 10)
+        assert plc.read("PartId")[0] == "E-3"
+    finally:
+        run.stop()
+    assert [r["part_id"] for r in run.sink.records] == ["E-1", "E-2", "E-3"]
+    assert all("grade" in r for r in run.sink.records)
+    assert run.daemon.trigger.counts()["accepted"] == 3
 
 
 def test_variables_of_the_test_server_are_as_declared(plc):

@@ -99,6 +99,94 @@ def test_not_a_database_is_refused_with_the_path(tmp_path):
         Outbox(path)
 
 
+# --- several sinks -------------------------------------------------------------------
+
+
+def test_a_row_goes_once_every_sink_acknowledged_it(tmp_path):
+    with Outbox(tmp_path / "o.sqlite3", sinks=("mqtt", "plc", "sparkplug")) as ob:
+        seqs = [ob.put(f"r{i}", "t", b"x" * 10) for i in range(4)]
+        assert ob.waiting() == {"mqtt": 4, "plc": 4, "sparkplug": 4} and ob.depth() == 4
+        assert ob.ack_many(seqs, "mqtt") == 4 and not ob.ack(seqs[0], "mqtt")  # MQTT is done with them
+        assert ob.depth() == 4 and ob.depth("mqtt") == 0 and ob.pending(10, sink="mqtt") == []
+        assert [e.seq for e in ob.pending(10, sink="plc")] == seqs
+        assert ob.ack(seqs[0], "plc") and ob.ack(seqs[0], "sparkplug")
+        assert ob.depth() == 3 and ob.bytes() == 30  # the last sink's acknowledgement deletes it
+        assert [e.seq for e in ob.pending(10, after=seqs[1], sink="sparkplug")] == seqs[2:]
+        assert ob.stats()["waiting"] == {"mqtt": 0, "plc": 3, "sparkplug": 3}
+        with pytest.raises(ValueError, match="has no sink 'opcua'"):
+            ob.ack(seqs[1], "opcua")
+
+
+def test_what_waits_for_each_sink_survives_a_restart(tmp_path):
+    path = tmp_path / "o.sqlite3"
+    with Outbox(path, sinks=("mqtt", "plc")) as ob:
+        seqs = [ob.put(f"r{i}", "t", b"x") for i in range(3)]
+        ob.ack_many(seqs, "mqtt")
+        ob.ack(seqs[0], "plc")
+    with Outbox(path, sinks=("mqtt", "plc")) as ob:
+        assert ob.waiting() == {"mqtt": 0, "plc": 2} and ob.depth() == 2
+        assert [e.result_id for e in ob.pending(10, sink="plc")] == ["r1", "r2"]
+
+
+def test_a_sink_no_longer_configured_holds_nothing_back(tmp_path, caplog):
+    """A sink named before and not now: what waited only for it goes (logged); what still
+    waits for another stays. A sink named for the first time gets what is stored from then on."""
+    path = tmp_path / "o.sqlite3"
+    with Outbox(path, sinks=("mqtt", "plc")) as ob:
+        a, b = ob.put("a", "t", b"x"), ob.put("b", "t", b"x")
+        ob.ack(a, "mqtt")  # a waits for the PLC alone, b for both
+    with Outbox(path, sinks=("mqtt", "sparkplug")) as ob:
+        assert "2 results were waiting for plc, which is no longer configured" in caplog.text
+        assert [e.seq for e in ob.pending(10)] == [b] and ob.depth() == 1
+        assert ob.waiting() == {"mqtt": 1, "sparkplug": 0}
+        c = ob.put("c", "t", b"x")
+        assert [e.seq for e in ob.pending(10, sink="sparkplug")] == [c]
+
+
+def test_pending_skips_what_other_sinks_hold_without_reading_it_again(tmp_path):
+    """One sink far behind (a PLC away) leaves many rows that the others are done with:
+    a sink that is up to date finds its next entry without scanning them at every call."""
+    with Outbox(tmp_path / "o.sqlite3", sinks=("mqtt", "plc")) as ob:
+        seqs = [ob.put(f"r{i}", "t", b"x") for i in range(500)]
+        ob.ack_many(seqs, "mqtt")
+        assert ob.pending(10) == []  # looked once: nothing waits for MQTT up to the newest row
+        steps: list[int] = []
+        ob._conn().set_progress_handler(lambda: steps.append(1), 10)
+        assert ob.pending(10) == []
+        new = ob.put("new", "t", b"x")
+        assert [e.seq for e in ob.pending(10)] == [new]
+        ob._conn().set_progress_handler(None, 0)
+        assert len(steps) < 10, len(steps)  # a few VM steps, not 500 rows
+
+
+def test_drop_oldest_counts_what_each_sink_lost(tmp_path):
+    with Outbox(tmp_path / "o.sqlite3", max_rows=3, policy="drop_oldest", sinks=("mqtt", "plc")) as ob:
+        seqs = [ob.put(f"r{i}", "t", b"x") for i in range(3)]
+        ob.ack(seqs[0], "mqtt")  # r0 waits for the PLC alone
+        ob.put("r3", "t", b"x")  # r0 dropped
+        assert ob.waiting() == {"mqtt": 3, "plc": 3} and ob.dropped == 1 and ob.alarm
+
+
+def test_a_file_of_schema_1_is_mqtts(tmp_path):
+    """The outbox of a station before the sinks had names: every row waited for MQTT."""
+    path = tmp_path / "o.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, result_id TEXT NOT NULL UNIQUE,
+            topic TEXT NOT NULL, payload BLOB NOT NULL, created_at REAL NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, last_attempt_at REAL);
+        INSERT INTO outbox (result_id, topic, payload, created_at) VALUES ('old1', 't', x'7b7d', 1.0);
+        INSERT INTO outbox (result_id, topic, payload, created_at) VALUES ('old2', 't', x'7b7d', 2.0);
+        PRAGMA user_version = 1;
+    """)
+    db.close()
+    with Outbox(path, sinks=("mqtt", "plc")) as ob:
+        assert ob.waiting() == {"mqtt": 2, "plc": 0}
+        assert [e.result_id for e in ob.pending(10)] == ["old1", "old2"]
+        assert ob.ack_many([e.seq for e in ob.pending(10)]) == 2 and ob.depth() == 0
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == outbox_module.SCHEMA_VERSION
+
+
 # --- bounds and policies --------------------------------------------------------------
 
 

@@ -30,10 +30,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from inprocess import Running
 from mosquitto import Mosquitto, Received, Subscriber, have_mosquitto, write_password_file
 from station.config import MqttAuthConfig, SparkplugConfig, load_config, parse_config
 from station.errors import ConfigError
 from station.messages import error_record, load_schema, result_record
+from station.outbox import Outbox
+from station.publish import store_record
 from station.sinks import Delivery
 from station.sparkplug import BdSeqFile, SparkplugNode, SparkplugSink, state_path
 from station.types import Defects, Grade, GradeDecision, InspectionResult
@@ -286,7 +289,7 @@ def test_session(broker, tmp_path, nodes, protocol):
         for r in records[:3] + records[-1:]:  # the records are the daemon's (one of each kind checked)
             jsonschema.validate(r, schema)
         for r in records:
-            assert node.publish_part(r)
+            assert node.publish_parts([(r, time.time())])
         ddata = wait_count(sub, DDATA, 300)
         assert [p["seq"] for p in ddata] == [(2 + i) % 256 for i in range(300)]
         for r, msg in zip(records, sub.on_topic(DDATA)):
@@ -312,7 +315,7 @@ def test_session(broker, tmp_path, nodes, protocol):
 
         # a part sent late: every Inspection metric historical, with its own (old) capture time
         old = make_record(1000, Grade.REJECT, captured_at=time.time() - 3600)
-        assert node.publish_part(old, historical=True)
+        assert node.publish_parts([(old, 0.0)])  # stored before the births: late
         late = metrics(wait_count(sub, DDATA, 301)[-1])
         assert all(v["is_historical"] for k, v in late.items() if k.startswith("Inspection/"))
         assert late["Inspection/Part Id"]["value"] == "P01000"
@@ -336,7 +339,7 @@ def test_session(broker, tmp_path, nodes, protocol):
         assert d2["Camera/State"]["value"] == "connected"
         assert node.state()["bad_commands"] == 1 and node.state()["rebirths"] == 1
 
-        assert node.publish_part(make_record(2000))
+        assert node.publish_parts([(make_record(2000), time.time())])
         assert wait_count(sub, DDATA, 303)[-1]["seq"] == 2
 
         node.close()
@@ -349,7 +352,7 @@ def test_session(broker, tmp_path, nodes, protocol):
         check_seqs(sub)
         state = node.state()
         assert state["state"] == "stopped" and not state["online"] and state["ddata_sent"] == 302
-        assert not node.publish_part(make_record(3000), timeout=0.1)
+        assert not node.publish_parts([(make_record(3000), time.time())], timeout=0.1)
 
 
 # --- the Last Will, and bdSeq across restarts --------------------------------------------------
@@ -402,14 +405,30 @@ def test_last_will_and_bdseq_across_restarts(broker, tmp_path):
     assert json.loads((tmp_path / "sparkplug.json").read_text()) == {"bdSeq": 1}
 
 
-# --- the sink: a backlog sent historical after the births, across a broker outage ---------------
+# --- the sink: fed from the outbox, across broker outages and restarts ---------------------------
 
 
-def test_sink_sends_the_backlog_as_historical(tmp_path, nodes, monkeypatch):
+def stored(box: Outbox, sink: SparkplugSink, record: dict) -> int:
+    """Store ``record`` as the daemon's outbox sink does and tell ``sink`` of it."""
+    seq = store_record(box, record, "")
+    sink.deliver(record, Delivery(None, seq=seq))
+    return seq
+
+
+def part_ids(payloads: list[dict]) -> list[str]:
+    return [metrics(p)["Inspection/Part Id"]["value"] for p in payloads]
+
+
+def all_historical(payload: dict) -> bool:
+    return all(m["is_historical"] for m in payload["metrics"] if m["name"].startswith("Inspection/"))
+
+
+def test_sink_sends_what_waited_as_historical_across_an_outage_and_a_restart(tmp_path, nodes, monkeypatch):
     """The node is kept out by its credentials (deterministic: it cannot be online) while
-    parts arrive, then let in: the births, then those parts, historical, then live ones.
-    The broker is then killed and restarted: the new session's bdSeq is one more, and the
-    part delivered meanwhile comes after its births, historical."""
+    parts arrive, and the station restarted meanwhile; then let in: the births, then
+    those parts, historical, then live ones. The broker is then killed and restarted:
+    the new session's bdSeq is one more, and the part stored meanwhile comes after its
+    births, historical. Every part once, none lost."""
     pwfile = tmp_path / "passwd"
     monkeypatch.setenv("SPB_TEST_PASSWORD", "node-pw")
 
@@ -417,61 +436,151 @@ def test_sink_sends_the_backlog_as_historical(tmp_path, nodes, monkeypatch):
         write_password_file(pwfile, {"node": node_password, "sub": "sub-pw"})
 
     users("not-yet")
+    outbox = tmp_path / "outbox.sqlite3"
     with Mosquitto(tmp_path / "broker", listener_extra=f"password_file {pwfile}\nallow_anonymous false") as broker:
+        cfg = spb_cfg(broker.port, auth=MqttAuthConfig(username="node", password_env="SPB_TEST_PASSWORD"))
         with Subscriber(broker.port, "spBv1.0/#", username="sub", password="sub-pw") as sub:
-            cfg = spb_cfg(broker.port, auth=MqttAuthConfig(username="node", password_env="SPB_TEST_PASSWORD"))
-            sink = SparkplugSink(cfg, STATION, tmp_path)
+            with Outbox(outbox, sinks=("sparkplug",)) as box:  # the first run: nothing gets through
+                sink = SparkplugSink(cfg, STATION, box, tmp_path)
+                sink.start()
+                wait_until(lambda: sink.state()["state"] == "auth_failed")
+                for r in [make_record(i) for i in range(2)]:
+                    stored(box, sink, r)
+                assert sink.state()["waiting"] == 2
+                sink.close()
+            box = Outbox(outbox, sinks=("sparkplug",))  # the station restarted
+            sink = SparkplugSink(cfg, STATION, box, tmp_path)
             nodes.append(sink)
             sink.start()
-            wait_until(lambda: sink.state()["state"] == "auth_failed")
-            early = [make_record(i) for i in range(3)]
-            for r in early:
-                sink.deliver(r, Delivery(None))
-            assert sink.state()["backlog"] == 3 and sub.on_topic(NBIRTH) == []
+            stored(box, sink, make_record(2))
+            assert sink.state()["waiting"] == 3 and sub.on_topic(NBIRTH) == []
 
             users("node-pw")
             assert broker.proc is not None
             broker.proc.send_signal(signal.SIGHUP)  # mosquitto reloads its password file
             ddata = wait_count(sub, DDATA, 3)
-            assert [metrics(p)["Inspection/Part Id"]["value"] for p in ddata] == ["P00000", "P00001", "P00002"]
-            assert all(m["is_historical"] for p in ddata for m in p["metrics"] if m["name"].startswith("Inspection/"))
+            assert part_ids(ddata) == ["P00000", "P00001", "P00002"] and all(map(all_historical, ddata))
             bd1 = metrics(on(sub, NBIRTH)[0])["bdSeq"]["value"]
             assert [m.topic for m in node_messages(sub)][:2] == [NBIRTH, DBIRTH]
+            wait_until(lambda: box.depth("sparkplug") == 0)  # confirmed, then acknowledged
 
-            live = make_record(3)
-            sink.deliver(live, Delivery(None))
+            stored(box, sink, make_record(3))
             p = wait_count(sub, DDATA, 4)[-1]
-            assert metrics(p)["Inspection/Part Id"]["value"] == "P00003"
-            assert not any(m["is_historical"] for m in p["metrics"])
+            assert part_ids([p]) == ["P00003"] and not any(m["is_historical"] for m in p["metrics"])
             check_seqs(sub)
+            wait_until(lambda: box.depth("sparkplug") == 0)  # else it is sent again after the outage: late
 
             broker.kill()
             wait_until(lambda: not sink.node.online)
-            sink.deliver(make_record(4), Delivery(None))
+            stored(box, sink, make_record(4))
             users("not-yet")  # kept out again until the subscriber is back
             broker.start()
             sub.reconnect()
             users("node-pw")
             broker.proc.send_signal(signal.SIGHUP)
             p = wait_count(sub, DDATA, 5)[-1]  # the subscriber keeps what it received before
-            assert metrics(p)["Inspection/Part Id"]["value"] == "P00004"
-            assert all(m["is_historical"] for m in p["metrics"] if m["name"].startswith("Inspection/"))
+            assert part_ids([p]) == ["P00004"] and all_historical(p)
             nb = on(sub, NBIRTH)[1]
-            # the CONNECTs the broker refused counted too: at least one more
-            assert metrics(nb)["bdSeq"]["value"] > bd1
-            assert sink.state()["backlog"] == 0 and sink.state()["counts"]["PASS"] == 5
+            assert metrics(nb)["bdSeq"]["value"] > bd1  # the CONNECTs the broker refused counted too
+            wait_until(lambda: box.depth("sparkplug") == 0)
+            assert sink.state()["counts"]["PASS"] == 5  # those of the first run too: this run sent them
+            assert part_ids(on(sub, DDATA)) == [f"P{i:05d}" for i in range(5)]
 
             sink.close()
+            box.close()
             assert metrics(wait_count(sub, NDEATH, 1)[0])["bdSeq"]["value"] == metrics(nb)["bdSeq"]["value"]
 
 
-def test_sink_backlog_drops_the_oldest(tmp_path):
-    cfg = spb_cfg(1, backlog=2)  # never started: nothing connects
-    sink = SparkplugSink(cfg, STATION, tmp_path)
-    for i in range(5):
-        sink.deliver(make_record(i), Delivery(None))
-    assert sink.state()["backlog"] == 2 and sink.state()["backlog_dropped"] == 3
-    sink.close(0.1)
+def test_sink_waits_for_the_primary_host(tmp_path, broker, nodes):
+    """sparkplug.primary_host_id: no births until the host's STATE says online; parts
+    wait in the outbox meanwhile and go historical after the births; the host going
+    offline ends the session (NDEATH), and it starts again once the host is back."""
+    state_topic = f"spBv1.0/STATE/{HOST_ID}"
+    with Subscriber(broker.port, "spBv1.0/#") as sub, Outbox(tmp_path / "outbox.sqlite3", sinks=("sparkplug",)) as box:
+        sink = SparkplugSink(spb_cfg(broker.port, primary_host_id=HOST_ID), STATION, box, tmp_path)
+        nodes.append(sink)
+        sink.start()
+        wait_until(lambda: sink.state()["state"] == "waiting_host")
+        stored(box, sink, make_record(0))
+        host_state(broker.port, state_topic, True, 1000)
+        ddata = wait_count(sub, DDATA, 1)
+        assert part_ids(ddata) == ["P00000"] and all_historical(ddata[0])
+        assert [m.topic for m in node_messages(sub) if "STATE" not in m.topic][:2] == [NBIRTH, DBIRTH]
+        assert sink.state()["primary_host"] == {"id": HOST_ID, "online": True}
+
+        host_state(broker.port, state_topic, False, 500)  # older than the last: ignored
+        stored(box, sink, make_record(1))
+        assert part_ids(wait_count(sub, DDATA, 2))[-1] == "P00001"
+        host_state(broker.port, state_topic, False, 2000)
+        wait_count(sub, NDEATH, 1)
+        wait_until(lambda: sink.state()["state"] == "waiting_host")
+        stored(box, sink, make_record(2))
+        host_state(broker.port, state_topic, True, 3000)
+        wait_count(sub, NBIRTH, 2)
+        p = wait_count(sub, DDATA, 3)[-1]
+        assert part_ids([p]) == ["P00002"] and all_historical(p)
+
+
+def test_parts_survive_a_broker_outage_and_a_daemon_restart(tmp_path):
+    """The daemon with Sparkplug B (and no MQTT output): the broker is killed while parts
+    arrive, the daemon restarted meanwhile; once the broker and the primary host are back
+    (the host waited for, so that the test's subscriber is there first), every part of
+    both runs reaches SCADA, those stored meanwhile historical, none lost."""
+    with Mosquitto(tmp_path / "broker") as broker:
+        state_topic = f"spBv1.0/STATE/{HOST_ID}"
+        text = (f"station: {{id: {STATION}}}\ncamera: {{type: fake, fps: 20, height: 64, width: 64}}\n"
+                f"run: {{state_dir: {tmp_path / 'state'}, stop_timeout_s: 5}}\n"
+                f"sparkplug: {{group_id: {GROUP}, edge_node_id: {NODE}, device_id: {DEVICE}, host: 127.0.0.1, "
+                f"port: {broker.port}, reconnect_min_s: 0.05, reconnect_max_s: 0.2, primary_host_id: {HOST_ID}}}\n")
+        cfg = parse_config(text)
+        with Subscriber(broker.port, "spBv1.0/#") as sub:
+            host_state(broker.port, state_topic, True, 1)
+            first = Running(cfg)
+            try:
+                first.sink.wait(2)
+                wait_count(sub, DDATA, 2)
+                broker.kill()  # its retained STATE goes with it: the node waits for the host again
+                first.sink.wait(len(first.sink.records) + 4)
+            finally:
+                first.stop()
+            second = Running(cfg)
+            try:
+                second.sink.wait(3)
+                broker.start()
+                sub.reconnect()
+                host_state(broker.port, state_topic, True, 2)
+                ids = [r["id"] for r in first.sink.records + second.sink.records]
+                assert sub.wait_for(lambda msgs: set(ids) <= received_ids(sub), 30), ids
+                stats = second.daemon.stats_payload()["sinks"]["sparkplug"]
+                assert stats["state"] == "online"
+            finally:
+                second.stop()
+            ids = [r["id"] for r in first.sink.records + second.sink.records]
+            assert set(ids) <= received_ids(sub)
+            late = [metrics(p)["Inspection/Record Id"]["value"] for p in on(sub, DDATA)
+                    if "Inspection/Record Id" in metrics(p) and all_historical(p)]
+            assert set(r["id"] for r in second.sink.records[:3]) <= set(late)  # stored while the broker was away
+    with Outbox(tmp_path / "state" / "outbox.sqlite3", sinks=("sparkplug",)) as box:
+        assert box.depth() == 0
+
+
+def received_ids(sub: Subscriber) -> set[str]:
+    return {metrics(p)["Inspection/Record Id"]["value"] for p in on(sub, DDATA) if "Inspection/Record Id" in metrics(p)}
+
+
+HOST_ID = "scada-1"
+
+
+def host_state(port: int, topic: str, online: bool, timestamp: int) -> None:
+    """The primary host's STATE, retained at QoS 1, as Sparkplug 3.0 host applications publish it."""
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"host-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv311)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        c.publish(topic, json.dumps({"online": online, "timestamp": timestamp}), qos=1, retain=True).wait_for_publish(5)
+    finally:
+        c.disconnect()
+        c.loop_stop()
 
 
 # --- config and state file ----------------------------------------------------------------------
