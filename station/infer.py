@@ -185,10 +185,13 @@ class OnnxModel:
 
     sha256: the pinned hash (hex) the file must have, or None. A file with
     another hash is refused before ONNX Runtime parses it.
+
+    intra_op_threads and spin: ``tuning.intra_op_threads`` (as
+    :func:`~station.inspector.model_threads` resolves it) and ``tuning.spin``.
     """
 
     def __init__(self, path: str | Path, providers: Sequence[Provider] = ("cuda", "cpu"), intra_op_threads: int = 0,
-                 sha256: str | None = None, settings: InferenceConfig | None = None):
+                 sha256: str | None = None, settings: InferenceConfig | None = None, spin: bool = False):
         self.path = Path(path)
         where = str(self.path)
         if not self.path.is_file():
@@ -199,7 +202,7 @@ class OnnxModel:
                 f"{where}: sha256 mismatch: expected {sha256.lower()} (pinned in the config), actual {self.sha256}; "
                 "the file was changed or replaced"
             )
-        settings = settings or InferenceConfig(providers=list(providers), intra_op_threads=intra_op_threads)
+        settings = settings or InferenceConfig(providers=list(providers))
         available = set(ort.get_available_providers())
         wanted = [PROVIDERS[p] for p in providers if PROVIDERS[p] in available]
         if "CPUExecutionProvider" not in wanted:
@@ -210,7 +213,7 @@ class OnnxModel:
         options.intra_op_num_threads = intra_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        if not settings.spin:
+        if not spin:
             # Idle intra-op threads would busy-wait for the next run and take the
             # cores that pre/postprocessing of neighbouring frames need.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")

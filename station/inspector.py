@@ -4,7 +4,7 @@ No threads, no network, no files: ``station run`` and ``station replay`` both
 call :meth:`Inspector.inspect`, so live and offline results agree bit for bit.
 Models are opened by :func:`open_models` (file I/O) and handed in. The daemon
 runs the same stages on threads of its own (station/pipeline.py), and a frame's
-models at the same time with ``inference.parallel_models`` (station/parallel.py).
+models at the same time with ``tuning.parallel_models`` (station/parallel.py).
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def open_models(cfg: StationConfig, seg: Sequence[Path] | Path | None = None,
     models = {}
     for key, path, pin in slots:
         role = role_of(key)
-        model = OnnxModel(path, cfg.inference.providers, threads, sha256=pin, settings=cfg.inference)
+        model = OnnxModel(path, cfg.inference.providers, threads, sha256=pin, settings=cfg.inference,
+                          spin=cfg.tuning.spin)
         if model.task != role:
             raise ConfigError(f"{path}: is a {model.task} model but was given as the {role} model")
         log.info("%s model %s (%s v%s) on %s", key, path, model.card.name, model.card.version, ", ".join(model.providers))
@@ -81,11 +82,11 @@ def open_models(cfg: StationConfig, seg: Sequence[Path] | Path | None = None,
 
 
 def model_threads(cfg: StationConfig, n_models: int) -> int:
-    """ONNX Runtime intra-op threads per model: ``inference.intra_op_threads``, or
+    """ONNX Runtime intra-op threads per model: ``tuning.intra_op_threads``, or
     with 0 and ``parallel_models``, this process's cores shared out among the models
     (0 otherwise: ONNX Runtime's default, one per core)."""
-    threads = cfg.inference.intra_op_threads
-    if threads == 0 and cfg.inference.parallel_models and n_models > 1:
+    threads = cfg.tuning.intra_op_threads
+    if threads == 0 and cfg.tuning.parallel_models and n_models > 1:
         threads = max(1, len(os.sched_getaffinity(0)) // n_models)
     return threads
 

@@ -7,12 +7,9 @@ above its mmap threshold with a fresh ``mmap`` and returns them with
 once it exceeds the trim threshold. Every such call takes the process's
 memory-map lock, and every page a fresh mapping touches is a page fault that
 takes it too; a thread that holds it while it waits for a core blocks the
-others — the models' runs included. On the 2-core machine of
-docs/lab/benchmarks.md (sitting 13) the postprocessing stage's p99
-fell from 14.6-14.9 to 1.0-1.5 ms and the pipeline/bare ratio rose from
-0.891-0.951 to 0.940-0.959 once freed memory stayed with the process.
+others — the models' runs included.
 
-:func:`steady_malloc` (``run.steady_malloc``, on by default) raises the mmap
+:func:`steady_malloc` (``tuning.steady_malloc``, off by default) raises the mmap
 threshold to 32 MiB (the ceiling glibc's own adaptive threshold stops at on
 64-bit) and the trim threshold and top pad, so that the buffers of one frame
 are reused by the next. The cost is memory kept after a peak (the process's
@@ -44,13 +41,13 @@ def steady_malloc() -> bool:
         version = libc.gnu_get_libc_version().decode()
         mallopt = libc.mallopt
     except (OSError, AttributeError):
-        log.info("run.steady_malloc: not glibc; the allocator keeps its settings")
+        log.info("tuning.steady_malloc: not glibc; the allocator keeps its settings")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     refused = [name for param, name in _NAMES.items() if mallopt(param, SETTINGS[param]) != 1]
     if refused:
-        log.warning("run.steady_malloc: glibc %s refused the %s", version, ", ".join(refused))
+        log.warning("tuning.steady_malloc: glibc %s refused the %s", version, ", ".join(refused))
         return False
-    log.debug("run.steady_malloc: glibc %s, %s", version,
+    log.debug("tuning.steady_malloc: glibc %s, %s", version,
               ", ".join(f"{name} {SETTINGS[p] // MIB} MiB" for p, name in _NAMES.items()))
     return True

@@ -1,9 +1,9 @@
-"""A frame's models at the same time (``inference.parallel_models``).
+"""A frame's models at the same time (``tuning.parallel_models``).
 
 :class:`ParallelInfer` is the daemon's infer stage then: the frame's first model
 runs on the infer thread, each other model on a helper thread of its own.
 :class:`Settling` is what those helpers yield to with
-``inference.helper_yield_ms``: the frames before, until they are finished and
+``tuning.helper_yield_ms``: the frames before, until they are finished and
 acknowledged.
 """
 
@@ -20,7 +20,7 @@ from .priority import ThreadPolicy
 
 
 class ParallelInfer:
-    """The infer stage with ``inference.parallel_models``: a frame's first model runs
+    """The infer stage with ``tuning.parallel_models``: a frame's first model runs
     on the calling thread and each other model on a helper thread of its own, at
     the same time (ONNX Runtime releases the GIL). Without the setting, or with one
     model, it is ``Inspector.infer``. The Inspector itself starts no threads. The
@@ -29,7 +29,7 @@ class ParallelInfer:
     policy is its own).
 
     ``yield_to(timeout_s)``, when given, is called by each helper before its run with
-    ``yield_s`` (``inference.helper_yield_ms``): the daemon's wait for the frames
+    ``yield_s`` (``tuning.helper_yield_ms``): the daemon's wait for the frames
     before this one to be finished and acknowledged (:meth:`Settling.wait`). The
     first model, a frame's longest, starts at once; a helper model that ends earlier
     spends part of that margin letting the earlier frames' Python work run first,
@@ -48,7 +48,7 @@ class ParallelInfer:
     def __call__(self, work: Work) -> Work:
         inspector = work.inspector
         roles = list(inspector.models)
-        if len(roles) < 2 or not inspector.cfg.inference.parallel_models:
+        if len(roles) < 2 or not inspector.cfg.tuning.parallel_models:
             return inspector.infer(work)
         if self._pool is None or self._pool_size < len(roles) - 1:  # first use, or a reload added a model
             if self._pool is not None:
@@ -83,7 +83,7 @@ class ParallelInfer:
 class Settling:
     """The frames whose inference ended and whose result is not yet finished and,
     when it went to the outbox, acknowledged by the broker: what a frame's second
-    model waits for with ``inference.helper_yield_ms`` (:class:`ParallelInfer`).
+    model waits for with ``tuning.helper_yield_ms`` (:class:`ParallelInfer`).
     The infer stage counts :meth:`inferred`, the finish stage :meth:`finished`, and
     the durable sink's acknowledgements come through :meth:`acked`.
 

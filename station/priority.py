@@ -1,12 +1,14 @@
-"""Thread priorities: the models keep the cores.
+"""Thread priorities and CPUs: the ``tuning`` section (docs/tuning.md).
+
+Every knob here is off by default: the plain setup (every thread at the
+process's priority, on any CPU) is what wins on a typical host. Each one helped
+on some host and cost on another; set one where ``station bench`` shows it helps.
 
 On a small edge CPU the station's Python threads (capture, pre- and
 post-processing, the outbox, MQTT) and ONNX Runtime compete for the same cores.
-Every millisecond the scheduler gives a Python thread on the core of a running
-model stretches that model's run, and the line slows down although the cores
-were never idle. The daemon therefore raises the nice value of every thread but
-inference by ``run.nice_non_inference``: ONNX Runtime runs whenever it can, and
-the rest of a frame's work fills the time the models leave free.
+``tuning.nice_non_inference`` raises the nice value of every thread but
+inference: ONNX Runtime runs whenever it can, and the rest of a frame's work
+fills the time the models leave free.
 
 Linux keeps a nice value per thread (``setpriority(PRIO_PROCESS, tid)``) and a
 new thread inherits its creator's, so lowering a thread also lowers the threads
@@ -15,56 +17,37 @@ the first thread that needs it, so the preprocessing thread re-creates the
 pool after lowering itself (:func:`adopt_opencv_pool`). Raising a nice value
 back needs privileges: a lowered thread stays lowered until it ends.
 
-Nice values share the cores out among this process's threads, but a model run
-still yields its core to any other process of the machine at nice 0 (a broker,
-a database, the kernel's workers), and a stretched run delays every frame
-queued behind it. ``run.realtime_inference`` puts the threads that run the
-models under ``SCHED_FIFO`` at that priority (:func:`realtime_this_thread`):
-no ordinary thread of the machine preempts them, and they give their core up
-only when a run ends. They wait for their next frame in between, and the
-kernel keeps 5 % of every second for ordinary threads
+``tuning.realtime_inference`` puts the threads that run the models under
+``SCHED_FIFO`` at that priority (:func:`realtime_this_thread`): no ordinary
+thread of the machine preempts them, and they give their core up only when a
+run ends. The kernel keeps 5 % of every second for ordinary threads
 (``kernel.sched_rt_runtime_us``), so the rest of the station still runs. It
 needs ``CAP_SYS_NICE`` or an ``RLIMIT_RTPRIO`` of at least that priority
 (systemd: ``LimitRTPRIO=``); where both are missing the threads keep their
 ordinary policy, and the log says so. A model given more than one ONNX Runtime
 thread also runs on ONNX Runtime's own pool, whose threads keep the ordinary
-policy: the setting serves models of one thread each (``inference.parallel_models``
-on a small CPU, or ``inference.intra_op_threads: 1``).
-
-With the models under ``SCHED_FIFO`` the nice values no longer protect them (no
-ordinary thread preempts a real-time one), and lowering the rest only puts a
-frame's own Python work behind every other process of the machine: a burst of
-the broker's or a system agent's work at nice 0 then holds a finished frame's
-postprocessing or its PUBACK for the length of that burst. So the default of
-``run.nice_non_inference`` follows the models' policy
-(:func:`non_inference_increment`): 10 under the ordinary policy, 0 once
-``SCHED_FIFO`` is granted (docs/lab/benchmarks.md, sitting 14).
+policy: the setting serves models of one thread each (``tuning.parallel_models``
+on a small CPU, or ``tuning.intra_op_threads: 1``). Beside ``SCHED_FIFO`` models
+a ``nice_non_inference`` above 0 only puts a frame's own Python work behind
+every other process of the machine.
 
 A thread woken while both cores run models (paho's network thread on a PUBACK,
-the broker on a PUBLISH) is queued on one of them, often the one whose model
-runs longest, and waits there for that run's end even when the other core goes
-idle meanwhile: the kernel's idle balancing does not always pull it over, and
-up to 12 ms passed so (docs/lab/benchmarks.md, sitting 16). With
-``run.infer_cpu`` the infer thread, which runs the frame's first model, is
-pinned to that CPU and every other thread of the station to the rest
-(:func:`split_cpus`): a woken thread then queues where it can run as soon as
-that CPU is free. The broker, a process of its own, is kept off that CPU by its
-own unit (README, "Running at the line"); ``station bench`` does it for the
-broker it starts.
+the broker on a PUBLISH) may wait on the core of the longest run even when the
+other core goes idle meanwhile. With ``tuning.infer_cpu`` the infer thread,
+which runs the frame's first model, is pinned to that CPU and every other
+thread of the station to the rest (:func:`split_cpus`). The broker, a process
+of its own, is kept off that CPU by its own unit (docs/mqtt.md); ``station
+bench`` does it for the broker it starts.
 
-Alone on its CPU, the infer thread needs no real-time policy to keep that CPU
-from the station's own threads, and under ``SCHED_FIFO`` it meets the kernel's
-real-time limit: a real-time thread that has used ``kernel.sched_rt_runtime_us``
-(950 ms) of a second on its CPU is stopped for the rest of that second. A queue of
-frames keeps the infer thread busy that long, and each second it then stops for
-up to 50 ms, about 5 % of the line (docs/lab/benchmarks.md, sitting 17).
-``run.infer_nice`` runs it under the ordinary policy at that nice value instead
-(:func:`nice_this_thread`): at -20 it outweighs a thread at nice 0 87 to 1 and
-is never stopped, but other processes' threads may take its CPU for a moment,
-which lengthens a paced line's latency tail; it serves lines that keep their
-models busy. The other models' threads keep ``run.realtime_inference``.
+Alone on its CPU under ``SCHED_FIFO``, the infer thread meets the kernel's
+real-time limit when a queue of frames keeps it busy: a real-time thread that
+has used 950 ms of a second on its CPU is stopped for the rest of that second.
+``tuning.infer_nice`` runs it under the ordinary policy at that nice value
+instead (:func:`nice_this_thread`), never stopped, but other processes' threads
+may take its CPU for a moment, which lengthens a paced line's latency tail. The
+other models' threads keep ``tuning.realtime_inference``.
 
-:class:`ThreadPolicy` holds these decisions, taken once from the ``run``
+:class:`ThreadPolicy` holds these decisions, taken once from the ``tuning``
 section; every thread of the daemon applies its part of it to itself as it
 starts.
 """
@@ -84,12 +67,11 @@ import cv2
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .config import RunConfig
+    from .config import TuningConfig
 
 log = logging.getLogger(__name__)
 
 MAX_NICE = 19
-DEFAULT_INCREMENT = 10  # run.nice_non_inference under the ordinary policy
 
 
 def lower_this_thread(increment: int) -> int | None:
@@ -119,7 +101,7 @@ def nice_this_thread(nice: int) -> bool:
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (AttributeError, OSError) as exc:
-        log.warning("thread %s keeps its nice value (run.infer_nice %d refused: %s)",
+        log.warning("thread %s keeps its nice value (tuning.infer_nice %d refused: %s)",
                     threading.current_thread().name, nice, exc)
         return False
     return True
@@ -137,7 +119,7 @@ def realtime_this_thread(priority: int) -> bool:
         # pid 0: the calling thread (Linux keeps a scheduling policy per thread)
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
     except (AttributeError, OSError) as exc:
-        log.warning("thread %s keeps its ordinary scheduling policy (run.realtime_inference %d refused: %s)",
+        log.warning("thread %s keeps its ordinary scheduling policy (tuning.realtime_inference %d refused: %s)",
                     threading.current_thread().name, priority, exc)
         return False
     return True
@@ -145,48 +127,28 @@ def realtime_this_thread(priority: int) -> bool:
 
 def infer_policy_this_thread(realtime: int, nice: int | None) -> str | None:
     """The infer thread's policy, as the daemon's infer stage and the bench's bare runs
-    take it: ``nice`` under the ordinary policy when set (``run.infer_nice``), else
-    ``SCHED_FIFO`` at ``realtime`` (``run.realtime_inference``). Returns "nice" or
+    take it: ``nice`` under the ordinary policy when set (``tuning.infer_nice``), else
+    ``SCHED_FIFO`` at ``realtime`` (``tuning.realtime_inference``). Returns "nice" or
     "fifo" for the one granted, None when neither was asked or it was refused (logged)."""
     if nice is not None:
         return "nice" if nice_this_thread(nice) else None
     return "fifo" if realtime_this_thread(realtime) else None
 
 
-def realtime_allowed(priority: int) -> bool:
-    """Whether this process may run a thread under ``SCHED_FIFO`` at ``priority``:
-    tried on a short-lived thread of its own, so no running thread changes."""
-    if priority <= 0:
-        return False
-    granted: list[bool] = []
-
-    def probe() -> None:
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
-        except (AttributeError, OSError):
-            return
-        granted.append(True)
-
-    thread = threading.Thread(target=probe, name="realtime-probe")
-    thread.start()
-    thread.join()
-    return bool(granted)
-
-
 def split_cpus(infer_cpu: int | None) -> tuple[set[int], set[int]] | None:
-    """``run.infer_cpu`` → (the infer thread's CPUs, every other thread's), or None
+    """``tuning.infer_cpu`` → (the infer thread's CPUs, every other thread's), or None
     when it is not set. ConfigError when this process may not run on that CPU or
     has no other CPU left, or the platform cannot pin threads."""
     if infer_cpu is None:
         return None
     if not hasattr(os, "sched_getaffinity"):
-        raise ConfigError(f"run.infer_cpu {infer_cpu}: this platform cannot pin threads to CPUs")
+        raise ConfigError(f"tuning.infer_cpu {infer_cpu}: this platform cannot pin threads to CPUs")
     allowed = os.sched_getaffinity(0)
     if infer_cpu not in allowed:
-        raise ConfigError(f"run.infer_cpu {infer_cpu}: this process may run on CPUs {sorted(allowed)} only")
+        raise ConfigError(f"tuning.infer_cpu {infer_cpu}: this process may run on CPUs {sorted(allowed)} only")
     others = allowed - {infer_cpu}
     if not others:
-        raise ConfigError(f"run.infer_cpu {infer_cpu}: this process may run on that CPU only, "
+        raise ConfigError(f"tuning.infer_cpu {infer_cpu}: this process may run on that CPU only, "
                           "and every other thread needs one more")
     return {infer_cpu}, others
 
@@ -195,14 +157,6 @@ def pin_this_thread(cpus: set[int] | None) -> None:
     """Run the calling thread (and the threads it starts from now on) on ``cpus``; None: leave it."""
     if cpus is not None:
         os.sched_setaffinity(0, cpus)  # pid 0: the calling thread (Linux keeps an affinity per thread)
-
-
-def non_inference_increment(nice: int | None, realtime: int) -> int:
-    """``run.nice_non_inference`` as set, or its default: 0 when the models' threads
-    will run under ``SCHED_FIFO`` at ``realtime`` (granted here), else 10."""
-    if nice is not None:
-        return nice
-    return 0 if realtime_allowed(realtime) else DEFAULT_INCREMENT
 
 
 def adopt_opencv_pool() -> None:
@@ -218,10 +172,10 @@ def adopt_opencv_pool() -> None:
 class ThreadPolicy:
     """Where and at what priority each thread of the station runs, decided once.
 
-    nice: the increment of every thread but inference (``run.nice_non_inference``,
-    resolved by :func:`non_inference_increment`); realtime: ``run.realtime_inference``;
-    infer_nice: ``run.infer_nice``; cpus: (the infer thread's CPUs, every other
-    thread's) with ``run.infer_cpu`` (:func:`split_cpus`), else None. The default
+    nice: the increment of every thread but inference (``tuning.nice_non_inference``);
+    realtime: ``tuning.realtime_inference``;
+    infer_nice: ``tuning.infer_nice``; cpus: (the infer thread's CPUs, every other
+    thread's) with ``tuning.infer_cpu`` (:func:`split_cpus`), else None. The default
     changes nothing: every thread keeps its creator's priority and CPUs.
 
     Each thread applies its part to itself as it starts: :meth:`background` (every
@@ -236,10 +190,10 @@ class ThreadPolicy:
     cpus: tuple[set[int], set[int]] | None = None
 
     @classmethod
-    def from_run(cls, run: RunConfig) -> "ThreadPolicy":
-        """The policy of a ``run`` section; ConfigError for a ``run.infer_cpu`` this process cannot use."""
-        return cls(non_inference_increment(run.nice_non_inference, run.realtime_inference),
-                   run.realtime_inference, run.infer_nice, split_cpus(run.infer_cpu))
+    def from_tuning(cls, tuning: TuningConfig) -> "ThreadPolicy":
+        """The policy of a ``tuning`` section; ConfigError for a ``tuning.infer_cpu`` this process cannot use."""
+        return cls(tuning.nice_non_inference, tuning.realtime_inference, tuning.infer_nice,
+                   split_cpus(tuning.infer_cpu))
 
     def background(self, opencv: bool = False) -> None:
         """Every thread but inference: ``nice`` steps below its creator. ``opencv``: the

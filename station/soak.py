@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from .broker import Mosquitto
 from .config import load_config
 
 DEFAULT_CONFIG = """\
@@ -86,44 +85,7 @@ def state_sizes(state: Path) -> dict[str, int]:
     return sizes
 
 
-# --- a local broker and a counting subscriber ---------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalBroker:
-    """A throw-away Mosquitto on a free loopback port (persistence off)."""
-
-    def __init__(self, workdir: Path):
-        self.port = _free_port()
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        conf = workdir / "mosquitto.conf"
-        user = "user root\n" if os.geteuid() == 0 else ""
-        conf.write_text(f"{user}persistence false\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n")
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=open(workdir / "mosquitto.log", "wb"))
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mosquitto did not start (see {workdir / 'mosquitto.log'})") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+# --- a counting subscriber ---------------------------------------------------------------
 
 
 class ResultCounter:
@@ -211,7 +173,7 @@ def summarize(samples: list[dict], warmup_s: float) -> dict[str, Any]:
     }
 
 
-def _prepare_config(config: Path | None, workdir: Path, broker: str | None) -> tuple[Path, tuple[str, int, str] | None, LocalBroker | None]:
+def _prepare_config(config: Path | None, workdir: Path, broker: str | None) -> tuple[Path, tuple[str, int, str] | None, Mosquitto | None]:
     """The config the daemon runs with: the given one (paths made absolute) or
     the soak default, pointed at ``broker`` or at a local Mosquitto."""
     if config is not None:
@@ -227,7 +189,7 @@ def _prepare_config(config: Path | None, workdir: Path, broker: str | None) -> t
         host, _, port = broker.rpartition(":")
         mqtt = {**(mqtt or {}), "host": host or "127.0.0.1", "port": int(port)}
     elif mqtt is None:
-        local = LocalBroker(workdir)
+        local = Mosquitto(workdir, start_timeout=10).start()
         mqtt = {"host": "127.0.0.1", "port": local.port}
     data["mqtt"] = mqtt
     path = workdir / "soak.yaml"

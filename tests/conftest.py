@@ -31,3 +31,21 @@ def broker(tmp_path):
 
     with Mosquitto(tmp_path / "broker") as b:
         yield b
+
+
+@pytest.fixture
+def stations():
+    """Start ``station run`` processes: ``stations(workdir, config, *args, **kw)`` takes
+    daemonkit.Station.start's arguments; each is killed after the test if still running."""
+    from daemonkit import Station
+
+    started: list[Station] = []
+
+    def start(workdir: Path, config: str, *args: str, **kw) -> Station:
+        station = Station(workdir, config)
+        started.append(station)
+        return station.start(*args, **kw)
+
+    yield start
+    for station in started:
+        station.kill()

@@ -1,23 +1,17 @@
-"""A real Mosquitto broker for tests, on a free loopback port, and a subscriber
-that collects what it receives.
+"""A real Mosquitto broker for tests (station/broker.py's, able to freeze), and a
+subscriber that collects what it receives.
 
     with Mosquitto(tmp_path) as broker:            # started, accepting connections
         with Subscriber(broker.port, "a/#") as sub:
             ...
             sub.wait_for(lambda msgs: len(msgs) >= 3, timeout=5)
         broker.restart()                           # same port, same config
-
-The broker runs with persistence off, so a restart forgets sessions, queued
-and retained messages. Nothing here sleeps for a fixed time: start() waits
-until the port accepts a TCP connection, stop()/kill() wait for the process.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -29,20 +23,12 @@ from typing import Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-MOSQUITTO = os.environ.get("MOSQUITTO", shutil.which("mosquitto") or "/usr/sbin/mosquitto")
+from station import broker
+from station.broker import HOST, free_port, have_mosquitto
+
+__all__ = ["HOST", "Mosquitto", "Received", "Subscriber", "free_port", "have_mosquitto", "write_password_file"]
+
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
-HOST = "127.0.0.1"
-
-
-def have_mosquitto() -> bool:
-    return Path(MOSQUITTO).is_file() and os.access(MOSQUITTO, os.X_OK)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def write_password_file(path: Path, users: dict[str, str]) -> Path:
@@ -53,88 +39,17 @@ def write_password_file(path: Path, users: dict[str, str]) -> Path:
     return path
 
 
-class Mosquitto:
-    """One mosquitto process on ``127.0.0.1:port`` with a config in ``workdir``.
-
-    listener_extra: lines added under the listener (e.g. ``password_file …`` and
-    ``allow_anonymous false``, or TLS ``cafile``/``certfile``/``keyfile``).
-    The port is chosen once and kept across stop()/start()/restart().
-    """
+class Mosquitto(broker.Mosquitto):
+    """station's throw-away broker logging every packet (tests count PUBLISH lines), which
+    a test can also freeze (SIGSTOP) and thaw; leaving the ``with`` kills it."""
 
     def __init__(self, workdir: Path, listener_extra: str = "", port: int | None = None, start_timeout: float = 5.0):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.host = HOST
-        self.start_timeout = start_timeout
-        self.listener_extra = listener_extra
-        self.conf = self.workdir / f"mosquitto-{self.port}.conf"
-        self.log = self.workdir / f"mosquitto-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-        self._write_conf()
-
-    def _write_conf(self) -> None:
-        extra = self.listener_extra
-        if "allow_anonymous" not in extra:
-            extra += "\nallow_anonymous true"
-        # As root, mosquitto would switch to the "mosquitto" user and then fail to
-        # read files in pytest's private temp folders; as anyone else it ignores this.
-        user = "user root\n" if os.geteuid() == 0 else ""
-        self.conf.write_text(
-            f"{user}"
-            "persistence false\n"
-            f"log_dest file {self.log}\n"
-            "log_type all\n"
-            "connection_messages true\n"
-            f"listener {self.port} {HOST}\n"
-            f"{extra.strip()}\n"
-        )
-
-    # --- lifecycle --------------------------------------------------------------
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self) -> "Mosquitto":
-        if self.running:
-            return self
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        self._wait_accepting()
-        return self
-
-    def _wait_accepting(self) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {err.strip()}\n{self.log_text()}")
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.2):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(
-                        f"mosquitto did not accept connections on {HOST}:{self.port} within {self.start_timeout} s"
-                    ) from None
-                # the process is starting: poll the port again shortly
-                time.sleep(0.01)
+        super().__init__(workdir, listener_extra, port, start_timeout, log_all=True)
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM (a clean broker shutdown) and wait for the process."""
         self.thaw()  # a frozen process would not act on SIGTERM
-        self._signal_and_wait(signal.SIGTERM, timeout)
-
-    def kill(self) -> None:
-        """SIGKILL: the broker vanishes without closing anything cleanly (also when frozen:
-        it is not resumed first, so it acknowledges nothing more)."""
-        self._signal_and_wait(signal.SIGKILL, 5.0)
+        super().stop(timeout)
 
     def freeze(self, timeout: float = 5.0) -> None:
         """SIGSTOP: connections stay open, nothing is read or acknowledged.
@@ -142,7 +57,7 @@ class Mosquitto:
         Returns once the kernel reports the process stopped (signals are
         delivered asynchronously; a broker on another core would go on briefly).
         """
-        if not self.running:
+        if self.proc is None or not self.running:
             return
         self.proc.send_signal(signal.SIGSTOP)
         stat = Path(f"/proc/{self.proc.pid}/stat")
@@ -153,40 +68,11 @@ class Mosquitto:
             time.sleep(0.001)  # polling the process state, which has no event to wait on
 
     def thaw(self) -> None:
-        if self.running:
+        if self.proc is not None and self.running:
             self.proc.send_signal(signal.SIGCONT)
 
-    def restart(self) -> "Mosquitto":
-        """Stop if running, then start again on the same port with the same config."""
-        self.stop()
-        return self.start()
-
-    def _signal_and_wait(self, sig: int, timeout: float) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc.stderr:
-            proc.stderr.close()
-        self.proc = None
-
-    def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def __enter__(self) -> "Mosquitto":
-        return self.start()
-
     def __exit__(self, *exc) -> None:
-        self.kill()
+        self.kill()  # also when frozen: it is not resumed first, so it acknowledges nothing more
 
 
 # --- a collecting subscriber ---------------------------------------------------------

@@ -25,8 +25,8 @@ import cv2
 import numpy as np
 import pytest
 
-from faultkit import jsonl, rss_mib, start_station
-from test_daemon import SAMPLES, wait_until
+from daemonkit import jsonl, rss_mib, wait_until
+from test_daemon import SAMPLES
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_PNG = next(p for p in SAMPLES if p.suffix == ".png")
@@ -192,7 +192,7 @@ def test_replay_of_each_refused_file_allocates_nothing(corpus, tmp_path):
     assert peak < base + 40, (peak, base)  # a decoded 12000 x 9000 frame alone would be 103 MiB
 
 
-def test_daemon_folder_source_survives_the_corpus(corpus, tmp_path):
+def test_daemon_folder_source_survives_the_corpus(corpus, tmp_path, stations):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     out = tmp_path / "records.jsonl"
@@ -200,21 +200,18 @@ def test_daemon_folder_source_survives_the_corpus(corpus, tmp_path):
 station: {{id: cam1}}
 camera: {{type: folder, path: {inbox}, after: delete, settle_s: 0.05}}
 """
-    station = start_station(tmp_path, config, "--jsonl", str(out), state=False)
-    try:
-        wait_until(lambda: "camera folder:" in station.text() and "connected" in station.text(), 60, "the daemon")
-        for p in sorted(corpus.iterdir()):
-            tmp = inbox / f".{p.name}.tmp"
-            shutil.copyfile(p, tmp)
-            os.replace(tmp, inbox / p.name)
-        wait_until(lambda: len(jsonl(out)) >= len(CORPUS), 120, "a record per file")
-        wait_until(lambda: not any(p.is_file() for p in inbox.iterdir()), 10, "every file to be disposed of")
-        assert station.proc.poll() is None
-        _, peak = rss_mib(station.proc.pid)
-        station.signal(signal.SIGTERM)
-        assert station.wait(20) == 0
-    finally:
-        station.kill()
+    station = stations(tmp_path, config, "--jsonl", str(out), state=False)
+    wait_until(lambda: "camera folder:" in station.text() and "connected" in station.text(), 60, "the daemon")
+    for p in sorted(corpus.iterdir()):
+        tmp = inbox / f".{p.name}.tmp"
+        shutil.copyfile(p, tmp)
+        os.replace(tmp, inbox / p.name)
+    wait_until(lambda: len(jsonl(out)) >= len(CORPUS), 120, "a record per file")
+    wait_until(lambda: not any(p.is_file() for p in inbox.iterdir()), 10, "every file to be disposed of")
+    assert station.proc.poll() is None
+    _, peak = rss_mib(station.proc.pid)
+    station.signal(signal.SIGTERM)
+    assert station.wait(20) == 0
     records = jsonl(out)
     check_records(records, corpus)
     # graded files are deleted (after: delete); the others are moved aside, each once
@@ -225,15 +222,12 @@ camera: {{type: folder, path: {inbox}, after: delete, settle_s: 0.05}}
     assert peak < DAEMON_PEAK_MIB
 
 
-def test_daemon_video_source_with_broken_frames_ends_cleanly(tmp_path):
+def test_daemon_video_source_with_broken_frames_ends_cleanly(tmp_path, stations):
     video = make_broken_video(tmp_path / VIDEO)
     out = tmp_path / "records.jsonl"
-    station = start_station(tmp_path, f"station: {{id: cam1}}\ncamera: {{type: video, path: {video}}}\n",
-                            "--jsonl", str(out), state=False)
-    try:
-        assert station.wait(60) == 0, station.text()[-3000:]
-    finally:
-        station.kill()
+    station = stations(tmp_path, f"station: {{id: cam1}}\ncamera: {{type: video, path: {video}}}\n",
+                       "--jsonl", str(out), state=False)
+    assert station.wait(60) == 0, station.text()[-3000:]
     records = jsonl(out)
     assert sum("grade" in r for r in records) >= 10
     assert all(("grade" in r) != ("error" in r) for r in records)

@@ -7,32 +7,31 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from mosquitto import have_mosquitto
+from onnx_builders import write_detection_model, write_threshold_model
 from test_priority import FIFO_REFUSED, NICE_REFUSED
 
 from station.cli import main
 
 
-def _shorter_probes(monkeypatch, wake: bool = True) -> None:
+def _shorter_probes(monkeypatch) -> None:
     """The bench's fixed probes on fewer samples, for tests that check a setting or that a figure is
-    written, not its value: the same functions, 30 thread wake-ups instead of 300 (``wake``), 500
-    results through the outbox and through the broker instead of 5,000 (together about 4 s a bench)."""
+    written, not its value: the same functions, 30 thread wake-ups instead of 300, 500 results
+    through the outbox and through the broker instead of 5,000 (together about 4 s a bench)."""
     from functools import partial
 
     from station import bench
 
-    if wake:
-        monkeypatch.setattr(bench, "wake_latency", partial(bench.wake_latency, n=30))
+    monkeypatch.setattr(bench, "wake_latency", partial(bench.wake_latency, n=30))
     monkeypatch.setattr(bench, "outbox_throughput", partial(bench.outbox_throughput, n=500))
     monkeypatch.setattr(bench, "publisher_throughput", partial(bench.publisher_throughput, n=500))
 
 
 @pytest.mark.skipif(not have_mosquitto(), reason="mosquitto binary not installed")
 def test_bench_writes_every_figure(tmp_path, capsys, monkeypatch):
-    _shorter_probes(monkeypatch, wake=False)  # the wake-up probe's sample count is checked below
+    _shorter_probes(monkeypatch)
     out = tmp_path / "bench.json"
     assert main(["bench", "--frames", "20", "--latency-frames", "10", "--latency-load", "0.8", "0.5",
                  "--size", "240", "320", "--json", str(out)]) == 0
@@ -40,10 +39,10 @@ def test_bench_writes_every_figure(tmp_path, capsys, monkeypatch):
     for key in ("host", "bare", "pipeline", "latency", "outbox", "ratios", "targets"):
         assert key in report
     assert report["machine"]["nice"] == os.getpriority(os.PRIO_PROCESS, 0)  # runs at another priority show it
-    assert report["machine"]["nice_non_inference"] == 10  # the default under the ordinary policy
+    assert report["machine"]["nice_non_inference"] == 0  # tuning off: every thread at the process's priority
     assert report["machine"]["gpu"] is None  # the demo model runs on the CPU here
     wake = report["host"]["wake_ms"]  # the machine's floor under each hand-over between threads
-    assert wake["n"] == 300 and 0 < wake["p50"] <= wake["p99"] and wake["gap_ms"] == 10
+    assert wake["n"] == 30 and 0 < wake["p50"] <= wake["p99"] and wake["gap_ms"] == 10
     assert report["bare"]["fps"] > 0 and report["pipeline"]["fps"] > 0
     assert report["pipeline"]["dropped"] == 0  # the throughput run's camera is lossless
     assert report["latency"]["p99_ms"] >= report["latency"]["p50_ms"] > 0
@@ -95,7 +94,7 @@ def test_queue_floor_is_lindleys_recursion():
 
 def test_a_frames_model_time_is_both_models_together_or_their_sum():
     """The model time behind ``models_in_run``: the infer stage's wall time when the models
-    ran at once (inference.parallel_models), else the sum of the runs; no other stage."""
+    ran at once (tuning.parallel_models), else the sum of the runs; no other stage."""
     from station import bench
 
     parallel = {"preprocess.segmentation": 0.5, "infer.segmentation": 10.0, "infer.detection": 4.0, "infer": 10.2,
@@ -175,7 +174,7 @@ def _short_bench(tmp_path, monkeypatch, config: str) -> dict:
 @pytest.mark.skipif(not have_mosquitto(), reason="mosquitto binary not installed")
 @pytest.mark.parametrize("allowed", [True, False])
 def test_bench_says_whether_the_models_ran_under_sched_fifo(tmp_path, capsys, monkeypatch, allowed):
-    """run.realtime_inference: the bare phase runs the models under SCHED_FIFO as the infer
+    """tuning.realtime_inference: the bare phase runs the models under SCHED_FIFO as the infer
     thread does, and the report says whether the policy was granted or refused."""
     if allowed and FIFO_REFUSED:
         pytest.skip(FIFO_REFUSED)
@@ -184,11 +183,9 @@ def test_bench_says_whether_the_models_ran_under_sched_fifo(tmp_path, capsys, mo
             raise PermissionError(1, "Operation not permitted")
 
         monkeypatch.setattr(os, "sched_setscheduler", refuse)
-    report = _short_bench(tmp_path, monkeypatch, "run: {realtime_inference: 3}\n")
+    report = _short_bench(tmp_path, monkeypatch, "tuning: {realtime_inference: 3}\n")
     assert report["machine"]["realtime_inference"] == 3
     assert report["bare"]["realtime"] is allowed
-    # run.nice_non_inference unset: the rest stays at the process's priority once FIFO is granted
-    assert report["machine"]["nice_non_inference"] == (0 if allowed else 10)
     printed = capsys.readouterr().out
     if allowed:
         assert "models under SCHED_FIFO 3" in printed
@@ -200,18 +197,18 @@ def test_bench_says_whether_the_models_ran_under_sched_fifo(tmp_path, capsys, mo
 @pytest.mark.skipif(FIFO_REFUSED is not None, reason=str(FIFO_REFUSED))
 @pytest.mark.skipif(NICE_REFUSED is not None, reason=str(NICE_REFUSED))
 def test_bench_runs_the_first_model_at_infer_nice_without_resting(tmp_path, capsys, monkeypatch):
-    """run.infer_nice: the bare runs' first model runs under the ordinary policy at that nice
+    """tuning.infer_nice: the bare runs' first model runs under the ordinary policy at that nice
     value, as the infer thread does, so they need no rest against the kernel's real-time limit
     (bare.realtime false); the report names the setting."""
-    report = _short_bench(tmp_path, monkeypatch, "run: {realtime_inference: 3, infer_nice: -4}\n")
+    report = _short_bench(tmp_path, monkeypatch, "tuning: {realtime_inference: 3, infer_nice: -4}\n")
     assert report["machine"]["infer_nice"] == -4 and report["bare"]["realtime"] is False
     assert "infer thread at nice -4, other models under SCHED_FIFO 3" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not have_mosquitto(), reason="mosquitto binary not installed")
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="run.infer_cpu needs a process allowed on two CPUs")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="tuning.infer_cpu needs a process allowed on two CPUs")
 def test_bench_keeps_its_broker_and_the_helper_off_the_infer_cpu(tmp_path, capsys, monkeypatch):
-    """run.infer_cpu: the bench's Mosquitto and the second model's helper run on the other
+    """tuning.infer_cpu: the bench's Mosquitto and the second model's helper run on the other
     CPUs and the bare runs' first model on that one, as in the daemon; the report says so."""
     allowed = os.sched_getaffinity(0)
     cpu = max(allowed)
@@ -225,10 +222,11 @@ def test_bench_keeps_its_broker_and_the_helper_off_the_infer_cpu(tmp_path, capsy
     monkeypatch.setattr(os, "sched_setaffinity", recording)
     _shorter_probes(monkeypatch)
     cfg = tmp_path / "bench.yaml"
-    models = Path(__file__).resolve().parents[1] / "models"
-    cfg.write_text(f"models: {{segmentation: {models / 'magnetic_tile_unet.onnx'}, "
-                   f"detection: {models / 'neu_det_detector.onnx'}}}\n"
-                   f"inference: {{parallel_models: true}}\nrun: {{infer_cpu: {cpu}}}\n")
+    # two models, so that a helper runs the second: tiny ones, since where threads run is the question
+    seg = write_threshold_model(tmp_path / "seg.onnx")
+    det = write_detection_model(tmp_path / "det.onnx", [[0.1, 0.1, 0.5, 0.5]], [0.9], [0], ["scratch"])
+    cfg.write_text(f"models: {{segmentation: {seg}, detection: {det}}}\n"
+                   f"tuning: {{parallel_models: true, infer_cpu: {cpu}}}\n")
     out = tmp_path / "bench.json"
     assert main(["bench", "-c", str(cfg), "--frames", "20", "--latency-frames", "10", "--size", "96", "128",
                  "--json", str(out)]) == 0

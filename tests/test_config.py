@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from station.config import DEFAULT_CONFIG, load_config, parse_config
+from station.config import DEFAULT_CONFIG, MOVED_TO_TUNING, TuningConfig, load_config, parse_config
 from station.errors import ConfigError
 
 
@@ -24,7 +24,7 @@ def test_bundled_default_loads():
         ("grading:\n  classes:\n    crack:\n      count: {discount: -1}\n", "x.yaml:4: grading.classes.crack.count.discount: Input should be greater than or equal to 0"),
         ("inference:\n  providers: [cuda, gpu]\n", "x.yaml:2: inference.providers.1: Input should be 'tensorrt', 'cuda' or 'cpu'"),
         ("postprocess:\n  min_area_px: many\n", "x.yaml:2: postprocess.min_area_px: Input should be a valid integer"),
-        ("run:\n  realtime_inference: 100\n", "x.yaml:2: run.realtime_inference: Input should be less than or equal to 99"),
+        ("tuning:\n  realtime_inference: 100\n", "x.yaml:2: tuning.realtime_inference: Input should be less than or equal to 99"),
         ("station: {id: a}\nstation: {id: b}\n", "x.yaml:2: station: duplicate key (first at line 1)"),
         ("grading: [\n", "x.yaml:2: invalid YAML"),
         ("- a\n- b\n", "x.yaml:1: (top level): expected a mapping"),
@@ -129,7 +129,28 @@ def test_check_config_takes_the_file_as_run_does_or_alone(tmp_path, capsys):
 
 @pytest.mark.parametrize("value", [-21, 20])
 def test_an_infer_nice_outside_the_nice_range_is_refused(value):
-    """run.infer_nice is a nice value: -20 to 19; outside, the error names the field."""
-    with pytest.raises(ConfigError, match=r"run\.infer_nice"):
-        parse_config(f"run: {{infer_nice: {value}}}\n")
-    assert parse_config("run: {infer_nice: -20}\n").run.infer_nice == -20
+    """tuning.infer_nice is a nice value: -20 to 19; outside, the error names the field."""
+    with pytest.raises(ConfigError, match=r"tuning\.infer_nice"):
+        parse_config(f"tuning: {{infer_nice: {value}}}\n")
+    assert parse_config("tuning: {infer_nice: -20}\n").tuning.infer_nice == -20
+
+
+def test_tuning_is_off_unless_asked():
+    """Every scheduling knob's default is the plain setup (docs/tuning.md)."""
+    assert parse_config("station: {id: a}\n").tuning == TuningConfig(
+        parallel_models=False, intra_op_threads=0, spin=False, helper_yield_ms=0, nice_non_inference=0,
+        realtime_inference=0, infer_cpu=None, infer_nice=None, steady_malloc=False)
+
+
+@pytest.mark.parametrize(("section", "key"), [(s, k) for s, keys in MOVED_TO_TUNING.items() for k in keys])
+def test_a_knob_left_in_its_old_section_names_its_new_key(section, key):
+    with pytest.raises(ConfigError) as err:
+        parse_config(f"station: {{id: a}}\n{section}:\n  {key}: 1\n", "x.yaml")
+    assert str(err.value) == f"x.yaml:3: {section}.{key} moved: use tuning.{key}"
+
+
+def test_every_moved_knob_is_named_with_its_line():
+    with pytest.raises(ConfigError) as err:
+        parse_config("run:\n  infer_cpu: 0\n  queue_size: 2\ninference: {spin: true}\n", "x.yaml")
+    assert str(err.value) == ("x.yaml:2: run.infer_cpu moved: use tuning.infer_cpu\n"
+                              "x.yaml:4: inference.spin moved: use tuning.spin")

@@ -8,14 +8,14 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import cv2
 import jsonschema
 import pytest
+from daemonkit import jsonl, wait_until
 from mosquitto import Mosquitto, Subscriber, have_mosquitto
 from test_priority import FIFO_REFUSED, NICE_REFUSED
 
@@ -27,60 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted(p for p in (ROOT / "samples").iterdir() if p.suffix in (".png", ".jpg"))
 PREFIX = "acme/plant1/press/line3/cam1"
 VALIDATOR = jsonschema.Draft202012Validator(load_schema())
-
-
-class Station:
-    """A `station run` process and its log."""
-
-    def __init__(self, workdir: Path, config: str):
-        self.workdir = workdir
-        self.cfg = workdir / "station.yaml"
-        self.cfg.write_text(config)
-        self.log = workdir / "station.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Station":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "station", "run", "-c", str(self.cfg), "--state-dir", str(self.workdir / "state")],
-            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-        )
-        return self
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stacks(self, tail: int = 12000) -> str:
-        """The end of the log after asking a running daemon for its thread stacks (SIGUSR1)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGUSR1)
-            time.sleep(1.0)
-        return self.text()[-tail:]
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-
-
-@pytest.fixture
-def stations():
-    started: list[Station] = []
-
-    def make(workdir: Path, config: str) -> Station:
-        s = Station(workdir, config)
-        started.append(s)
-        return s.start()
-
-    yield make
-    for s in started:
-        s.kill()
 
 
 class RecordSink:
@@ -162,14 +108,6 @@ def drop_images(folder: Path, start: int, n: int) -> list[str]:
 
 def folder_empty(folder: Path) -> bool:
     return not any(p for p in folder.iterdir() if not p.name.startswith("."))
-
-
-def wait_until(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_folder_results_survive_a_broker_restart_and_status_follows_the_lifecycle(tmp_path, broker, stations):
@@ -311,19 +249,12 @@ station: {{id: cam1}}
 camera: {{type: video, path: {video}}}
 run: {{reconnect_min_s: 0.2, reconnect_max_s: 0.2}}
 """
-    station = Station(tmp_path, config)
-    station.proc = subprocess.Popen(
-        [sys.executable, "-m", "station", "run", "-c", str(station.cfg), "--jsonl", str(out)],
-        stdout=open(station.log, "ab"), stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_until(lambda: "video file not found" in station.text(), 30, "the daemon to report the missing video")
-        tmp = tmp_path / "tmp.avi"
-        write_video(tmp, 12)
-        os.replace(tmp, video)
-        assert station.wait(30) == 0, station.text()  # a finite video ends the run cleanly
-    finally:
-        station.kill()
+    station = stations(tmp_path, config, "--jsonl", str(out), state=False)
+    wait_until(lambda: "video file not found" in station.text(), 30, "the daemon to report the missing video")
+    tmp = tmp_path / "tmp.avi"
+    write_video(tmp, 12)
+    os.replace(tmp, video)
+    assert station.wait(30) == 0, station.text()  # a finite video ends the run cleanly
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["source"] for r in records] == [f"{video}#frame={i}" for i in range(12)]
     assert "camera video:" in station.text() and "connected" in station.text()
@@ -332,35 +263,23 @@ run: {{reconnect_min_s: 0.2, reconnect_max_s: 0.2}}
 def test_sighup_reloads_grading_and_keeps_running_on_a_bad_config(tmp_path, stations):
     out = tmp_path / "results.jsonl"
     base = "station: {id: cam1}\ncamera: {type: fake, fps: 40}\n"
-    station = Station(tmp_path, base)
-    station.proc = subprocess.Popen(
-        [sys.executable, "-m", "station", "run", "-c", str(station.cfg), "--jsonl", str(out)],
-        stdout=open(station.log, "ab"), stderr=subprocess.STDOUT,
-    )
-
-    def records() -> list[dict]:
-        text = out.read_text() if out.exists() else ""
-        # the daemon is still appending: a last line without its newline is read next time
-        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
-
-    try:
-        wait_until(lambda: len(records()) >= 5, 30, "first results")
-        station.cfg.write_text(base + "grading:\n  total_area_pct: {discount: null, reject: 0.0}\n  defect_area_pct: null\n")
-        station.signal(signal.SIGHUP)
-        wait_until(lambda: "reloaded" in station.text(), 10, "the reload")
-        n = len(records())
-        wait_until(lambda: len(records()) >= n + 10, 10, "results after the reload")
-        after = records()[n + 2 :]
-        assert all(r["grade"] == "REJECT" or r["defect_area_pct"] == 0 for r in after)
-        station.cfg.write_text(base + "grading: {total_area_pct: {discount: 3, reject: 1}}\n")
-        station.signal(signal.SIGHUP)
-        wait_until(lambda: "reload refused" in station.text(), 10, "the refused reload")
-        n = len(records())
-        wait_until(lambda: len(records()) >= n + 5, 10, "results after the refused reload")
-        station.signal(signal.SIGTERM)
-        assert station.wait(15) == 0
-    finally:
-        station.kill()
+    station = stations(tmp_path, base, "--jsonl", str(out), state=False)
+    records = partial(jsonl, out)  # the complete lines: the daemon is still appending
+    wait_until(lambda: len(records()) >= 5, 30, "first results")
+    station.cfg.write_text(base + "grading:\n  total_area_pct: {discount: null, reject: 0.0}\n  defect_area_pct: null\n")
+    station.signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded" in station.text(), 10, "the reload")
+    n = len(records())
+    wait_until(lambda: len(records()) >= n + 10, 10, "results after the reload")
+    after = records()[n + 2 :]
+    assert all(r["grade"] == "REJECT" or r["defect_area_pct"] == 0 for r in after)
+    station.cfg.write_text(base + "grading: {total_area_pct: {discount: 3, reject: 1}}\n")
+    station.signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in station.text(), 10, "the refused reload")
+    n = len(records())
+    wait_until(lambda: len(records()) >= n + 5, 10, "results after the refused reload")
+    station.signal(signal.SIGTERM)
+    assert station.wait(15) == 0
     assert "discount (3.0) must not exceed reject (1.0)" in station.text()
 
 
@@ -378,18 +297,11 @@ camera: {{type: fake, fps: 25}}
 archive: {{enabled: true, grades: [PASS, DISCOUNT, REJECT], what: [image, mask, overlay]}}
 metrics: {{enabled: true, port: {port}}}
 """
-    station = Station(tmp_path, config)
-    station.proc = subprocess.Popen(
-        [sys.executable, "-m", "station", "run", "-c", str(station.cfg), "--state-dir", str(tmp_path / "state"),
-         "--jsonl", str(out)], stdout=open(station.log, "ab"), stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= 8, 30, "results")
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        station.signal(signal.SIGTERM)
-        assert station.wait(15) == 0
-    finally:
-        station.kill()
+    station = stations(tmp_path, config, "--jsonl", str(out))
+    wait_until(lambda: len(jsonl(out)) >= 8, 30, "results")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    station.signal(signal.SIGTERM)
+    assert station.wait(15) == 0
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(text) for s in fam.samples}
     results = sum(v for (name, labels), v in samples.items() if name == "station_results_total")
@@ -406,17 +318,15 @@ metrics: {{enabled: true, port: {port}}}
         assert (folder / f"{stem}_{part}.png").is_file()
 
 
-def test_sd_notify_ready_watchdog_stopping(tmp_path):
+def test_sd_notify_ready_watchdog_stopping(tmp_path, stations):
     import socket
 
     sock_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
     sock.settimeout(30)
-    station = Station(tmp_path, "station: {id: cam1}\ncamera: {type: fake, fps: 20}\n")
-    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}
-    station.proc = subprocess.Popen([sys.executable, "-m", "station", "run", "-c", str(station.cfg)],
-                                    stdout=open(station.log, "ab"), stderr=subprocess.STDOUT, env=env)
+    env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}
+    station = stations(tmp_path, "station: {id: cam1}\ncamera: {type: fake, fps: 20}\n", state=False, env=env)
     messages: list[str] = []
     try:
         while messages.count("WATCHDOG=1") < 3:
@@ -426,7 +336,6 @@ def test_sd_notify_ready_watchdog_stopping(tmp_path):
             messages.append(sock.recv(4096).decode())
         assert station.wait(15) == 0
     finally:
-        station.kill()
         sock.close()
     assert messages[0] == "READY=1", messages  # after the models were loaded and warmed up
 
@@ -448,11 +357,11 @@ def _nice(tid: int) -> int:
     return os.getpriority(os.PRIO_PROCESS, tid)
 
 
-@pytest.mark.parametrize("increment", [7, 0, None])
+@pytest.mark.parametrize("increment", [7, None])
 def test_threads_but_inference_run_at_the_lower_priority(tmp_path, broker, increment):
-    """run.nice_non_inference: capture (which preprocesses), finish and the MQTT threads
+    """tuning.nice_non_inference: capture (which preprocesses), finish and the MQTT threads
     give the cores to ONNX Runtime; the infer thread keeps the process's priority.
-    Unset, with the models under the ordinary policy, the increment is 10."""
+    Unset (tuning off), every thread keeps the process's priority."""
     import threading
 
     from station.config import parse_config
@@ -466,12 +375,12 @@ def test_threads_but_inference_run_at_the_lower_priority(tmp_path, broker, incre
             if t.native_id is not None and t.is_alive():
                 seen.setdefault(t.name.split("-station")[0], _nice(t.native_id))
 
-    text = (f"camera: {{type: fake, frames: 6, height: 96, width: 128}}\n"
-            f"run: {{nice_non_inference: {'null' if increment is None else increment}, "
-            f"state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
+    text = ("camera: {type: fake, frames: 6, height: 96, width: 128}\n"
+            + ("" if increment is None else f"tuning: {{nice_non_inference: {increment}}}\n")
+            + f"run: {{state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
     daemon = Daemon(parse_config(text), sinks=[RecordSink(sink)])
     assert daemon.run(install_signals=False) == 0
-    lowered = min(19, base + (10 if increment is None else increment))
+    lowered = min(19, base + (increment or 0))
     for name in ("capture", "finish", "mqtt-sender", "paho-mqtt-client", "outbox-checkpoint"):
         assert seen[name] == lowered, (name, seen)
     assert "prepare" not in seen  # preprocessing runs on the capture thread
@@ -481,7 +390,7 @@ def test_threads_but_inference_run_at_the_lower_priority(tmp_path, broker, incre
 
 def _threads_of_a_run(tmp_path, broker, run: str, probe) -> dict:
     """Run the daemon on both shipped models in parallel (4 fake frames, MQTT to ``broker``,
-    ``run`` the inside of the run section) and return {thread name: probe(native id)} for
+    ``run`` more of the tuning section) and return {thread name: probe(native id)} for
     every thread alive when the first result reaches the sink (on the finish thread)."""
     import threading
 
@@ -497,19 +406,19 @@ def _threads_of_a_run(tmp_path, broker, run: str, probe) -> dict:
 
     text = (f"models: {{segmentation: {ROOT / 'models/magnetic_tile_unet.onnx'}, "
             f"detection: {ROOT / 'models/neu_det_detector.onnx'}}}\n"
-            "inference: {parallel_models: true}\n"
+            f"tuning: {{parallel_models: true, {run}}}\n"
             "camera: {type: fake, frames: 4, height: 96, width: 128}\n"
-            f"run: {{{run}, state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
+            f"run: {{state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
     assert Daemon(parse_config(text), sinks=[RecordSink(sink)]).run(install_signals=False) == 0
     return seen
 
 
 @pytest.mark.skipif(FIFO_REFUSED is not None, reason=str(FIFO_REFUSED))
 def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broker, caplog):
-    """run.realtime_inference: the infer thread and the helper that runs the second model
-    at the same time (inference.parallel_models) are under SCHED_FIFO at that priority,
-    every other thread keeps the ordinary policy and, run.nice_non_inference being
-    unset, the process's nice value (docs/lab/benchmarks.md, sitting 14)."""
+    """tuning.realtime_inference: the infer thread and the helper that runs the second model
+    at the same time (tuning.parallel_models) are under SCHED_FIFO at that priority,
+    every other thread keeps the ordinary policy and, tuning.nice_non_inference being
+    unset, the process's nice value."""
     import threading
 
     caplog.set_level("INFO", logger="station.daemon")
@@ -523,18 +432,17 @@ def test_the_threads_that_run_the_models_are_realtime_when_asked(tmp_path, broke
     assert realtime == {"infer", "infer_0"}, seen
     assert {policy for name, policy in seen.items() if name not in realtime} == {(os.SCHED_OTHER, 0)}, seen
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is left alone
-    assert "the models' threads run under SCHED_FIFO 3 (run.realtime_inference)" in caplog.text
+    assert "the models' threads run under SCHED_FIFO 3 (tuning.realtime_inference)" in caplog.text
     for name in ("capture", "finish", "mqtt-sender", "paho-mqtt-client", "outbox-checkpoint"):
         assert nices[name] == base, (name, nices)
-    assert "threads but inference at nice +0 (run.nice_non_inference)" in caplog.text
+    assert "threads but inference at nice +0 (tuning.nice_non_inference)" in caplog.text
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="run.infer_cpu needs a process allowed on two CPUs")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="tuning.infer_cpu needs a process allowed on two CPUs")
 def test_the_infer_thread_runs_alone_on_its_cpu_when_asked(tmp_path, broker, caplog):
-    """run.infer_cpu: the infer thread (the frame's first model) runs on that CPU and every
+    """tuning.infer_cpu: the infer thread (the frame's first model) runs on that CPU and every
     other thread of the station (the second model's helper, capture, finish, the MQTT
-    threads, the checkpoints) on the others; the caller's thread gets its CPUs back
-    (docs/lab/benchmarks.md, sitting 16)."""
+    threads, the checkpoints) on the others; the caller's thread gets its CPUs back."""
     caplog.set_level("INFO", logger="station.daemon")
     allowed = os.sched_getaffinity(0)
     cpu = max(allowed)
@@ -546,14 +454,14 @@ def test_the_infer_thread_runs_alone_on_its_cpu_when_asked(tmp_path, broker, cap
     assert f"the infer thread runs on CPU {cpu}, every other thread on CPUs" in caplog.text
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="run.infer_cpu needs a process allowed on two CPUs")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="tuning.infer_cpu needs a process allowed on two CPUs")
 @pytest.mark.skipif(FIFO_REFUSED is not None, reason=str(FIFO_REFUSED))
 @pytest.mark.skipif(NICE_REFUSED is not None, reason=str(NICE_REFUSED))
 def test_the_infer_thread_alone_on_its_cpu_can_run_at_a_nice_value_instead_of_fifo(tmp_path, broker, caplog):
-    """run.infer_nice: the infer thread, alone on its CPU (run.infer_cpu), runs under the ordinary
-    policy at that nice value, which the kernel's real-time limit never stops; the helper that
-    runs the second model stays under SCHED_FIFO (run.realtime_inference), the station's other
-    threads at the process's priority (docs/lab/benchmarks.md, sitting 17)."""
+    """tuning.infer_nice: the infer thread, alone on its CPU (tuning.infer_cpu), runs under the
+    ordinary policy at that nice value, which the kernel's real-time limit never stops; the helper
+    that runs the second model stays under SCHED_FIFO (tuning.realtime_inference), the station's
+    other threads at the process's priority."""
     import threading
 
     caplog.set_level("INFO", logger="station.pipeline")
@@ -565,12 +473,12 @@ def test_the_infer_thread_alone_on_its_cpu_can_run_at_a_nice_value_instead_of_fi
     assert seen["infer_0"][0] == os.SCHED_FIFO, seen
     for name in ("capture", "finish", "mqtt-sender", "paho-mqtt-client", "outbox-checkpoint"):
         assert seen[name][:2] == (os.SCHED_OTHER, base), (name, seen)
-    assert ("the infer thread runs at nice -6 under the ordinary policy (run.infer_nice); "
+    assert ("the infer thread runs at nice -6 under the ordinary policy (tuning.infer_nice); "
             "the other models' helper threads, if any, under SCHED_FIFO 3") in caplog.text
 
 
 def test_an_infer_cpu_this_process_may_not_use_is_refused_at_start(tmp_path):
-    """run.infer_cpu names a CPU outside the process's affinity: the daemon does not start,
+    """tuning.infer_cpu names a CPU outside the process's affinity: the daemon does not start,
     and the error names the CPU and the ones it may use."""
     from station.config import parse_config
     from station.daemon import Daemon
@@ -578,8 +486,8 @@ def test_an_infer_cpu_this_process_may_not_use_is_refused_at_start(tmp_path):
 
     allowed = sorted(os.sched_getaffinity(0))
     text = ("camera: {type: fake, frames: 1}\n"
-            f"run: {{infer_cpu: {max(allowed) + 1}, state_dir: {tmp_path / 'state'}}}\n")
-    with pytest.raises(ConfigError, match=re.escape(f"run.infer_cpu {max(allowed) + 1}: this process may run "
+            f"tuning: {{infer_cpu: {max(allowed) + 1}}}\nrun: {{state_dir: {tmp_path / 'state'}}}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"tuning.infer_cpu {max(allowed) + 1}: this process may run "
                                                     f"on CPUs {allowed} only")):
         Daemon(parse_config(text))
 
@@ -682,20 +590,20 @@ def test_the_daemon_warms_its_stages_up_before_the_first_frame(tmp_path, monkeyp
 
 @pytest.mark.parametrize("on", [True, False])
 def test_the_daemon_applies_steady_malloc_when_asked(tmp_path, monkeypatch, on):
-    """run.steady_malloc: the daemon sets glibc's allocator up once at start, before any frame."""
+    """tuning.steady_malloc: the daemon sets glibc's allocator up once at start, before any frame."""
     from station import daemon as daemon_mod
     from station.config import parse_config
 
     calls = []
     monkeypatch.setattr(daemon_mod, "steady_malloc", lambda: calls.append("set") or True)
     text = ("camera: {type: fake, frames: 2, height: 64, width: 64}\n"
-            f"run: {{steady_malloc: {str(on).lower()}, state_dir: {tmp_path / 'state'}}}\n")
+            f"tuning: {{steady_malloc: {str(on).lower()}}}\nrun: {{state_dir: {tmp_path / 'state'}}}\n")
     assert daemon_mod.Daemon(parse_config(text), sinks=[RecordSink(lambda record: None)]).run(install_signals=False) == 0
     assert calls == (["set"] if on else [])
 
 
 def test_settling_counts_frames_until_finished_and_acknowledged():
-    """Settling, what a frame's second model waits for (inference.helper_yield_ms):
+    """Settling, what a frame's second model waits for (tuning.helper_yield_ms):
     settled once every inferred frame is finished and each stored one acknowledged, in
     whichever order the acknowledgement and the finish stage's count arrive."""
     import threading
@@ -735,7 +643,7 @@ def test_settling_counts_frames_until_finished_and_acknowledged():
 
 
 def test_the_daemon_with_helper_yield_delivers_every_result_and_settles(tmp_path, broker):
-    """inference.helper_yield_ms with both shipped models in parallel and MQTT: every frame
+    """tuning.helper_yield_ms with both shipped models in parallel and MQTT: every frame
     is published and acknowledged, and no frame is left counted once the daemon stops."""
     from station.config import parse_config
     from station.daemon import Daemon
@@ -743,7 +651,7 @@ def test_the_daemon_with_helper_yield_delivers_every_result_and_settles(tmp_path
     sink = AckSink()
     text = (f"models: {{segmentation: {ROOT / 'models/magnetic_tile_unet.onnx'}, "
             f"detection: {ROOT / 'models/neu_det_detector.onnx'}}}\n"
-            "inference: {parallel_models: true, helper_yield_ms: 3}\n"
+            "tuning: {parallel_models: true, helper_yield_ms: 3}\n"
             "camera: {type: fake, frames: 12, height: 96, width: 128}\n"
             f"run: {{state_dir: {tmp_path / 'state'}}}\n" + mqtt_section(broker))
     daemon = Daemon(parse_config(text), sinks=[sink])

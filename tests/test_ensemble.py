@@ -126,7 +126,7 @@ def test_two_segmentation_models_and_a_detector_in_parallel_give_the_results_in_
     try:
         for seg in (f"{UNET}", f"[{UNET}, {stretched}]"):
             cfg = parse_config(f"models:\n  segmentation: {seg}\n  detection: {DETECTOR}\n"
-                               "inference: {providers: [cpu], parallel_models: true}\npostprocess: {min_score: 0.05}\n",
+                               "inference: {providers: [cpu]}\ntuning: {parallel_models: true}\npostprocess: {min_score: 0.05}\n",
                                "s.yaml")
             inspector = Inspector(open_models(cfg), cfg)
             for i, path in enumerate(tiles(3)):

@@ -654,13 +654,22 @@ def test_embed_card_checks_the_graph(tiny_run, tmp_path: Path) -> None:
     assert read_card(out).version == "3"
 
 
+def _without_export(monkeypatch) -> None:
+    """train() keeps its card as it goes into the ONNX conversion, and writes no file: for the
+    tests of what training does (the conversion is tested with the runs that export)."""
+    import export.onnx_export
+
+    monkeypatch.setattr(export.onnx_export, "export_model", lambda model, card, path, parity, opset=None: card)
+
+
 @pytest.mark.slow
-def test_training_is_deterministic(tiny_run, tmp_path: Path) -> None:
+def test_training_is_deterministic(tiny_run, tmp_path: Path, monkeypatch) -> None:
     from dataclasses import replace
 
     from export.train import train
 
     cfg, result = tiny_run
+    _without_export(monkeypatch)
     again = train(replace(cfg, out_dir=tmp_path / "again"))
     assert again.history[0]["loss"] == result.history[0]["loss"]
     assert again.card.training.figures == result.card.training.figures
@@ -696,7 +705,7 @@ def test_unet_shapes_momentum_and_local_weights(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_pretrained_encoder_is_frozen_then_fine_tuned_on_all_data(tiny_run, tmp_path: Path) -> None:
+def test_pretrained_encoder_is_frozen_then_fine_tuned_on_all_data(tiny_run, tmp_path: Path, monkeypatch) -> None:
     """A local weights file (made here, never the shared one) loads into the encoder; the
     first --freeze-epochs leave it (BatchNorm statistics included) as loaded; the epochs
     after train it; --all-data trains on every image and validates on none."""
@@ -723,7 +732,9 @@ def test_pretrained_encoder_is_frozen_then_fine_tuned_on_all_data(tiny_run, tmp_
 
     frozen_cfg = replace(cfg, out_dir=tmp_path / "frozen", weights=weights, freeze_epochs=1, epochs=2, stop_after=1,
                          all_data=True, keep="last", crop=32, steps=2, val_fraction=0.25)
-    frozen = train(frozen_cfg)
+    with monkeypatch.context() as patch:
+        _without_export(patch)
+        frozen = train(frozen_cfg)
     assert changed_layers(frozen_cfg) == []
     t = frozen.card.training
     assert "val_iou" not in t.figures and t.split.startswith("all 16 images train")

@@ -23,20 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import jsonl, start_station
+from daemonkit import jsonl, wait_until
 from mosquitto import Mosquitto, Subscriber, free_port, have_mosquitto
 from station.config import DEMO_MODEL
-from test_daemon import PREFIX, SAMPLES, mqtt_section, payloads, wait_until, write_video
+from test_daemon import PREFIX, SAMPLES, mqtt_section, payloads, write_video
 
 pytestmark = [pytest.mark.faults, pytest.mark.skipif(not have_mosquitto(), reason="mosquitto binary not installed")]
-
-
-@pytest.fixture
-def procs():
-    started = []
-    yield started.append
-    for s in started:
-        s.kill()
 
 
 def fill_folder(folder: Path, n: int) -> list[str]:
@@ -115,7 +107,7 @@ def delivery(broker: Mosquitto, log_from: int, sub: Subscriber, sub_from: int, t
     return received, sent, sum(1 for m in sub.messages[sub_from:] if m.topic == topic)
 
 
-def test_broker_killed_three_times_during_1000_parts_loses_nothing(tmp_path, broker, procs):
+def test_broker_killed_three_times_during_1000_parts_loses_nothing(tmp_path, broker, stations):
     """A killed Mosquitto without persistence loses what it acknowledged but had not
     yet delivered; that is the broker's loss, outside the daemon's QoS 1 contract
     (a first version of this test lost 80 results queued in the broker for a slow
@@ -137,8 +129,7 @@ camera: {{type: folder, path: {inbox}, after: delete, settle_s: 0}}
     topic = f"{PREFIX}/result"
     sub = Subscriber(broker.port, topic).connect()
     received = Sources(sub, topic)
-    station = start_station(tmp_path, config)
-    procs(station)
+    station = stations(tmp_path, config)
     log_from = sub_from = 0
     try:
         for threshold in (150, 400, 650):
@@ -196,7 +187,7 @@ def outbox_ids(path: Path) -> set[str]:
         db.close()
 
 
-def test_daemon_sigkilled_mid_run_drains_its_outbox_after_restart(tmp_path, broker, procs):
+def test_daemon_sigkilled_mid_run_drains_its_outbox_after_restart(tmp_path, broker, stations):
     inbox = tmp_path / "inbox"
     names = fill_folder(inbox, 300)
     config = f"""
@@ -208,8 +199,7 @@ camera: {{type: folder, path: {inbox}, after: delete, settle_s: 0}}
     box = tmp_path / "state" / "outbox.sqlite3"
     sub = Subscriber(broker.port, topic).connect()
     try:
-        first = start_station(tmp_path, config)
-        procs(first)
+        first = stations(tmp_path, config)
         assert sub.wait_for(lambda m: len(m) >= 40, 60), first.text()
         broker.freeze()  # nothing is acknowledged: results pile up in the outbox
         wait_until(lambda: len(outbox_ids(box)) >= 60, 60, "results stored but not acknowledged")
@@ -219,8 +209,7 @@ camera: {{type: folder, path: {inbox}, after: delete, settle_s: 0}}
         broker.thaw()
         assert len(stored) >= 60
 
-        second = start_station(tmp_path, config)
-        procs(second)
+        second = stations(tmp_path, config)
         assert sub.wait_for(lambda m: stored <= {r["id"] for r in payloads(sub, topic)}
                             and set(by_source(payloads(sub, topic))) == set(names), 120), second.text()[-3000:]
         second.signal(signal.SIGTERM)
@@ -254,7 +243,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 
 
 @pytest.mark.parametrize("how", ["tmpfs", "rlimit", "max_rows"])
-def test_outbox_full_raises_the_alarm_inspection_goes_on_and_it_recovers(tmp_path, procs, how):
+def test_outbox_full_raises_the_alarm_inspection_goes_on_and_it_recovers(tmp_path, stations, how):
     """tmpfs: the state directory on an 8 MiB file system that another file (the
     ballast: an archive, a log) has filled up to 256 KiB (needs root); rlimit: the
     daemon's RLIMIT_FSIZE at 192 KiB (any user; SQLite gets EFBIG; nothing can make
@@ -290,8 +279,7 @@ metrics: {{enabled: true, port: {metrics_port}}}
     log_dir = tmp_path / "logs"  # the daemon's log is not on the small file system
     log_dir.mkdir()
     try:
-        station = start_station(log_dir, config, "--state-dir", str(state), state=False, preexec_fn=preexec)
-        procs(station)
+        station = stations(log_dir, config, "--state-dir", str(state), state=False, preexec_fn=preexec)
         wait_until(lambda: "alarm raised" in station.text() or "is full" in station.text(), 90, "the outbox alarm")
         wait_until(lambda: metric(metrics_port, "station_outbox_alarm") == 1, 30, "the alarm metric")
         text = station.text()
@@ -360,7 +348,7 @@ def test_a_failing_sqlite_write_is_a_publish_error_and_raises_the_alarm(tmp_path
 # --- (d) the camera folder or video going away and coming back ---------------------------------
 
 
-def test_watched_folder_disappearing_and_coming_back(tmp_path, procs):
+def test_watched_folder_disappearing_and_coming_back(tmp_path, stations):
     inbox = tmp_path / "inbox"
     out = tmp_path / "results.jsonl"
     fill_folder(inbox, 5)
@@ -369,8 +357,7 @@ station: {{id: cam1}}
 camera: {{type: folder, path: {inbox}, settle_s: 0}}
 run: {{reconnect_min_s: 0.2, reconnect_max_s: 0.4}}
 """
-    station = start_station(tmp_path, config, "--jsonl", str(out), state=False)
-    procs(station)
+    station = stations(tmp_path, config, "--jsonl", str(out), state=False)
     wait_until(lambda: len(jsonl(out)) >= 5, 60, "the first files")
     gone = tmp_path / "inbox.unmounted"
     inbox.rename(gone)  # e.g. a network share dropping out
@@ -387,7 +374,7 @@ run: {{reconnect_min_s: 0.2, reconnect_max_s: 0.4}}
     assert all("grade" in r for r in jsonl(out))
 
 
-def test_video_that_is_corrupt_at_first_then_replaced(tmp_path, procs):
+def test_video_that_is_corrupt_at_first_then_replaced(tmp_path, stations):
     video = tmp_path / "line.avi"
     video.write_bytes(b"RIFF" + os.urandom(4096))  # a broken recording where the video should be
     out = tmp_path / "results.jsonl"
@@ -396,8 +383,7 @@ station: {{id: cam1}}
 camera: {{type: video, path: {video}}}
 run: {{reconnect_min_s: 0.2, reconnect_max_s: 0.2}}
 """
-    station = start_station(tmp_path, config, "--jsonl", str(out), state=False)
-    procs(station)
+    station = stations(tmp_path, config, "--jsonl", str(out), state=False)
     wait_until(lambda: "cannot open as a video" in station.text() or "no decodable frame" in station.text(), 40,
                "the broken video to be reported")
     tmp = tmp_path / "tmp.avi"
@@ -410,14 +396,13 @@ run: {{reconnect_min_s: 0.2, reconnect_max_s: 0.2}}
 # --- (e) a model replaced by a corrupt one, then SIGHUP ---------------------------------------------
 
 
-def test_reload_refuses_a_corrupt_model_and_keeps_the_running_one(tmp_path, procs):
+def test_reload_refuses_a_corrupt_model_and_keeps_the_running_one(tmp_path, stations):
     model = tmp_path / "seg.onnx"
     shutil.copyfile(DEMO_MODEL, model)
     good = model.read_bytes()
     out = tmp_path / "results.jsonl"
     base = "station: {id: cam1}\ncamera: {type: fake, fps: 30, distinct: 4}\nmodels: {segmentation: seg.onnx}\n"
-    station = start_station(tmp_path, base, "--jsonl", str(out), state=False)
-    procs(station)
+    station = stations(tmp_path, base, "--jsonl", str(out), state=False)
     wait_until(lambda: len(jsonl(out)) >= 5, 60, "first results")
     sha = jsonl(out)[0]["models"]["segmentation"]
 
@@ -455,6 +440,7 @@ def test_reload_refuses_a_corrupt_model_and_keeps_the_running_one(tmp_path, proc
 # --- soak, short -----------------------------------------------------------------------------
 
 
+@pytest.mark.soak
 def test_short_soak_reports_flat_resources(tmp_path):
     out, plot = tmp_path / "soak.json", tmp_path / "soak.png"
     # 12 s: the daemon is steady (every thread and fd open, results flowing) about 3 s after its start

@@ -6,20 +6,20 @@ trigger, lost packets, a camera lost and back, and `station run` end to end."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import jsonschema
 import numpy as np
 import pytest
+from daemonkit import jsonl, wait_until
 
 from station.camera.genicam import LAYOUTS, GenICamSource, binding, convert
 from station.camera.live import SoftwareTriggered, make_source
@@ -401,37 +401,22 @@ def test_a_lost_camera_raises_and_reopens_when_back(fake_camera, sources):
 
 
 @needs_camera
-def test_station_run_grades_genicam_frames(fake_camera, tmp_path):
+def test_station_run_grades_genicam_frames(fake_camera, tmp_path, stations):
     fake_camera()
-    cfg = tmp_path / "station.yaml"
-    cfg.write_text("station: {id: cam3}\n"
-                   "camera: {type: genicam, serial: GV01, pixel_format: BayerRG8, width: 256, height: 256, "
-                   "frame_rate: 10}\n")
+    config = ("station: {id: cam3}\n"
+              "camera: {type: genicam, serial: GV01, pixel_format: BayerRG8, width: 256, height: 256, "
+              "frame_rate: 10}\n")
+    cfg = tmp_path / "check.yaml"
+    cfg.write_text(config)
     assert subprocess.run([sys.executable, "-m", "station", "check-config", "--no-models", str(cfg)],
                           capture_output=True).returncode == 0
     out = tmp_path / "results.jsonl"
-    log = tmp_path / "station.log"
-    proc = subprocess.Popen([sys.executable, "-m", "station", "run", "-c", str(cfg), "--state-dir",
-                             str(tmp_path / "state"), "--jsonl", str(out)],
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def records() -> list[dict]:
-        text = out.read_text() if out.exists() else ""
-        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
-
-    try:
-        deadline = time.monotonic() + 60
-        while len(records()) < 5:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    station = stations(tmp_path, config, "--jsonl", str(out))
+    records = partial(jsonl, out)
+    wait_until(lambda: len(records()) >= 5 or station.proc.poll() is not None, 60, "5 records")
+    assert station.proc.poll() is None, station.text()[-3000:]
+    station.signal(signal.SIGTERM)
+    assert station.wait(30) == 0, station.text()[-3000:]
     validator = jsonschema.Draft202012Validator(load_schema())
     got = records()
     for r in got:
@@ -439,7 +424,7 @@ def test_station_run_grades_genicam_frames(fake_camera, tmp_path):
     assert all(r["grade"] in ("PASS", "DISCOUNT", "REJECT") for r in got)
     assert all(r["source"].startswith("genicam:GV01#frame=") for r in got)
     assert {(r["image"]["width"], r["image"]["height"]) for r in got} == {(256, 256)}
-    assert "camera genicam:GV01: connected" in log.read_text()
+    assert "camera genicam:GV01: connected" in station.text()
 
 
 def test_the_camera_timestamp_survives_the_triggers_tagging():

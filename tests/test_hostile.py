@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+from daemonkit import wait_until
 from test_bad_input import PEAK
 
+from station.cli import main
 from station.config import load_config
 from station.errors import StationError
 from station.preflight import check_for_run
@@ -25,13 +27,17 @@ from station.preflight import check_for_run
 BOMB = "".join(f"{k}: &{k} [" + ", ".join([f"*{p}"] * 9 if p else ["lol"] * 9) + "]\n"
                for p, k in zip([None, *"abcdefgh"], "abcdefghi"))
 
-# (name, file content, what the error names)
-HOSTILE_CONFIGS = [
+# (name, file content, what the error names): built to take time or memory, each checked in a fresh
+# interpreter whose wall time and peak memory are measured
+BOMBS = [
     ("billion laughs", BOMB.encode(), "aliases are expanded"),
     ("2 MiB of comment", b"#" * (2 << 20), "a config is at most"),
     ("100,000 nested flow lists", b"station: {id: a}\nx: " + b"[" * 100_000, "nested more than 32 levels"),
     ("100,000 nested flow maps", b"x: " + b"{a: " * 100_000, "nested more than 32 levels"),
     ("deep block nesting", "".join("  " * i + f"k{i}:\n" for i in range(200)).encode(), "nested more than 32 levels"),
+]
+# and the other hostile configs, small: checked by the same command in this process
+HOSTILE_CONFIGS = [
     ("binary garbage", bytes(range(256)) * 64, "config"),
     ("not UTF-8", b"station: {id: \xff\xfe}\n", "config"),
     ("a Python object tag", b"station: !!python/object/apply:os.system ['true']\n", "invalid YAML"),
@@ -39,8 +45,8 @@ HOSTILE_CONFIGS = [
      b"mqtt: {host: 127.0.0.1}\n", "cannot be an MQTT topic level"),
     ("an mqtt trigger without mqtt", b"station: {id: a}\ncamera: {type: fake}\ntrigger: {type: mqtt}\n",
      "trigger.type: mqtt needs an mqtt section"),
-    ("the inference thread on a CPU this host lacks", b"station: {id: a}\ncamera: {type: fake}\nrun: {infer_cpu: 4095}\n",
-     "run.infer_cpu 4095"),
+    ("the inference thread on a CPU this host lacks", b"station: {id: a}\ncamera: {type: fake}\ntuning: {infer_cpu: 4095}\n",
+     "tuning.infer_cpu 4095"),
     ("a password file that is not there", b"station: {id: a}\ncamera: {type: fake}\n"
      b"mqtt: {host: 127.0.0.1, auth: {username: u, password_file: /nonexistent/pw}}\n", "mqtt.auth.password_file"),
     ("a null byte", b"station: {id: \"a\\0b\"}\n", "station"),
@@ -60,6 +66,18 @@ def _check_config(path: Path) -> tuple[int, str, float, float]:
 
 
 @pytest.mark.parametrize("name,content,names", HOSTILE_CONFIGS, ids=[c[0] for c in HOSTILE_CONFIGS])
+def test_a_hostile_config_is_refused_with_exit_2_naming_the_problem(tmp_path, capsys, name, content, names):
+    path = tmp_path / "hostile.yaml"
+    path.write_bytes(content)
+    assert main(["check-config", "--no-models", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert names in err and str(path) in err, err
+    assert "Traceback" not in err
+    with pytest.raises(StationError):
+        check_for_run(load_config(path))
+
+
+@pytest.mark.parametrize("name,content,names", BOMBS, ids=[c[0] for c in BOMBS])
 def test_a_hostile_config_exits_2_at_once_with_bounded_memory(tmp_path, name, content, names):
     path = tmp_path / "hostile.yaml"
     path.write_bytes(content)
@@ -124,58 +142,44 @@ class _NotifySocket:
         self.sock.close()
 
 
-def _wait_until(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def test_a_reload_that_never_finishes_stalls_neither_the_line_nor_the_watchdog(tmp_path):
+def test_a_reload_that_never_finishes_stalls_neither_the_line_nor_the_watchdog(tmp_path, stations):
     """The config file replaced by a FIFO nobody writes: the reload's read blocks for good.
     Results and watchdog pings go on; a bomb written into the FIFO is refused; the daemon
     keeps its config, reloads a good one after that, and stops at once on SIGTERM."""
-    out, log = tmp_path / "results.jsonl", tmp_path / "station.log"
-    cfg = tmp_path / "station.yaml"
+    out = tmp_path / "results.jsonl"
     good = "station: {id: cam1}\ncamera: {type: fake, fps: 40}\n"
-    cfg.write_text(good)
     notify = _NotifySocket(tmp_path / "notify.sock")
-    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"}
-    env.pop("WATCHDOG_PID", None)
-    proc = subprocess.Popen([sys.executable, "-m", "station", "run", "-c", str(cfg), "--jsonl", str(out)],
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
+    env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": ""}
+    station = stations(tmp_path, good, "--jsonl", str(out), state=False, env=env)
+    cfg = station.cfg
 
     def results() -> int:
         return out.read_text().count("\n") if out.exists() else 0
 
     try:
-        _wait_until(lambda: results() >= 5, 60, "first results")
+        wait_until(lambda: results() >= 5, 60, "first results")
         cfg.unlink()
         os.mkfifo(cfg)
         t0 = time.monotonic()
         n = results()
-        proc.send_signal(signal.SIGHUP)
-        _wait_until(lambda: notify.since(t0, "RELOADING=1") >= 1, 10, "RELOADING=1")
+        station.signal(signal.SIGHUP)
+        wait_until(lambda: notify.since(t0, "RELOADING=1") >= 1, 10, "RELOADING=1")
         time.sleep(3.0)  # the reload is blocked on the FIFO all this time
         assert results() >= n + 40, "the line stalled during the reload"
         assert notify.since(t0 + 0.5, "WATCHDOG=1") >= 4, notify.messages[-10:]
         with open(cfg, "wb") as fifo:  # the blocked reload reads a bomb now
             fifo.write(BOMB.encode())
-        _wait_until(lambda: "reload refused" in log.read_text(errors="replace"), 10, "the refused reload")
+        wait_until(lambda: "reload refused" in station.text(), 10, "the refused reload")
         os.unlink(cfg)
         cfg.write_text(good + "grading: {total_area_pct: {discount: null, reject: 0.0}, defect_area_pct: null}\n")
-        proc.send_signal(signal.SIGHUP)
-        _wait_until(lambda: "reloaded" in log.read_text(errors="replace"), 10, "the good reload")
+        station.signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded" in station.text(), 10, "the good reload")
         n = results()
-        _wait_until(lambda: results() >= n + 5, 10, "results after it")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
+        wait_until(lambda: results() >= n + 5, 10, "results after it")
+        station.signal(signal.SIGTERM)
+        assert station.wait(15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
         notify.close()
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert all("grade" in r for r in records)
-    assert "aliases are expanded" in log.read_text(errors="replace")
+    assert "aliases are expanded" in station.text()

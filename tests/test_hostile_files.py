@@ -32,9 +32,8 @@ import jsonschema
 import numpy as np
 import pytest
 
-from faultkit import start_station
+from daemonkit import wait_until
 from test_bad_input import SAMPLE_PNG, _png_chunk, replay_peak
-from test_daemon import wait_until
 
 from station.camera.live import FolderSource
 from station.cli import main
@@ -181,24 +180,21 @@ def drop_growing(inbox: Path, name: str, chunks: int = 8, pause_s: float = 0.05)
     return t
 
 
-def test_daemon_rejects_moves_aside_and_never_retries_across_a_restart(tmp_path):
+def test_daemon_rejects_moves_aside_and_never_retries_across_a_restart(tmp_path, stations):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     out, again = tmp_path / "records.jsonl", tmp_path / "after-restart.jsonl"
     cfg = config(inbox, settle_s=0.5)  # longer than the growing file's pauses
-    station = start_station(tmp_path, cfg, "--jsonl", str(out), state=False)
-    try:
-        wait_until(lambda: "camera folder:" in station.text() and "connected" in station.text(), 60, "the daemon")
-        writer = drop_growing(inbox, "growing.png")
-        make_files(inbox)
-        writer.join()
-        wait_until(lambda: out.exists() and len(out.read_bytes().splitlines()) >= len(HOSTILE) + 1, 60,
-                   "a record per file")
-        wait_until(lambda: not any(p.is_file() for p in inbox.iterdir()), 10, "every file to be disposed of")
-        station.signal(signal.SIGTERM)
-        assert station.wait(20) == 0
-    finally:
-        station.kill()
+    station = stations(tmp_path, cfg, "--jsonl", str(out), state=False)
+    wait_until(lambda: "camera folder:" in station.text() and "connected" in station.text(), 60, "the daemon")
+    writer = drop_growing(inbox, "growing.png")
+    make_files(inbox)
+    writer.join()
+    wait_until(lambda: out.exists() and len(out.read_bytes().splitlines()) >= len(HOSTILE) + 1, 60,
+               "a record per file")
+    wait_until(lambda: not any(p.is_file() for p in inbox.iterdir()), 10, "every file to be disposed of")
+    station.signal(signal.SIGTERM)
+    assert station.wait(20) == 0
     records = read_jsonl(out)
     growing = [r for r in records if Path(r["source"]).name == "growing.png"]
     assert len(growing) == 1 and growing[0].get("grade"), growing  # taken whole, once stable
@@ -209,16 +205,13 @@ def test_daemon_rejects_moves_aside_and_never_retries_across_a_restart(tmp_path)
     assert "Traceback" not in log and "future" in log  # the future mtime is taken with a warning
 
     # A restart takes the new file and none of the rejected ones.
-    station = start_station(tmp_path, cfg, "--jsonl", str(again), state=False)
-    try:
-        shutil.copyfile(SAMPLE_PNG, inbox / ".late.tmp")
-        os.replace(inbox / ".late.tmp", inbox / "late.png")
-        wait_until(lambda: again.exists() and again.read_bytes().count(b"\n") >= 1, 60, "the late file's record")
-        time.sleep(1.0)  # longer than settle_s: any rejected file taken again would show by now
-        station.signal(signal.SIGTERM)
-        assert station.wait(20) == 0
-    finally:
-        station.kill()
+    station = stations(tmp_path, cfg, "--jsonl", str(again), state=False)
+    shutil.copyfile(SAMPLE_PNG, inbox / ".late.tmp")
+    os.replace(inbox / ".late.tmp", inbox / "late.png")
+    wait_until(lambda: again.exists() and again.read_bytes().count(b"\n") >= 1, 60, "the late file's record")
+    time.sleep(1.0)  # longer than settle_s: any rejected file taken again would show by now
+    station.signal(signal.SIGTERM)
+    assert station.wait(20) == 0
     assert [Path(r["source"]).name for r in read_jsonl(again)] == ["late.png"]
     assert sorted(text(p.name) for p in (inbox / "rejected").iterdir()) == rejected
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import rss_mib, start_station
+from daemonkit import rss_mib
 from mosquitto import Subscriber, have_mosquitto
 from station.outbox import WAL_LIMIT
 from test_daemon import PREFIX, mqtt_section
@@ -27,14 +27,6 @@ RUN_S = 15.0
 # The WAL is cut back to WAL_LIMIT at most; the database file of an empty outbox (its
 # free pages for results in flight included) and the WAL index are small beside it.
 BOUND = WAL_LIMIT + 8 * 1024 * 1024
-
-
-@pytest.fixture
-def procs():
-    started = []
-    yield started.append
-    for s in started:
-        s.kill()
 
 
 def mount_tmpfs(path: Path, size: str) -> bool:
@@ -77,11 +69,11 @@ def state_bytes(state: Path) -> tuple[int, int]:
     return total, wal
 
 
-def test_state_directory_stays_bounded_at_full_rate(tmp_path, broker, procs):
+@pytest.mark.soak
+def test_state_directory_stays_bounded_at_full_rate(tmp_path, broker, stations):
     state = tmp_path / "state"
     with Subscriber(broker.port, f"{PREFIX}/result") as sub:
-        station = start_station(tmp_path, full_rate_config(broker))
-        procs(station)
+        station = stations(tmp_path, full_rate_config(broker))
         assert sub.wait_for(lambda m: len(m) > 0, 60), station.text()[-3000:]
         samples = []  # (s since the first result, results received, state bytes, WAL bytes)
         t0 = time.monotonic()
@@ -105,7 +97,7 @@ def test_state_directory_stays_bounded_at_full_rate(tmp_path, broker, procs):
     assert state_bytes(state)[0] <= BOUND  # closed: the WAL is in the file and gone
 
 
-def test_a_disk_that_fills_up_at_full_rate_costs_no_result(tmp_path, broker, procs):
+def test_a_disk_that_fills_up_at_full_rate_costs_no_result(tmp_path, broker, stations):
     """The state directory on a 16 MiB file system (tmpfs, needs root) that another
     file fills to the last byte while the line runs at full rate: the outbox's WAL
     starts over in its own space, the results in flight take free pages the database
@@ -120,8 +112,7 @@ def test_a_disk_that_fills_up_at_full_rate_costs_no_result(tmp_path, broker, pro
     log_dir.mkdir()
     try:
         with Subscriber(broker.port, f"{PREFIX}/result") as sub:
-            station = start_station(log_dir, full_rate_config(broker), "--state-dir", str(state), state=False)
-            procs(station)
+            station = stations(log_dir, full_rate_config(broker), "--state-dir", str(state), state=False)
             assert sub.wait_for(lambda m: len(m) >= 200, 60), station.text()[-3000:]  # steady: checkpoints ran
             fill_up(ballast)
             full_at = len(sub.messages)

@@ -11,11 +11,9 @@ test_daemon.py, synchronised on messages."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -23,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mosquitto import Mosquitto, Subscriber, free_port, have_mosquitto
-from test_daemon import PREFIX, VALIDATOR, Station, mqtt_section, payloads
+from daemonkit import Station
+from test_daemon import PREFIX, VALIDATOR, mqtt_section, payloads
 
 from station.config import parse_config
 from station.trigger import Trigger, parse_trigger
@@ -183,31 +182,9 @@ def test_a_part_past_its_timeout_is_not_taken_by_a_late_frame():
 needs_broker = pytest.mark.skipif(not have_mosquitto(), reason="mosquitto binary not installed")
 
 
-class JsonlStation(Station):
+def _start(stations, workdir: Path, config: str) -> Station:
     """A `station run` that also appends every record to ``state/records.jsonl``."""
-
-    def start(self) -> "JsonlStation":
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "station", "run", "-c", str(self.cfg), "--state-dir", str(self.workdir / "state"),
-             "--jsonl", str(self.workdir / "state" / "records.jsonl")],
-            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        return self
-
-
-@pytest.fixture
-def station_procs():
-    started: list[Station] = []
-
-    def make(workdir: Path, config: str) -> Station:
-        s = JsonlStation(workdir, config)
-        started.append(s)
-        return s.start()
-
-    yield make
-    for s in started:
-        s.kill()
+    return stations(workdir, config, "--jsonl", str(workdir / "state" / "records.jsonl"))
 
 
 def _config(broker: Mosquitto, trigger: str = "", run: str = "", **mqtt) -> str:
@@ -226,11 +203,11 @@ def _running(sub: Subscriber, station: Station, after: int = 0) -> None:
 
 
 @needs_broker
-def test_each_hostile_trigger_yields_one_error_record_and_a_retained_one_none(tmp_path, broker, station_procs):
+def test_each_hostile_trigger_yields_one_error_record_and_a_retained_one_none(tmp_path, broker, stations):
     with Subscriber(broker.port, TOPIC) as setter:  # a retained trigger left at the broker
         setter.client.publish(TOPIC, "PHANTOM", qos=1, retain=True).wait_for_publish(5)
     sub = Subscriber(broker.port, f"{PREFIX}/#").connect()
-    station = station_procs(tmp_path, _config(broker))
+    station = _start(stations, tmp_path, _config(broker))
     try:
         _running(sub, station)
         for i, (payload, why) in enumerate([*HOSTILE, (b"GENUINE", None)], 1):
@@ -260,18 +237,18 @@ def test_each_hostile_trigger_yields_one_error_record_and_a_retained_one_none(tm
 
 
 @needs_broker
-def test_a_persistent_session_delivers_a_trigger_sent_while_the_station_was_down(tmp_path, broker, station_procs):
+def test_a_persistent_session_delivers_a_trigger_sent_while_the_station_was_down(tmp_path, broker, stations):
     config = _config(broker, persistent_session="true")
     sub = Subscriber(broker.port, f"{PREFIX}/#").connect()
     try:
-        first = station_procs(tmp_path, config)
+        first = _start(stations, tmp_path, config)
         _running(sub, first)
         first.signal(signal.SIGTERM)
         assert first.wait(20) == 0
         # The station is down: QoS 1, not retained. The broker keeps it for the session.
         sub.client.publish(TOPIC, "WHILE-DOWN", qos=1).wait_for_publish(5)
         seen = len(sub.messages)
-        second = station_procs(tmp_path, config)
+        second = _start(stations, tmp_path, config)
         _running(sub, second, seen)
 
         def graded(msgs) -> bool:
@@ -310,16 +287,14 @@ def _flood(broker: Mosquitto, n: int, rate: float) -> float:
 
 @needs_broker
 @pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="mosquitto_pub not installed")
-def test_a_flood_overflows_and_the_next_genuine_trigger_is_graded(tmp_path, broker, station_procs):
+def test_a_flood_overflows_and_the_next_genuine_trigger_is_graded(tmp_path, broker, stations):
     """20,000 triggers at ~10,000/s, then 1 s later a genuine one: graded (over MQTT)
     within 2 s. Every trigger the daemon received yields exactly one record."""
     n, metrics_port = 20_000, free_port()
-    # nice 0: this host runs other CPU-heavy work at nice 0; at the default +10 the
-    # daemon's MQTT thread would measure the host rather than the daemon.
-    config = _config(broker, run="nice_non_inference: 0, stop_timeout_s: 60") + (
+    config = _config(broker, run="stop_timeout_s: 60") + (
         f"metrics: {{enabled: true, port: {metrics_port}}}\n")
     sub = Subscriber(broker.port, RESULT, f"{PREFIX}/status", f"{PREFIX}/stats").connect()
-    station = station_procs(tmp_path, config)
+    station = _start(stations, tmp_path, config)
     try:
         _running(sub, station)
         rate = _flood(broker, n, 10_000)

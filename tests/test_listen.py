@@ -145,7 +145,7 @@ def station_yaml(path: Path, port: int, station: str, line: str = "line3", extra
 
 
 @pytest.fixture
-def stations(tmp_path, broker):
+def publishers(tmp_path, broker):
     """Start MqttPublishers for station ids (ISA-95 acme/plant1/assembly/<line>/<id>); stopped at teardown."""
     started: list[tuple[MqttPublisher, Outbox]] = []
 
@@ -168,13 +168,13 @@ def stations(tmp_path, broker):
 # --- output ----------------------------------------------------------------------------------
 
 
-def test_table_rows_and_status_changes_of_one_station(tmp_path, broker, stations):
+def test_table_rows_and_status_changes_of_one_station(tmp_path, broker, publishers):
     config = station_yaml(tmp_path / "station.yaml", broker.port, "st-7")
-    earlier = stations("st-7")
+    earlier = publishers("st-7")
     assert earlier.stop(2)  # the retained status is now "stopped"
     listener = Listener(["-c", str(config), "--count", "3", "--timeout", "10"]).listening()
     assert listener.out.wait_for("status: stopped")
-    pub = stations("st-7")
+    pub = publishers("st-7")
     records = [make_record(i, "st-7", g) for i, g in enumerate([Grade.DISCOUNT, Grade.REJECT, Grade.PASS])]
     records[2]["defects"] = []
     for r in records:
@@ -194,12 +194,12 @@ def test_table_rows_and_status_changes_of_one_station(tmp_path, broker, stations
                          f"{r['defect_area_pct']:.3f}", str(len(r["defects"])), "no"]
 
 
-def test_jsonl_over_every_station_of_a_line_with_validation(tmp_path, broker, stations):
+def test_jsonl_over_every_station_of_a_line_with_validation(tmp_path, broker, publishers):
     config = station_yaml(tmp_path / "station.yaml", broker.port, "st-1")
     listener = Listener(["-c", str(config), "--all-stations", "--json", "--validate", "--count", "4",
                          "--timeout", "10"]).listening()
     assert "acme/plant1/assembly/line3/+/result" in listener.err.text
-    a, b, other_line = stations("st-1"), stations("st-2"), stations("st-9", line="line4")
+    a, b, other_line = publishers("st-1"), publishers("st-2"), publishers("st-9", line="line4")
     assert listener.out.wait_for('"st-1"') and listener.out.wait_for('"st-2"')  # their "online" status
     other_line.publish_result(make_record(0, "st-9"))  # not on this line: not shown
     sent = [make_record(0, "st-1"), make_record(0, "st-2"), make_record(1, "st-1"),

@@ -1,4 +1,4 @@
-"""run.steady_malloc: glibc's mallopt settings for a steady frame loop (station/memory.py)."""
+"""tuning.steady_malloc: glibc's mallopt settings for a steady frame loop (station/memory.py)."""
 
 from __future__ import annotations
 
@@ -67,9 +67,9 @@ def test_a_refused_setting_is_logged(monkeypatch, caplog) -> None:
     assert "glibc 2.99 refused the trim threshold" in caplog.text
 
 
-def test_the_setting_is_on_by_default_and_can_be_turned_off(tmp_path) -> None:
+def test_the_setting_is_off_by_default_and_can_be_turned_on(tmp_path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text("station: {id: s}\n")
-    assert load_config(path).run.steady_malloc is True
-    path.write_text("station: {id: s}\nrun: {steady_malloc: false}\n")
-    assert load_config(path).run.steady_malloc is False
+    assert load_config(path).tuning.steady_malloc is False
+    path.write_text("station: {id: s}\ntuning: {steady_malloc: true}\n")
+    assert load_config(path).tuning.steady_malloc is True

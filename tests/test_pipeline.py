@@ -1,4 +1,4 @@
-"""The daemon's infer stage with ``inference.parallel_models``: both shipped
+"""The daemon's infer stage with ``tuning.parallel_models``: both shipped
 models (U-Net and detector) on each frame at the same time give exactly the
 results of running them one after the other, with the same sessions."""
 
@@ -19,10 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"segmentation": ROOT / "models" / "magnetic_tile_unet.onnx", "detection": ROOT / "models" / "neu_det_detector.onnx"}
 
 
-def config(**inference) -> StationConfig:
+def config(**tuning) -> StationConfig:
     return StationConfig.model_validate({
         "models": {role: str(path) for role, path in MODELS.items()},
-        "inference": {"providers": ["cpu"], **inference},
+        "inference": {"providers": ["cpu"]},
+        "tuning": tuning,
         "postprocess": {"min_score": 0.05},
     })
 
@@ -93,26 +94,24 @@ def test_a_failing_model_fails_the_frame_after_both_have_finished():
         parallel.close()
 
 
-def test_the_daemon_runs_both_models_in_parallel(tmp_path):
-    """`station run` with a fake camera of 30 frames and parallel_models: every frame
+def test_the_daemon_runs_both_models_in_parallel(tmp_path, stations):
+    """`station run` with a fake camera of 10 frames and parallel_models: every frame
     gets a record from both models, timed as models running together."""
-    from faultkit import jsonl, start_station
+    from daemonkit import jsonl
 
     out = tmp_path / "records.jsonl"
     config = f"""
 station: {{id: cam1}}
 models: {{segmentation: {MODELS['segmentation']}, detection: {MODELS['detection']}}}
-inference: {{providers: [cpu], parallel_models: true}}
-camera: {{type: fake, height: 240, width: 320, frames: 30, fps: null}}
+inference: {{providers: [cpu]}}
+tuning: {{parallel_models: true}}
+camera: {{type: fake, height: 240, width: 320, frames: 10, fps: null}}
 """
     # fps null: the camera waits for the station, so a slow host drops no frame
-    station = start_station(tmp_path, config, "--jsonl", str(out), state=False)
-    try:
-        assert station.wait(120) == 0, station.text()[-3000:]
-    finally:
-        station.kill()
+    station = stations(tmp_path, config, "--jsonl", str(out), state=False)
+    assert station.wait(120) == 0, station.text()[-3000:]
     records = jsonl(out)
-    assert len(records) == 30 and all("grade" in r for r in records), station.text()[-3000:]
+    assert len(records) == 10 and all("grade" in r for r in records), station.text()[-3000:]
     for r in records:
         assert set(r["models"]) == set(MODELS)
         assert {"infer", "infer.segmentation", "infer.detection"} <= set(r["latency_ms"])
@@ -158,7 +157,7 @@ def test_a_part_that_fails_the_warm_up_is_an_error_naming_it():
 
 
 def test_a_helper_model_yields_before_its_run_and_the_first_model_does_not():
-    """inference.helper_yield_ms: the second model's thread calls the daemon's wait (with
+    """tuning.helper_yield_ms: the second model's thread calls the daemon's wait (with
     the configured timeout) before its run; the first model starts at once; the results
     are those of the models in turn. Without a timeout the wait is never called."""
     import threading

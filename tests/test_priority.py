@@ -9,14 +9,14 @@ import cv2
 import numpy as np
 import pytest
 
+from station.config import TuningConfig
 from station.priority import (
     MAX_NICE,
+    ThreadPolicy,
     adopt_opencv_pool,
     infer_policy_this_thread,
     lower_this_thread,
     nice_this_thread,
-    non_inference_increment,
-    realtime_allowed,
     realtime_this_thread,
     split_cpus,
 )
@@ -124,7 +124,7 @@ def test_a_refused_realtime_policy_is_logged_and_the_thread_goes_on(monkeypatch,
 
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
     assert _in_thread(lambda: (realtime_this_thread(5), os.sched_getscheduler(0))) == (False, os.SCHED_OTHER)
-    assert "run.realtime_inference 5 refused: [Errno 1] Operation not permitted" in caplog.text
+    assert "tuning.realtime_inference 5 refused: [Errno 1] Operation not permitted" in caplog.text
 
 
 def _negative_nice_refused() -> str | None:
@@ -144,7 +144,7 @@ NICE_REFUSED = _negative_nice_refused()  # also read by test_daemon
 
 @pytest.mark.skipif(NICE_REFUSED is not None, reason=str(NICE_REFUSED))
 def test_nice_this_thread_sets_the_calling_threads_value_only():
-    """run.infer_nice: the infer thread's nice value, set (not added), below the process's too;
+    """tuning.infer_nice: the infer thread's nice value, set (not added), below the process's too;
     the policy stays the ordinary one and the other threads keep theirs."""
     base = thread_nice()
     target = max(-20, base - 7)
@@ -164,14 +164,14 @@ def test_a_refused_nice_value_is_logged_and_the_thread_goes_on(monkeypatch, capl
     base = thread_nice()
     monkeypatch.setattr(os, "setpriority", refuse)
     assert _in_thread(lambda: (nice_this_thread(-20), thread_nice())) == (False, base)
-    assert "keeps its nice value (run.infer_nice -20 refused: [Errno 13] Permission denied)" in caplog.text
+    assert "keeps its nice value (tuning.infer_nice -20 refused: [Errno 13] Permission denied)" in caplog.text
 
 
 @pytest.mark.skipif(FIFO_REFUSED is not None, reason=str(FIFO_REFUSED))
 @pytest.mark.skipif(NICE_REFUSED is not None, reason=str(NICE_REFUSED))
 def test_the_infer_threads_policy_is_its_nice_value_when_set_else_fifo():
-    """One choice for the daemon's infer thread and the bench's bare runs: run.infer_nice wins
-    over run.realtime_inference; neither asked, the thread is left as it is."""
+    """One choice for the daemon's infer thread and the bench's bare runs: tuning.infer_nice wins
+    over tuning.realtime_inference; neither asked, the thread is left as it is."""
     base = thread_nice()
 
     def taken(realtime, nice):
@@ -182,40 +182,25 @@ def test_the_infer_threads_policy_is_its_nice_value_when_set_else_fifo():
     assert taken(0, None) == (None, os.SCHED_OTHER, base)
 
 
-def test_the_probe_for_realtime_changes_no_running_thread():
-    """realtime_allowed tries the policy on a thread of its own: True exactly where a
-    thread may take it, and the caller's thread keeps the ordinary policy."""
-    assert realtime_allowed(0) is False
-    assert realtime_allowed(4) is (FIFO_REFUSED is None)
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER
-
-
-def test_the_default_nice_increment_follows_the_models_policy(monkeypatch):
-    """run.nice_non_inference unset: 10 while the models run under the ordinary policy,
-    0 once SCHED_FIFO is granted to them; a value that is set is kept either way."""
-    assert non_inference_increment(None, 0) == 10
-    assert non_inference_increment(7, 0) == 7
-    assert non_inference_increment(None, 3) == (0 if FIFO_REFUSED is None else 10)
-    assert non_inference_increment(5, 3) == 5
-    assert non_inference_increment(0, 0) == 0
-
-    def refuse(*args):
-        raise PermissionError(1, "Operation not permitted")
-
-    monkeypatch.setattr(os, "sched_setscheduler", refuse)
-    assert non_inference_increment(None, 3) == 10  # refused: the models are ordinary threads, the rest steps down
+def test_the_default_policy_changes_nothing_and_a_tuned_one_carries_the_settings(monkeypatch):
+    """tuning off (the default): every thread keeps its creator's priority and CPUs;
+    each knob set goes into the policy as it is."""
+    assert ThreadPolicy.from_tuning(TuningConfig()) == ThreadPolicy()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    tuned = TuningConfig(nice_non_inference=5, realtime_inference=3, infer_nice=-4, infer_cpu=1)
+    assert ThreadPolicy.from_tuning(tuned) == ThreadPolicy(5, 3, -4, ({1}, {0}))
 
 
 def test_split_cpus_gives_the_infer_thread_one_cpu_and_the_rest_the_others(monkeypatch):
-    """run.infer_cpu: that CPU for the infer thread, every other allowed one for the rest;
+    """tuning.infer_cpu: that CPU for the infer thread, every other allowed one for the rest;
     unset, nothing; a CPU the process may not use, or the only one it may, is refused."""
     from station.errors import ConfigError
 
     assert split_cpus(None) is None
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert split_cpus(2) == ({2}, {0, 1, 3})
-    with pytest.raises(ConfigError, match=r"run.infer_cpu 7: this process may run on CPUs \[0, 1, 2, 3\] only"):
+    with pytest.raises(ConfigError, match=r"tuning.infer_cpu 7: this process may run on CPUs \[0, 1, 2, 3\] only"):
         split_cpus(7)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
-    with pytest.raises(ConfigError, match="run.infer_cpu 1: this process may run on that CPU only"):
+    with pytest.raises(ConfigError, match="tuning.infer_cpu 1: this process may run on that CPU only"):
         split_cpus(1)

@@ -26,11 +26,11 @@ from pathlib import Path
 import pytest
 
 from certs import have_openssl, make_pki, tls_listener
-from faultkit import start_station
+from daemonkit import wait_until
 from mosquitto import Mosquitto, Subscriber, free_port, have_mosquitto, write_password_file
 from station.config import DEMO_MODEL, load_config, parse_config
 from station.errors import ConfigError, ModelError
-from test_daemon import PREFIX, mqtt_section, result_ids, wait_until
+from test_daemon import PREFIX, mqtt_section, result_ids
 
 PASSWORD = "Zq8-never-in-a-log-41c"
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,14 +43,6 @@ def pki(tmp_path):
     if not have_openssl():
         pytest.skip("openssl is not installed")
     return make_pki(tmp_path / "pki")
-
-
-@pytest.fixture
-def procs():
-    started = []
-    yield started.append
-    for s in started:
-        s.kill()
 
 
 def _dual_broker(tmp_path: Path, pki: Path) -> tuple[Mosquitto, int]:
@@ -75,7 +67,7 @@ def _dual_broker(tmp_path: Path, pki: Path) -> tuple[Mosquitto, int]:
 
 
 @needs_broker
-def test_daemon_over_mutual_tls_and_a_broker_with_an_unknown_ca_is_refused(tmp_path, pki, procs):
+def test_daemon_over_mutual_tls_and_a_broker_with_an_unknown_ca_is_refused(tmp_path, pki, stations):
     broker, plain = _dual_broker(tmp_path, pki)
     tls = (f"  tls: {{ca_file: {pki / 'ca.crt'}, cert_file: {pki / 'client.crt'}, key_file: {pki / 'client.key'}}}\n")
     good = tmp_path / "good"
@@ -84,19 +76,17 @@ def test_daemon_over_mutual_tls_and_a_broker_with_an_unknown_ca_is_refused(tmp_p
     bad.mkdir()
     try:
         with Subscriber(plain, f"{PREFIX}/#") as sub:
-            station = start_station(good, f"station: {{id: cam1}}\ncamera: {{type: fake, fps: 20}}\n"
-                                          f"{mqtt_section(broker)}{tls}")
-            procs(station)
+            station = stations(good, f"station: {{id: cam1}}\ncamera: {{type: fake, fps: 20}}\n"
+                                     f"{mqtt_section(broker)}{tls}")
             assert sub.wait_for(lambda m: len(result_ids(sub)) >= 3, 40), station.text()
             assert "TLS" in station.text()  # "MQTT connected to … (MQTT 5, TLS)"
 
             # The same daemon trusting another CA: the handshake fails on the broker's
             # certificate, is reported, and retried with backoff (not in a loop).
             wrong = tls.replace(str(pki / "ca.crt"), str(pki / "other-ca.crt"))
-            other = start_station(bad, "station: {id: cam2}\ncamera: {type: fake, fps: 20}\n"
-                                       + mqtt_section(broker).replace("reconnect_min_s: 1.5", "reconnect_min_s: 1.0")
-                                       .replace("reconnect_max_s: 1.5", "reconnect_max_s: 2.0") + wrong)
-            procs(other)
+            other = stations(bad, "station: {id: cam2}\ncamera: {type: fake, fps: 20}\n"
+                             + mqtt_section(broker).replace("reconnect_min_s: 1.5", "reconnect_min_s: 1.0")
+                             .replace("reconnect_max_s: 1.5", "reconnect_max_s: 2.0") + wrong)
             wait_until(lambda: "certificate verify failed" in other.text(), 40, "the refused broker certificate")
             wait_until(lambda: other.text().count("certificate verify failed") >= 2, 10, "a second attempt")
             assert other.text().count("certificate verify failed") <= 4  # backoff, not a tight loop
@@ -119,15 +109,14 @@ def auth_broker(tmp_path):
 
 
 @needs_broker
-def test_daemon_debug_log_and_check_config_never_show_the_password(tmp_path, auth_broker, procs):
+def test_daemon_debug_log_and_check_config_never_show_the_password(tmp_path, auth_broker, stations):
     pw = tmp_path / "mqtt.pw"
     pw.write_text(PASSWORD + "\n")
     pw.chmod(0o600)
     config = ("station: {id: cam1}\ncamera: {type: fake, fps: 20}\n" + mqtt_section(auth_broker)
               + f"  auth: {{username: station, password_file: {pw}}}\n")
     with Subscriber(auth_broker.port, f"{PREFIX}/#", username="reader", password=PASSWORD) as sub:
-        station = start_station(tmp_path, config, verbose=2)
-        procs(station)
+        station = stations(tmp_path, config, verbose=2)
         assert sub.wait_for(lambda m: len(result_ids(sub)) >= 3, 40), station.text()
         station.signal(signal.SIGTERM)
         assert station.wait(20) == 0
@@ -141,13 +130,12 @@ def test_daemon_debug_log_and_check_config_never_show_the_password(tmp_path, aut
 
 
 @needs_broker
-def test_daemon_with_refused_credentials_reports_once_and_retries_slowly(tmp_path, auth_broker, procs):
+def test_daemon_with_refused_credentials_reports_once_and_retries_slowly(tmp_path, auth_broker, stations):
     config = ("station: {id: cam1}\ncamera: {type: fake, fps: 20}\n"
               + mqtt_section(auth_broker).replace("reconnect_max_s: 1.5", "reconnect_max_s: 30")
               .replace("reconnect_min_s: 1.5", "reconnect_min_s: 0.1")
               + "  auth: {username: station, password_env: STATION_MQTT_PASSWORD}\n")
-    station = start_station(tmp_path, config, env={"STATION_MQTT_PASSWORD": "wrong-" + PASSWORD})
-    procs(station)
+    station = stations(tmp_path, config, env={"STATION_MQTT_PASSWORD": "wrong-" + PASSWORD})
     wait_until(lambda: "refused the credentials" in station.text(), 40, "the refused credentials")
     wait_until(lambda: "camera fake:0: connected" in station.text(), 20, "inspection to run")
     attempts = auth_broker.log_text().count("not authorised")
@@ -194,6 +182,26 @@ def test_exposed_config_file_is_warned_about_never_refused(tmp_path, caplog, aut
     assert len(got) == len(expected)
     for message, part in zip(got, expected):
         assert message.startswith(f"{path}: config file is ") and part in message
+
+
+@pytest.mark.parametrize("section, named", [
+    ("mqtt:\n  host: h\n  auth: {username: u, password_env: PW}\n", "mqtt.auth"),
+    ("plc:\n  type: opcua\n  endpoint: opc.tcp://h:4840\n  auth: {username: u, password_file: pw}\n"
+     "  nodes: {part_id: i=1, grade: i=2, sequence: i=3, defect_area_pct: i=4}\n", "plc.auth"),
+    ("plc:\n  type: opcua\n  endpoint: opc.tcp://h:4840\n  nodes: {part_id: i=1, grade: i=2, sequence: i=3, "
+     "defect_area_pct: i=4}\n  security: {certificate: c.der, private_key: c.pem, server_certificate: s.der}\n",
+     "plc.security.private_key"),
+    ("sparkplug: {host: h, group_id: g, edge_node_id: n, auth: {username: u, password_env: PW}}\n", "sparkplug.auth"),
+])
+def test_every_section_with_credentials_makes_a_readable_config_a_warning(tmp_path, caplog, section, named):
+    path = tmp_path / "station.yaml"
+    path.write_text(section)
+    path.chmod(0o644)
+    caplog.set_level(logging.WARNING)
+    load_config(path)
+    got = _warnings(caplog)
+    assert len(got) == 1 and got[0].startswith(f"{path}: config file is world-readable (mode 0644)"), got
+    assert f"it configures credentials ({named})" in got[0]
 
 
 def test_exposed_password_and_key_files_are_warned_about(tmp_path, caplog, pki):
