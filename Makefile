@@ -1,12 +1,13 @@
 # Two commands for a fresh machine:
 #   make demo   install the daemon into .venv and inspect the bundled samples
 #   make test   install the daemon, the export tools and pytest into .venv; lint (ruff), type-check (mypy), run the tests
+#               (make test-soak: the soak-style tests it leaves out)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test docs demo-model bench-models clean
+.PHONY: demo test test-soak docs demo-model bench-models clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,10 @@ test: $(VENV)/.installed-test
 	$(PY) -m ruff check station export tests
 	$(PY) -m mypy
 	$(PY) -m pytest
+
+# The soak-style tests the default run leaves out (the daemon at full rate for a while, its resources watched).
+test-soak: $(VENV)/.installed-test
+	$(PY) -m pytest -m soak
 
 # The configuration reference, generated from the config models.
 docs: $(VENV)/.installed-base

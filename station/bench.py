@@ -24,6 +24,8 @@ other process on the machine (:func:`_host_figures`), so that a figure bounded
 by the host rather than the station shows as such.
 
 It prints a table and writes JSON with the ratios the targets are stated in.
+``--compare CONFIG`` instead times the bare runs of two model sets side by side
+(station/bench_compare.py).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,13 +50,14 @@ from typing import TYPE_CHECKING, NamedTuple, cast
 import numpy as np
 
 from . import __version__
+from .broker import Mosquitto
 from .config import FakeCamera, MqttConfig, StationConfig, load_config
 from .errors import StationError
 from .inspector import Inspector, Work, open_models
 from .messages import result_record
 from .outbox import Outbox
 from .parallel import ParallelInfer
-from .priority import ThreadPolicy, non_inference_increment, split_cpus
+from .priority import ThreadPolicy, split_cpus
 from .types import Frame
 
 if TYPE_CHECKING:
@@ -157,42 +159,6 @@ def queue_floor(service_ms: list[float], period_ms: float) -> list[float]:
     return out
 
 
-class Broker:
-    """A throw-away Mosquitto on a free loopback port."""
-
-    def __init__(self, workdir: Path):
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(exe).exists():
-            raise StationError("station bench needs the mosquitto binary (apt install mosquitto)")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        conf = workdir / "mosquitto.conf"
-        user = "user root\n" if os.geteuid() == 0 else ""
-        # set_tcp_nodelay: PUBACKs leave at once instead of waiting behind Nagle's
-        # algorithm for the TCP acknowledgement of the previous one (docs/lab/benchmarks.md, "Frame-path changes kept").
-        conf.write_text(f"{user}persistence false\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                        "max_queued_messages 100000\nset_tcp_nodelay true\n")
-        self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise StationError(f"mosquitto did not start on 127.0.0.1:{self.port}") from None
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 def wake_latency(n: int = 300, gap_s: float = 0.01) -> dict[str, float]:
     """Hand-over from one thread to another that waits on a condition, as the
     pipeline's queues do, ``n`` times ``gap_s`` apart (the CPU idles between):
@@ -223,14 +189,15 @@ def wake_latency(n: int = 300, gap_s: float = 0.01) -> dict[str, float]:
 BARE_REALTIME_REST = 0.1  # bare runs under SCHED_FIFO: pause after each, as a fraction of its time
 
 
-def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, list[float]]:
+def bare(inspector: Inspector, frames: list[Frame], runs: int,
+         per_model_ms: dict[str, list[float]] | None = None) -> tuple[dict, list[float]]:
     """The models alone on prepared tensors, run as the daemon's infer stage runs
-    them (one after the other, or at the same time with ``inference.parallel_models``,
-    on a thread under ``run.realtime_inference``, or at ``run.infer_nice``, as the infer thread is): the figures
+    them (one after the other, or at the same time with ``tuning.parallel_models``,
+    on a thread under ``tuning.realtime_inference``, or at ``tuning.infer_nice``, as the infer thread is): the figures
     (per-frame ms, frames/s from the runs' own times) and the per-frame times in the
-    order measured."""
+    order measured; ``per_model_ms``, when given, gathers each model's run times (ms) by role."""
     prepared = [inspector.prepare(f) for f in frames]
-    policy = ThreadPolicy.from_run(inspector.cfg.run)  # and on the CPUs the daemon gives them
+    policy = ThreadPolicy.from_tuning(inspector.cfg.tuning)  # and on the CPUs the daemon gives them
     infer = ParallelInfer("bare", policy)
 
     def one_frame(i: int) -> Work:
@@ -264,6 +231,9 @@ def bare(inspector: Inspector, frames: list[Frame], runs: int) -> tuple[dict, li
             parallel, realtime = pool.submit(measure).result()
     finally:
         infer.close()
+    if per_model_ms is not None:
+        for role, ms in per_model.items():
+            per_model_ms.setdefault(role, []).extend(ms)
     elapsed = sum(per_frame) / 1e3
     return {
         "runs": runs,
@@ -321,7 +291,7 @@ class _Run:
     @staticmethod
     def _models_of(latency_ms: dict[str, float]) -> float:
         """A frame's model time: both models together when they ran at once (``infer``,
-        inference.parallel_models), else the sum of their runs."""
+        tuning.parallel_models), else the sum of their runs."""
         if "infer" in latency_ms:
             return latency_ms["infer"]
         return sum(ms for stage, ms in latency_ms.items() if stage.startswith("infer."))
@@ -458,21 +428,23 @@ def gpu_description(models: dict, device_id: int) -> str | None:
     return f"{fields[0]}, driver {fields[1]}, {fields[2]}"
 
 
+# set_tcp_nodelay: PUBACKs leave at once instead of waiting behind Nagle's algorithm for
+# the TCP acknowledgement of the previous one.
+BROKER_OPTIONS = ("max_queued_messages 100000", "set_tcp_nodelay true")
+
+
 def run_bench(cfg: StationConfig, frames: int, latency_frames: int, latency_loads: tuple[float, ...],
               size: tuple[int, int] | None = None, timeout: float = 3600.0) -> dict:
     with tempfile.TemporaryDirectory(prefix="station-bench-") as tmp:
         work = Path(tmp)
-        broker = Broker(work)
-        try:
+        with Mosquitto(work / "broker", options=BROKER_OPTIONS) as broker:
             return _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work, broker)
-        finally:
-            broker.stop()
 
 
-def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path, broker: Broker) -> dict:
-    cpus = split_cpus(cfg.run.infer_cpu)
+def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path, broker: Mosquitto) -> dict:
+    cpus = split_cpus(cfg.tuning.infer_cpu)
     if cpus is not None:  # the broker off the infer thread's CPU, as its unit would keep it (README)
-        os.sched_setaffinity(broker.proc.pid, cpus[1])
+        os.sched_setaffinity(broker.pid, cpus[1])
     models = open_models(cfg)
     inspector = Inspector(models, cfg, keep_mask=False)
     cam = _camera(cfg, frames, None, size)
@@ -488,7 +460,7 @@ def _bench(cfg, frames, latency_frames, latency_loads, size, timeout, work: Path
         "models": {r: {"name": m.card.name, "input": [m.card.input.height, m.card.input.width],
                        "providers": m.providers, "sha256": m.sha256} for r, m in models.items()},
     }
-    pids = (broker.proc.pid,)
+    pids = (broker.pid,)
     h0 = _host_ticks(pids)
     report["host"] = {"wake_ms": wake_latency()}
     report["host"].update(_host_figures(h0, _host_ticks(pids)))
@@ -525,12 +497,11 @@ def _machine(cfg: StationConfig, models: dict) -> dict:
     return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "onnxruntime": __import__("onnxruntime").__version__,
             "nice": os.getpriority(os.PRIO_PROCESS, 0),  # the bench's own priority (`nice -n`)
-            "realtime_inference": cfg.run.realtime_inference,
-            # the nice increment of the pipeline's threads but inference, as the daemon resolves it
-            "nice_non_inference": non_inference_increment(cfg.run.nice_non_inference, cfg.run.realtime_inference),
-            "helper_yield_ms": cfg.inference.helper_yield_ms,  # inference.helper_yield_ms
-            "infer_cpu": cfg.run.infer_cpu,  # run.infer_cpu (the broker runs off it too)
-            "infer_nice": cfg.run.infer_nice,  # run.infer_nice: the infer thread's policy instead of FIFO
+            "realtime_inference": cfg.tuning.realtime_inference,
+            "nice_non_inference": cfg.tuning.nice_non_inference,
+            "helper_yield_ms": cfg.tuning.helper_yield_ms,
+            "infer_cpu": cfg.tuning.infer_cpu,  # the broker runs off it too
+            "infer_nice": cfg.tuning.infer_nice,  # the infer thread's policy instead of FIFO
             "gpu": gpu_description(models, cfg.inference.device_id)}
 
 
@@ -659,6 +630,8 @@ def add_bench_parser(sub) -> None:
                         "(the targets are judged at the first)")
     b.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="camera frame size (default: the fake camera's, else 480 640)")
     b.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
+    b.add_argument("--compare", type=Path, metavar="CONFIG", help="instead: the bare runs of -c's models and of "
+                   "CONFIG's, interleaved in one run, and their ratio (e.g. float against INT8 models)")
     b.set_defaults(func=cmd_bench, log_level=logging.INFO)
 
 
@@ -669,6 +642,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if bad:
         raise StationError(f"--latency-load {bad[0]:g}: must be in (0, 1]")
     cfg = load_config(args.config)
+    if args.compare is not None:
+        from .bench_compare import cmd_compare
+
+        return cmd_compare(args, cfg)
     report = run_bench(cfg, args.frames, args.latency_frames, tuple(args.latency_load),
                        tuple(args.size) if args.size else None)
     report["command"] = " ".join(["station", *sys.argv[1:]])

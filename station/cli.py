@@ -1,4 +1,4 @@
-"""Command line: ``station run | replay | eval | listen | bench | model-info | check-config``.
+"""Command line: ``station run | replay | eval | listen | bench | report | model-info | check-config``.
 
 Exit codes (all subcommands):
   0  success: every input inspected / the file is valid
@@ -136,10 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
     from .evaluate import add_eval_parser
     from .listen import add_listen_parser
+    from .report import add_report_parser
 
     add_eval_parser(sub)
     add_listen_parser(sub)
     add_bench_parser(sub)
+    add_report_parser(sub)
     return p
 
 

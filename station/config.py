@@ -5,6 +5,7 @@ relative to the config file's folder but not opened here.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import stat
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from . import MAX_PIXELS
 from .errors import ConfigError
@@ -121,23 +122,6 @@ class InferenceConfig(_Strict):
         default_factory=_default_providers,
         min_length=1,
         description="execution providers in order of preference; those not available are skipped",
-    )
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per operator; 0 = one per core")
-    spin: bool = Field(
-        False,
-        description="let ONNX Runtime's idle threads spin: lowers latency a little, but takes CPU from the "
-        "preprocessing and postprocessing threads that run beside inference",
-    )
-    parallel_models: bool = Field(
-        False,
-        description="run a frame's segmentation and detection models at the same time, each on a thread of its "
-        "own; with intra_op_threads 0 each model gets (cores ÷ models) threads instead of all of them",
-    )
-    helper_yield_ms: float = Field(
-        0.0, ge=0, le=50,
-        description="with parallel_models: a frame's second model waits up to this long before its run for the "
-        "frames before it to be finished and acknowledged, so that their Python work and PUBACK run before it "
-        "takes a core (it ends before the first model all the same when this is under their difference); 0: off",
     )
     device_id: int = Field(0, ge=0, description="GPU used by the CUDA and TensorRT providers")
     io_binding: bool = Field(
@@ -354,7 +338,7 @@ class GenICamCamera(_Strict):
     trigger_mode: Literal["free-run", "software", "hardware"] = Field(
         "free-run",
         description="free-run: the camera streams at its frame rate; software: one frame per part the station's "
-                    "trigger names (TriggerSoftware, needs trigger.type mqtt); hardware: one frame per edge on "
+                    "trigger names (TriggerSoftware, needs trigger.type mqtt or plc); hardware: one frame per edge on "
                     "trigger_source",
     )
     trigger_source: str | None = Field(
@@ -409,9 +393,12 @@ class TriggerConfig(_Strict):
     graded result, or an error record naming why it made no part (invalid
     payload, overflow of ``max_pending``, timeout); retained messages are
     ignored (logged and counted) unless ``accept_retained``.
+    plc: each rising edge of ``plc.nodes.part_present`` is a part, its id read
+    from ``plc.nodes.part_present_id`` (else a counter); the parts wait for
+    their frame as under mqtt (``timeout_s``, ``max_pending``).
     """
 
-    type: Literal["free-run", "mqtt"] = "free-run"
+    type: Literal["free-run", "mqtt", "plc"] = "free-run"
     every_nth: int = Field(1, ge=1, description="free-run: inspect every Nth frame")
     max_fps: float | None = Field(None, gt=0, description="free-run: inspect at most this many frames per second")
     timeout_s: float = Field(2.0, gt=0, le=3600, description="mqtt: a part with no frame within this time gets an error result")
@@ -445,17 +432,44 @@ class RunConfig(_Strict):
     stall_s: float = Field(10.0, gt=0, description="an inspection taking longer than this stops the watchdog pings")
     state_dir: Path | None = Field(None, description="outbox and archive root; default $STATE_DIRECTORY or --state-dir")
     include_mask: bool = Field(False, description="put the defect mask (PNG, base64) into each result payload")
-    nice_non_inference: int | None = Field(
-        None, ge=0, le=19,
-        description="nice increment of every thread but inference (capture, pre/postprocessing, outbox, MQTT), "
-                    "so that the models keep the cores; 0: all threads at the process's priority; "
-                    "default: 10, or 0 when run.realtime_inference is granted (station/priority.py)",
+
+    @model_validator(mode="after")
+    def _backoff_ordered(self) -> "RunConfig":
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError(f"reconnect_min_s ({self.reconnect_min_s}) must not exceed reconnect_max_s ({self.reconnect_max_s})")
+        return self
+
+
+class TuningConfig(_Strict):
+    """How the station's threads share the CPU (station/priority.py, docs/tuning.md).
+
+    Every default is the plain setup: ONNX Runtime's own threads, the models in
+    turn, every thread at the process's priority on any CPU, glibc's allocator as
+    it is. Each knob helped on some host and cost on another: set one only where
+    ``station bench`` shows it helps on the line's machine.
+    """
+
+    parallel_models: bool = Field(
+        False,
+        description="run a frame's segmentation and detection models at the same time, each on a thread of its "
+        "own; with intra_op_threads 0 each model gets (cores ÷ models) threads instead of all of them",
     )
-    steady_malloc: bool = Field(
-        True,
-        description="keep freed memory in the process (glibc mallopt: mmap threshold 32 MiB, trim threshold "
-                    "128 MiB) so that each frame reuses the last one's buffers instead of mapping new pages "
-                    "(station/memory.py); false: glibc's defaults",
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per operator; 0 = one per core")
+    spin: bool = Field(
+        False,
+        description="let ONNX Runtime's idle threads spin: lowers latency a little, but takes CPU from the "
+        "preprocessing and postprocessing threads that run beside inference",
+    )
+    helper_yield_ms: float = Field(
+        0.0, ge=0, le=50,
+        description="with parallel_models: a frame's second model waits up to this long before its run for the "
+        "frames before it to be finished and acknowledged, so that their Python work and PUBACK run before it "
+        "takes a core (it ends before the first model all the same when this is under their difference); 0: off",
+    )
+    nice_non_inference: int = Field(
+        0, ge=0, le=19,
+        description="nice increment of every thread but inference (capture, pre/postprocessing, outbox, MQTT), "
+                    "so that the models keep the cores; 0: all threads at the process's priority",
     )
     realtime_inference: int = Field(
         0, ge=0, le=99,
@@ -465,25 +479,28 @@ class RunConfig(_Strict):
     infer_cpu: int | None = Field(
         None, ge=0, le=4095,
         description="a CPU given to the infer thread alone (the frame's first model, or every model in turn): "
-                    "it runs there and every other thread of the station runs on the other CPUs, so that no "
-                    "thread woken while a model holds that CPU under SCHED_FIFO waits there for the run's "
-                    "end beside an idle CPU (station/priority.py); null: no pinning",
+                    "it runs there and every other thread of the station runs on the other CPUs; null: no pinning",
     )
     infer_nice: int | None = Field(
         None, ge=-20, le=19,
         description="nice value of the infer thread under the ordinary policy instead of SCHED_FIFO "
-                    "(run.realtime_inference then applies to the other models' threads): with run.infer_cpu it "
-                    "is alone on its CPU, and the kernel stops a real-time thread that uses a CPU fully for "
-                    "50 ms a second; for lines that keep the models busy, not for a paced line's latency tail "
-                    "(station/priority.py); below 0 needs CAP_SYS_NICE or LimitNICE=; "
-                    "null: as run.realtime_inference says",
+                    "(realtime_inference then applies to the other models' threads only); below 0 needs "
+                    "CAP_SYS_NICE or LimitNICE=; null: as realtime_inference says",
+    )
+    steady_malloc: bool = Field(
+        False,
+        description="keep freed memory in the process (glibc mallopt: mmap threshold 32 MiB, trim threshold "
+                    "128 MiB) so that each frame reuses the last one's buffers instead of mapping new pages "
+                    "(station/memory.py); false: glibc's defaults",
     )
 
-    @model_validator(mode="after")
-    def _backoff_ordered(self) -> "RunConfig":
-        if self.reconnect_min_s > self.reconnect_max_s:
-            raise ValueError(f"reconnect_min_s ({self.reconnect_min_s}) must not exceed reconnect_max_s ({self.reconnect_max_s})")
-        return self
+
+# The keys the tuning section took from the run and inference sections: a config that
+# still sets one there is refused with the new key's name (parse_config).
+MOVED_TO_TUNING: dict[str, tuple[str, ...]] = {
+    "inference": ("parallel_models", "intra_op_threads", "spin", "helper_yield_ms"),
+    "run": ("nice_non_inference", "realtime_inference", "infer_cpu", "infer_nice", "steady_malloc"),
+}
 
 
 # --- MQTT and the durable outbox ----------------------------------------------------
@@ -637,7 +654,9 @@ OverflowPolicy = Literal["refuse_new", "drop_oldest"]
 
 
 class OutboxConfig(_Strict):
-    """The durable on-disk outbox (SQLite) that holds results until the broker acknowledged them.
+    """The durable on-disk outbox (SQLite) that holds results until every output that
+    confirms delivery (mqtt, plc, sparkplug) confirmed them; a row goes with the last.
+    It bounds what all of them hold together: an output away for long fills it.
 
     When it is full, ``refuse_new`` (the default) refuses the new result with
     OutboxFull and raises the outbox alarm, so nothing already stored is lost
@@ -774,11 +793,14 @@ class OpcUaConfig(_Strict):
 
     Each inspected part is written to the PLC as part id, grade code, sequence number
     and defect area, in one Write request; it counts as written only when the server
-    answered Good for every variable, and a part not confirmed within
-    ``write_timeout_s`` is reported (log, counters) and not written again: the part
-    has moved on. OPC UA has no transaction: a server that refuses one variable may
-    have taken the others, which is why ``nodes.sequence`` goes last. While connected
-    the station writes its heartbeat and follows ``nodes.part_present``; the
+    answered Good for every variable. The parts come from the durable outbox, in
+    order: a part not confirmed within ``write_timeout_s`` is reported (log,
+    counters) and written again (and the parts after it wait), at once when the
+    connection is back, after a backoff while the server refuses it; what was not
+    confirmed at a stop is written after the restart. OPC UA has no transaction: a
+    server that refuses one variable may have taken the others, which is why
+    ``nodes.sequence`` goes last. While connected the station writes its heartbeat
+    and follows ``nodes.part_present`` (a trigger with ``trigger.type: plc``); the
     connection is made again with capped exponential backoff when it is lost.
     """
 
@@ -822,11 +844,8 @@ class OpcUaConfig(_Strict):
     )
     reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay, seconds; doubles per failed attempt")
     reconnect_max_s: float = Field(
-        30.0, gt=0, description="reconnect delay cap, seconds; also the retry delay after refused credentials or certificates"
-    )
-    queue_size: int = Field(
-        64, ge=1, le=100_000,
-        description="parts waiting to be written, at most; beyond, the oldest is dropped (logged and counted)",
+        30.0, gt=0, description="reconnect delay cap, seconds; also the retry delay after refused credentials or "
+                                "certificates, and the longest wait before a refused part is written again",
     )
 
     @model_validator(mode="after")
@@ -913,14 +932,14 @@ class SparkplugConfig(_Strict):
     )
     send_timeout_s: float = Field(
         2.0, gt=0, le=60,
-        description="how long one part's DDATA may wait for the node to be online and for the connection to take "
-                    "it, seconds; a part not sent by then waits in the backlog",
+        description="how long a batch of DDATA may wait for the broker to confirm it, seconds; parts not confirmed "
+                    "stay in the outbox and are sent again, historical",
     )
-    backlog: int = Field(
-        10_000, ge=1, le=1_000_000,
-        description="parts held in memory while the broker is away, sent after the next births as historical data; "
-                    "beyond, the oldest is dropped (logged and counted); lost at a restart (the mqtt outbox, when "
-                    "configured, keeps every result)",
+    primary_host_id: str | None = Field(
+        None, max_length=128, pattern=_TOPIC_LEVEL,
+        description="the SCADA primary host application's id: births and parts wait until its STATE "
+                    "(spBv1.0/STATE/<id>) says online, and a node whose host goes offline ends its session; "
+                    "meanwhile parts wait in the outbox, sent historical later; null: no primary host",
     )
 
     @field_validator("protocol", mode="before")
@@ -1022,6 +1041,79 @@ class MetricsConfig(_Strict):
     port: int = Field(9108, ge=0, le=65535, description="TCP port to listen on; 0 = any free port (tests)")
 
 
+# --- the operator's live page --------------------------------------------------------
+
+SHIFT_START = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
+
+
+class ViewAuthConfig(_PasswordSource):
+    """The operator view's secret: read from ``password_file`` or ``password_env`` when
+    the daemon starts (never written in the config). A browser gives it as HTTP Basic
+    auth (``username`` and the password), a script as ``Authorization: Bearer <it>``,
+    and a panel's bookmark as ``?token=<it>`` once (then a cookie)."""
+
+    username: str = Field("operator", min_length=1, description="user name of HTTP Basic auth")
+
+    @model_validator(mode="after")
+    def _exactly_one_password_source(self) -> "ViewAuthConfig":
+        if (self.password_file is None) == (self.password_env is None):
+            raise ValueError("give password_file or password_env (exactly one)")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (127.0.0.0/8, ::1, localhost); no lookup."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any address
+
+
+class OperatorViewConfig(_Strict):
+    """The operator's live page (station/view/): the latest parts with their images,
+    counts per grade for the shift and per hour, the shift's defect heatmap per
+    class, camera / MQTT / outbox / sink health and the models in use, updated live.
+
+    Served on loopback by default. Bound to any other address it needs ``auth``.
+    """
+
+    enabled: bool = Field(False, description="serve the live page (off by default)")
+    host: str = Field(
+        "127.0.0.1", min_length=1,
+        description="address to listen on; any address but loopback (127.0.0.1, ::1) needs auth",
+    )
+    port: int = Field(8088, ge=0, le=65535, description="TCP port to listen on; 0 = any free port (tests)")
+    auth: ViewAuthConfig | None = Field(
+        None, validate_default=True,
+        description="the secret a browser must give; required unless host is a loopback address",
+    )
+    latest: int = Field(8, ge=1, le=50, description="how many of the latest parts the page shows with their image")
+    image_width: int = Field(480, ge=64, le=2048, description="width of the parts' images on the page, pixels")
+    shifts: list[Annotated[str, Field(pattern=SHIFT_START)]] = Field(
+        default_factory=lambda: ["06:00", "14:00", "22:00"], min_length=1, max_length=24,
+        description="local times (HH:MM) at which shifts start: the shift's counts and heatmap start over",
+    )
+    max_clients: int = Field(8, ge=1, le=256, description="browsers served live at once; more get 503")
+
+    @field_validator("auth")
+    @classmethod
+    def _auth_off_loopback(cls, value: ViewAuthConfig | None, info: ValidationInfo) -> ViewAuthConfig | None:
+        host = info.data.get("host")
+        if value is None and host is not None and not is_loopback(host):
+            raise ValueError(f"required when host ({host}) is not a loopback address: anyone on the network "
+                             "could watch the line; set auth.password_file or auth.password_env")
+        return value
+
+    @field_validator("shifts")
+    @classmethod
+    def _shifts_unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a shift start is listed twice")
+        return value
+
+
 class StationConfig(_Strict):
     station: StationInfo = Field(default_factory=StationInfo)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
@@ -1029,10 +1121,14 @@ class StationConfig(_Strict):
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     grading: GradingConfig = Field(default_factory=GradingConfig)
     mqtt: MqttConfig | None = Field(None, description="MQTT broker and topics; absent = no MQTT")
-    outbox: OutboxConfig = Field(default_factory=lambda: OutboxConfig(), description="durable outbox for MQTT results")
+    outbox: OutboxConfig = Field(default_factory=lambda: OutboxConfig(),
+                                 description="durable outbox for the results of mqtt, plc and sparkplug")
     camera: CameraConfig | None = Field(None, description="frame source of `station run`")
     trigger: TriggerConfig = Field(default_factory=TriggerConfig, description="which frames are inspected")
     run: RunConfig = Field(default_factory=RunConfig, description="daemon queue, timing and state directory")
+    tuning: TuningConfig = Field(
+        default_factory=TuningConfig, description="scheduling knobs (threads, priorities, CPUs); off by default"
+    )
     archive: ArchiveConfig = Field(default_factory=ArchiveConfig, description="images, masks and overlays kept on disk")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
     plc: OpcUaConfig | None = Field(
@@ -1041,6 +1137,9 @@ class StationConfig(_Strict):
     )
     sparkplug: SparkplugConfig | None = Field(
         None, description="Sparkplug B edge node for SCADA: births, a DDATA per part; absent = no Sparkplug"
+    )
+    operator_view: OperatorViewConfig = Field(
+        default_factory=OperatorViewConfig, description="the operator's live page (off by default)"
     )
 
 
@@ -1139,6 +1238,18 @@ def _check_depth(text: str, where: str) -> None:
             depth -= 1
 
 
+def _refuse_moved_keys(data: dict, lines: dict[tuple, int], where: str) -> None:
+    """ConfigError naming each key of MOVED_TO_TUNING still set in its old section, with its line."""
+    found: list[tuple[int, str]] = []
+    for section, keys in MOVED_TO_TUNING.items():
+        body = data.get(section)
+        if isinstance(body, dict):
+            found += [(lines.get((section, key), 0), f"{section}.{key} moved: use tuning.{key}")
+                      for key in keys if key in body]
+    if found:
+        raise ConfigError("\n".join(f"{where}{f':{line}' if line else ''}: {msg}" for line, msg in sorted(found)))
+
+
 def parse_config(text: str, where: str = "<config>", base_dir: Path | None = None) -> StationConfig:
     """Parse YAML text into a StationConfig; ConfigError names where, line and field.
 
@@ -1163,6 +1274,7 @@ def parse_config(text: str, where: str = "<config>", base_dir: Path | None = Non
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}:1: (top level): expected a mapping of sections, got {type(data).__name__}")
+    _refuse_moved_keys(data, lines, where)
     try:
         cfg = StationConfig.model_validate(data)
     except ValidationError as exc:
@@ -1197,6 +1309,10 @@ def resolve_paths(cfg: StationConfig, base_dir: Path) -> StationConfig:
         update["plc"] = cfg.plc.with_base_dir(base_dir)
     if cfg.sparkplug is not None:
         update["sparkplug"] = cfg.sparkplug.with_base_dir(base_dir)
+    view_auth = cfg.operator_view.auth
+    if view_auth is not None and view_auth.password_file is not None:
+        auth = view_auth.model_copy(update={"password_file": fix(view_auth.password_file)})
+        update["operator_view"] = cfg.operator_view.model_copy(update={"auth": auth})
     cam = cfg.camera
     if isinstance(cam, (FolderCamera, VideoCamera)):
         changes = {"path": fix(cam.path)}
@@ -1217,8 +1333,8 @@ def load_config(path: str | Path | None) -> StationConfig:
     """Load a config file, or the bundled default when ``path`` is None.
 
     Logs a warning (never fails) when the file is writable by anyone, or is
-    readable by anyone and configures credentials (``mqtt.auth``, a TLS key):
-    see :func:`warn_if_exposed`.
+    readable by anyone and configures credentials (``mqtt.auth``, ``plc.auth``,
+    ``sparkplug.auth``, a TLS or OPC UA key): see :func:`warn_if_exposed`.
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG
     try:
@@ -1231,13 +1347,20 @@ def load_config(path: str | Path | None) -> StationConfig:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     cfg = parse_config(text, str(path), path.resolve().parent)
-    mqtt = cfg.mqtt
-    secrets = mqtt is not None and (mqtt.auth is not None or (mqtt.tls is not None and mqtt.tls.key_file is not None))
-    spb = cfg.sparkplug  # a broker connection of its own, with the same kinds of credentials
-    if spb is not None:
-        secrets = secrets or spb.auth is not None or (spb.tls is not None and spb.tls.key_file is not None)
-    warn_if_exposed(path, "config file", secret=secrets, why="it configures mqtt credentials")
+    secrets = _credentials(cfg)
+    warn_if_exposed(path, "config file", secret=bool(secrets), why=f"it configures credentials ({', '.join(secrets)})")
     return cfg
+
+
+def _credentials(cfg: StationConfig) -> list[str]:
+    """The sections of ``cfg`` that say where a password or a private key is."""
+    found = [f"{name}.auth" for name, section in (("mqtt", cfg.mqtt), ("plc", cfg.plc), ("sparkplug", cfg.sparkplug))
+             if section is not None and section.auth is not None]
+    found += [f"{name}.tls.key_file" for name, section in (("mqtt", cfg.mqtt), ("sparkplug", cfg.sparkplug))
+              if section is not None and section.tls is not None and section.tls.key_file is not None]
+    if cfg.plc is not None and cfg.plc.security is not None:
+        found.append("plc.security.private_key")
+    return found
 
 
 def warn_if_exposed(path: Path, what: str, secret: bool, why: str = "it holds a secret") -> None:

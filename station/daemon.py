@@ -28,13 +28,14 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import sdnotify
 from .camera.live import SoftwareTriggered, make_source
 from .config import StationConfig, load_config
 from .errors import StationError
+from .infer import OnnxModel
 from .inspector import Inspector, open_models
 from .memory import steady_malloc
 from .messages import stats_record, topics_for
@@ -42,10 +43,12 @@ from .metrics import TRIGGER_OUTCOMES, Metrics, MetricsServer, RollingStats
 from .pipeline import Pipeline
 from .preflight import check_for_run
 from .priority import ThreadPolicy
-from .sinks import CameraAware, Delivery, Sink, build_sinks
+from .sinks import CameraAware, Delivery, ModelsAware, PartSignals, Sink, build_sinks
 from .trigger import Trigger, TriggerErrors
 
 log = logging.getLogger(__name__)
+
+_TRIGGER_ERRORS_BATCH = 16  # trigger errors delivered at a time without MQTT (with it: mqtt.max_inflight)
 
 
 class Daemon:
@@ -64,7 +67,7 @@ class Daemon:
         self.config_path = config_path
         self.state_dir = state_dir or cfg.run.state_dir or _env_state_dir()
         self.stop_event = threading.Event()
-        self.policy = ThreadPolicy.from_run(cfg.run)
+        self.policy = ThreadPolicy.from_tuning(cfg.tuning)
         assert cfg.camera is not None  # check_for_run refused a config without one
         source = make_source(cfg.camera)
         self.trigger = Trigger(cfg)
@@ -87,19 +90,25 @@ class Daemon:
         self.sinks = build_sinks(cfg, self.state_dir, self.metrics, self.stats, self.policy, self._acked,
                                  self.stop_event, jsonl, sinks)
         self.mqtt = self.sinks.mqtt
+        if self.trigger.mode == "plc":  # the PLC's part-present edges are the parts
+            for sink in self.sinks.sinks:
+                if isinstance(sink, PartSignals):
+                    sink.signal_parts(self.trigger.on_signal)
+        self._models_changed(models)
         self.pipeline = Pipeline(cfg, source, self.trigger, inspector, self.sinks, self.policy, self.metrics,
                                  self.stop_event, self._camera_changed, self._crashed)
         self.trigger_errors: TriggerErrors | None = None
-        if self.trigger.mode == "mqtt" and self.mqtt is not None:
-            assert cfg.mqtt is not None  # the durable sink is made with the mqtt section
-            self.trigger_errors = TriggerErrors(self.trigger, cfg.station.id, self._deliver_error,
-                                                self.mqtt.has_room, cfg.mqtt.max_inflight, cfg.outbox.max_rows)
+        if self.trigger.triggered:  # without MQTT (a PLC trigger) the errors go out as they come
+            has_room = self.mqtt.has_room if self.mqtt is not None else (lambda: True)
+            batch = cfg.mqtt.max_inflight if cfg.mqtt is not None else _TRIGGER_ERRORS_BATCH
+            self.trigger_errors = TriggerErrors(self.trigger, cfg.station.id, self._deliver_error, has_room, batch,
+                                                cfg.outbox.max_rows)
 
     @staticmethod
     def _keep_mask(cfg: StationConfig) -> bool:
-        # The frame-sized mask is kept only when something uses it.
+        # The frame-sized mask is kept only when something uses it (the live page draws it).
         archived = cfg.archive.enabled and bool({"mask", "overlay"} & set(cfg.archive.what))
-        return cfg.run.include_mask or archived
+        return cfg.run.include_mask or archived or cfg.operator_view.enabled
 
     # --- what the parts report ----------------------------------------------------------
 
@@ -111,6 +120,12 @@ class Daemon:
     def _deliver_error(self, record: dict) -> None:
         """A trigger's error record (the trigger-errors thread): no frame, to every sink."""
         self.sinks.deliver(record, Delivery(None))
+
+    def _models_changed(self, models: Mapping[str, OnnxModel]) -> None:
+        described = {role: m.describe() for role, m in models.items()}
+        for sink in self.sinks.sinks:
+            if isinstance(sink, ModelsAware):
+                sink.set_models(described)
 
     def _camera_changed(self, state: str) -> None:
         self.metrics.set_camera_state(state)
@@ -130,10 +145,10 @@ class Daemon:
         """Run until stopped (signal, end of a finite source, or ``stop_event``)."""
         cpus = self.policy.cpus
         if cpus is not None:
-            # run.infer_cpu: every thread started from here on (paho's, the models' helper,
+            # tuning.infer_cpu: every thread started from here on (paho's, the models' helper,
             # the stages) runs off the infer thread's CPU; the infer thread moves there.
             # The calling thread gets its CPUs back at the end.
-            log.info("the infer thread runs on CPU %s, every other thread on CPUs %s (run.infer_cpu)",
+            log.info("the infer thread runs on CPU %s, every other thread on CPUs %s (tuning.infer_cpu)",
                      ", ".join(map(str, sorted(cpus[0]))), ", ".join(map(str, sorted(cpus[1]))))
         with self.policy.main():
             self._start(install_signals)
@@ -145,16 +160,17 @@ class Daemon:
 
     def _start(self, install_signals: bool) -> None:
         cfg = self.cfg
-        if cfg.run.steady_malloc:
+        if cfg.tuning.steady_malloc:
             steady_malloc()
-        log.info("threads but inference at nice +%d (run.nice_non_inference)", self.policy.nice)
+        log.info("threads but inference at nice +%d (tuning.nice_non_inference)", self.policy.nice)
         if self.mqtt is not None:
             publisher = self.mqtt.publisher
             publisher.set_status(camera=self.pipeline.camera_state, providers=self.providers)
-            if self.trigger_errors is not None:
-                assert cfg.mqtt is not None  # the durable sink is made with the mqtt section
+            if self.trigger.mode == "mqtt":
+                assert cfg.mqtt is not None  # the MQTT sink is made with the mqtt section
                 publisher.subscribe(topics_for(cfg.mqtt, cfg.station.id).trigger, self.trigger.on_message)
-                self.trigger_errors.start(self.policy, self._crashed)
+        if self.trigger_errors is not None:
+            self.trigger_errors.start(self.policy, self._crashed)
         self.sinks.start()
         if cfg.metrics.enabled:
             self._metrics_server = self.metrics.start_server(cfg.metrics.host, cfg.metrics.port)
@@ -216,10 +232,19 @@ class Daemon:
 
     def _update_gauges(self) -> None:
         self.metrics.set_queue_depth(len(self.pipeline.queue))
+        store = self.sinks.store
+        if store is not None:
+            self.metrics.set_outbox(store.outbox.depth(), store.outbox.alarm, store.outbox.waiting())
+        links = {sink.sink: sink.link_state() for sink in self.sinks.confirming()}
+        for name, (_, up) in links.items():
+            self.metrics.set_sink_connected(name, up)
         if self.mqtt is not None:
-            self.metrics.set_outbox(self.mqtt.outbox.depth(), self.mqtt.outbox.alarm)
             self.metrics.set_mqtt_connected(self.mqtt.publisher.connected)
-        if self.trigger.mode == "mqtt":  # copied here, not counted per message: a flood pays for each count
+            # the other outputs' links in the retained status (republished when one changes)
+            others = {name: state for name, (state, _) in links.items() if name != self.mqtt.sink}
+            if others:
+                self.mqtt.publisher.set_status(sinks=others)
+        if self.trigger.triggered:  # copied here, not counted per message: a flood pays for each count
             counts = self.trigger.counts()
             for outcome, n in counts.items():
                 if n > self._triggers_counted[outcome]:
@@ -228,7 +253,7 @@ class Daemon:
 
     def stats_payload(self) -> dict:
         snap = self.stats.snapshot()
-        outbox = self.mqtt.outbox.stats() if self.mqtt is not None else None
+        outbox = self.sinks.store.outbox.stats() if self.sinks.store is not None else None
         queue = self.pipeline.queue
         return stats_record(
             station_id=self.cfg.station.id,
@@ -243,7 +268,9 @@ class Daemon:
             outbox_alarm=bool(outbox and outbox["alarm"]),
             providers=self.providers,
             camera=self.pipeline.camera_state,
-            triggers=self.trigger.counts() if self.trigger.mode == "mqtt" else None,
+            triggers=self.trigger.counts() if self.trigger.triggered else None,
+            sinks={sink.sink: {"state": sink.link_state()[0], "waiting": outbox["waiting"][sink.sink] if outbox else 0}
+                   for sink in self.sinks.confirming()},
         )
 
     def _shutdown(self) -> None:
@@ -302,6 +329,7 @@ class Daemon:
             log.warning("reload: changes to %s take effect after a restart", ", ".join(restart))
         self.pipeline.inspector = inspector
         self.providers = {role: m.providers for role, m in models.items()}
+        self._models_changed(models)
         self.trigger.reconfigure(cfg)
         log.info("reloaded %s: models %s", self.config_path, ", ".join(f"{r}={m.card.name}" for r, m in models.items()))
 

@@ -18,7 +18,7 @@ frame's inference too. Each frame goes through the same Inspector functions as
 them, and stops them at the stop once they finished what they hold. Each thread
 takes its part of one :class:`~station.priority.ThreadPolicy` as it starts: the
 infer thread keeps the cores for the models, every other thread runs
-``run.nice_non_inference`` steps below. The finish stage hands each record to
+``tuning.nice_non_inference`` steps below. The finish stage hands each record to
 the sinks (station/sinks.py) and knows none of them.
 """
 
@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from .backoff import Backoff
 from .camera.live import EndOfSource, LiveSource
 from .config import StationConfig
 from .errors import CameraError
@@ -137,8 +138,8 @@ class Pipeline:
         self.queue = FrameQueue(cfg.run.queue_size, cfg.run.overflow)
         self._inferred = FrameQueue(2, "block")
         # Frames between inference and their acknowledgement, counted only for
-        # inference.helper_yield_ms (what the second model waits for).
-        inf = cfg.inference
+        # tuning.helper_yield_ms (what the second model waits for).
+        inf = cfg.tuning
         self.settling = Settling() if inf.parallel_models and inf.helper_yield_ms > 0 else None
         self.infer_stage = ParallelInfer("infer", policy, self.settling.wait if self.settling is not None else None,
                                          inf.helper_yield_ms / 1e3)
@@ -212,19 +213,16 @@ class Pipeline:
 
     def _capture_loop(self) -> None:
         # Triggered parts and files waiting in a folder are never dropped.
-        must_keep = self.trigger.mode == "mqtt" or self.source.lossless
+        must_keep = self.trigger.triggered or self.source.lossless
         self.policy.background(opencv=True)  # preprocessing's OpenCV workers at this thread's priority too
-        delay = self.cfg.run.reconnect_min_s
+        backoff = Backoff(self.cfg.run.reconnect_min_s, self.cfg.run.reconnect_max_s)
         opened = False
         try:
             while not self.stop_event.is_set():
                 self._heartbeat = time.monotonic()
                 if not opened:
-                    retry = self._open(delay)
-                    if retry is not None:
-                        delay = retry
-                        continue
-                    opened, delay = True, self.cfg.run.reconnect_min_s
+                    opened = self._open(backoff)
+                    continue
                 try:
                     item = self.source.read(0.2)
                 except EndOfSource as exc:
@@ -246,17 +244,19 @@ class Pipeline:
             self.source.close()
             self.capture_done.set()
 
-    def _open(self, delay: float) -> float | None:
-        """Open the source: None when it is open, else the next backoff, after waiting ``delay`` s."""
+    def _open(self, backoff: Backoff) -> bool:
+        """Open the source: True when it is open, else False after waiting as ``backoff`` says."""
         try:
             self.source.open()
         except CameraError as exc:
             self._set_camera("reconnecting")
-            log.warning("%s; retrying in %.1f s", exc, delay)
-            self.stop_event.wait(delay)
-            return min(delay * 2, self.cfg.run.reconnect_max_s)
+            wait = backoff.next()
+            log.warning("%s; retrying in %.1f s", exc, wait)
+            self.stop_event.wait(wait)
+            return False
+        backoff.reset()
         self._set_camera("connected")
-        return None
+        return True
 
     def _take(self, item: Item, must_keep: bool) -> None:
         """One captured frame (or frame error): a part (trigger), prepared and queued."""
@@ -323,11 +323,11 @@ class Pipeline:
         policy = self.policy
         granted = policy.infer()
         if granted == "nice":
-            log.info("the infer thread runs at nice %+d under the ordinary policy (run.infer_nice)%s",
+            log.info("the infer thread runs at nice %+d under the ordinary policy (tuning.infer_nice)%s",
                      policy.infer_nice, f"; the other models' helper threads, if any, under SCHED_FIFO "
                                         f"{policy.realtime}" if policy.realtime else "")
         elif granted == "fifo":
-            log.info("the models' threads run under SCHED_FIFO %d (run.realtime_inference)", policy.realtime)
+            log.info("the models' threads run under SCHED_FIFO %d (tuning.realtime_inference)", policy.realtime)
 
     def _infer(self, item: Work | FrameError | _Failed) -> Work | FrameError | _Failed:
         try:
@@ -351,14 +351,14 @@ class Pipeline:
                 self.settling.finished(seq)
 
     def _finish_one(self, item: Work | FrameError | _Failed) -> int | None:
-        """Postprocess and grade one item and hand its record to the sinks; its outbox
-        seq (None: not stored)."""
+        """Postprocess and grade one item and hand its record to the sinks; the outbox seq
+        the broker will acknowledge (None: not stored, or no MQTT)."""
         record, frame, result = self._record(item)
         ctx = Delivery(frame, result)
         self.sinks.deliver(record, ctx)
         if ctx.stored:  # a folder file whose result was not stored stays, for the next start to inspect
             self.source.done(frame)
-        return ctx.seq
+        return ctx.seq if ctx.acked else None
 
     def _record(self, item: Work | FrameError | _Failed) -> tuple[dict, Item, InspectionResult | None]:
         """The record of one item: its graded result's, or an error record; with its frame."""

@@ -21,19 +21,24 @@ def problems_for_run(cfg: StationConfig, camera_optional: bool = False) -> list[
     """Every reason ``station run`` would refuse ``cfg`` (models aside), one line each.
     camera_optional: a missing camera section is not one (a config for ``station replay``)."""
     problems = []
-    checks: list[Callable[[], Any]] = [lambda: split_cpus(cfg.run.infer_cpu)]
+    checks: list[Callable[[], Any]] = [lambda: split_cpus(cfg.tuning.infer_cpu)]
     if cfg.camera is None and not camera_optional:
         problems.append("camera: section missing: `station run` needs a frame source")
     if cfg.trigger.type == "mqtt" and cfg.mqtt is None:
         problems.append("trigger.type: mqtt needs an mqtt section")
+    if cfg.trigger.type == "plc" and (cfg.plc is None or cfg.plc.nodes.part_present is None):
+        problems.append("trigger.type: plc needs a plc section with nodes.part_present")
     if cfg.camera is not None and cfg.camera.type == "genicam":
-        if cfg.camera.trigger_mode == "software" and cfg.trigger.type != "mqtt":
+        if cfg.camera.trigger_mode == "software" and cfg.trigger.type == "free-run":
             problems.append("camera.trigger_mode: software takes a frame per part named by the trigger: "
-                            "it needs trigger.type mqtt")
+                            "it needs trigger.type mqtt or plc")
         checks.append(genicam_binding)
     if cfg.mqtt is not None:
         mqtt = cfg.mqtt
         checks += [lambda: read_password(mqtt.auth), lambda: tls_context(mqtt.tls)]
+    view = cfg.operator_view
+    if view.enabled and view.auth is not None:
+        checks.append(lambda: read_password(view.auth, "operator_view.auth"))
     for check in checks:
         try:
             check()

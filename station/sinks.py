@@ -5,16 +5,23 @@ The pipeline hands every record (a graded result, or an error record) to one
 its own behind one small interface (:class:`Sink`); :func:`build_sinks` makes
 them from the config, in the order they are fed:
 
-* :class:`MqttSink`, the durable one: the outbox (SQLite) and the MQTT sender
-  behind it. It comes first: whether it stored a record decides whether a
-  folder file may go (``Delivery.stored``); it tells the sinks after it the
-  outbox seq (``Delivery.seq``) and, later, the broker's acknowledgement of that
-  seq (:meth:`Sink.acked`). A sink that must confirm delivery is fed from the
-  outbox in the same way, and retried after a restart.
+* :class:`OutboxSink`, the durable store (SQLite), with an ``mqtt``, ``plc`` or
+  ``sparkplug`` section. It comes first: it stores each record for every sink
+  that confirms delivery, and whether it stored it decides whether a folder file
+  may go (``Delivery.stored``); it tells the sinks after it the outbox seq
+  (``Delivery.seq``).
+* :class:`MqttSink`: the MQTT sender, which sends what the outbox holds for it;
+  the sinks after it hear of the broker's acknowledgements (:meth:`Sink.acked`).
+* the PLC (station/plc.py ``OpcUaSink``) and Sparkplug B (station/sparkplug.py
+  ``SparkplugSink``), when configured: like MQTT, each is fed from the outbox
+  (:class:`Confirming`), acknowledges each result there once its delivery was
+  confirmed, and is handed what it had not confirmed after a restart. A row of
+  the outbox goes once all of them confirmed it.
 * :class:`MetricsSink`: the Prometheus metrics and the ``…/stats`` figures.
 * :class:`JsonlSink`: every record as a line of JSON (``station run --jsonl``).
 * the caller's own (``station bench`` observes through one);
 * :class:`ArchiveSink`: graded frames and errors on disk.
+* ``OperatorView`` (station/view/): the operator's live page, when configured.
 
 A new output (OPC UA to the PLC, Sparkplug B to SCADA, an operator's live page)
 is one more class with the four methods of :class:`Sink` and one more line in
@@ -28,18 +35,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .archive import Archive
 from .config import StationConfig
 from .errors import PublishError, StationError
-from .messages import dumps
+from .messages import dumps, topics_for
 from .metrics import Metrics, RollingStats
 from .outbox import WAL_LIMIT, Outbox, OutboxFull
 from .priority import ThreadPolicy
-from .publish import MqttPublisher
+from .publish import MqttPublisher, store_record
 from .types import Frame, FrameError, InspectionResult
 
 log = logging.getLogger(__name__)
@@ -51,16 +58,18 @@ class Delivery:
 
     frame: the frame (or frame error) the record is about; None for the error of a
     trigger that made no part. result: the graded result; None for an error record.
-    seq: the outbox seq the durable sink stored the record under (None: no MQTT, or
-    not stored). stored: False when the durable sink could not store it (outbox
+    seq: the outbox seq the durable store stored the record under (None: no outbox,
+    or not stored). stored: False when the durable store could not store it (outbox
     full, or the disk refused the write): a folder file then stays, for the next
-    start to inspect.
+    start to inspect, and no sink fed from the outbox gets it. acked: the broker
+    will acknowledge ``seq`` (:meth:`Sink.acked`): the MQTT sink sends it.
     """
 
     frame: Frame | FrameError | None
     result: InspectionResult | None = None
     seq: int | None = None
     stored: bool = True
+    acked: bool = False
 
     @property
     def captured_at(self) -> float | None:
@@ -92,16 +101,52 @@ class CameraAware(Protocol):
     def set_camera_state(self, state: str) -> None: ...
 
 
+@runtime_checkable
+class ModelsAware(Protocol):
+    """A sink that also names the models in use (the operator's live page): role →
+    ``OnnxModel.describe()``, told at the start and after each reload."""
+
+    def set_models(self, models: Mapping[str, Mapping[str, Any]]) -> None: ...
+
+
+@runtime_checkable
+class PartSignals(Protocol):
+    """A sink whose peer also signals parts (the PLC's part-present edges: ``trigger.type: plc``)."""
+
+    def signal_parts(self, on_part: Callable[[str | None], None]) -> None: ...
+
+
+@runtime_checkable
+class Confirming(Protocol):
+    """A sink fed from the outbox: it acknowledges there each result whose delivery was
+    confirmed (``outbox.ack(seq, sink)``), and is handed what it had not after a restart.
+    ``sink``: its name in the outbox (its config section: mqtt, plc, sparkplug)."""
+
+    sink: str
+
+    def link_state(self) -> tuple[str, bool]:
+        """Its connection: (its state in a word, e.g. "connected", "online", "disconnected";
+        whether it can deliver now)."""
+
+
 class Fanout:
     """The sinks of one daemon, fed in order: each record, and each acknowledgement,
-    to every sink. ``mqtt``: the durable sink, which the supervisor also starts,
-    asks about and flushes (None without MQTT); ``archive``: the archive the
-    supervisor prunes (None when off)."""
+    to every sink, and closed in the reverse order (the outbox last, once the sinks it
+    feeds have stopped). ``store``: the durable store, whose outbox the supervisor
+    reports on (None without one); ``mqtt``: the MQTT sink, which the supervisor also
+    asks about and flushes (None without MQTT); ``archive``: the archive the supervisor
+    prunes (None when off)."""
 
-    def __init__(self, sinks: Sequence[Sink], mqtt: MqttSink | None = None, archive: Archive | None = None):
+    def __init__(self, sinks: Sequence[Sink], mqtt: MqttSink | None = None, archive: Archive | None = None,
+                 store: OutboxSink | None = None):
         self.sinks = list(sinks)
         self.mqtt = mqtt
         self.archive = archive
+        self.store = store
+
+    def confirming(self) -> list[Confirming]:
+        """The sinks fed from the outbox, in order."""
+        return [sink for sink in self.sinks if isinstance(sink, Confirming)]
 
     def start(self) -> None:
         for sink in self.sinks:
@@ -116,14 +161,15 @@ class Fanout:
             sink.acked(seq)
 
     def close(self) -> None:
-        for sink in self.sinks:
+        for sink in reversed(self.sinks):
             sink.close()
 
 
-class MqttSink:
-    """The durable sink: each record is stored in the outbox before it is sent over
-    MQTT (QoS 1), and deleted only once the broker acknowledged it
-    (station/publish.py); ``on_ack(seq)`` then hears of it, on paho's network thread.
+class OutboxSink:
+    """The durable store: each record is stored in the outbox (station/outbox.py) for
+    every sink that confirms delivery (``sinks``: their names, the config sections
+    mqtt, plc, sparkplug) before any of them sends it; each deletes its part of it
+    once its delivery was confirmed, and the row goes with the last one.
 
     A thread of its own (``outbox-checkpoint``, from :meth:`start` until ``stop`` is
     set) copies the outbox's write-ahead log into its file every
@@ -132,27 +178,24 @@ class MqttSink:
     """
 
     def __init__(self, cfg: StationConfig, state_dir: Path | None, metrics: Metrics, policy: ThreadPolicy,
-                 on_ack: Callable[[int], None], stop: threading.Event):
-        assert cfg.mqtt is not None  # build_sinks makes it only with an mqtt section
-        self._mqtt = cfg.mqtt
+                 stop: threading.Event, sinks: Sequence[str]):
         self._checkpoint_s = cfg.outbox.checkpoint_s
         self._metrics = metrics
         self._policy = policy
         self._stop = stop
-        self.outbox = Outbox.from_config(cfg.outbox, state_dir)
-        self.publisher = MqttPublisher(cfg.mqtt, cfg.station.id, self.outbox, policy, on_ack)
+        self._topic = topics_for(cfg.mqtt, cfg.station.id).result if cfg.mqtt is not None else ""
+        self.outbox = Outbox.from_config(cfg.outbox, state_dir, sinks)
         self._checkpoints: threading.Thread | None = None
 
     def start(self) -> None:
-        """Take the outbox's checkpoints over and start sending."""
+        """Take the outbox's checkpoints over."""
         self.outbox.take_over_checkpoints()
         self._checkpoints = threading.Thread(target=self._checkpoint_loop, name="outbox-checkpoint", daemon=True)
         self._checkpoints.start()
-        self.publisher.start()
 
     def deliver(self, record: dict, ctx: Delivery) -> None:
         try:
-            ctx.seq = self.publisher.publish_result(record)
+            ctx.seq = store_record(self.outbox, record, self._topic)
         except OutboxFull as exc:
             # refuse_new: the outbox keeps what it has; this result is logged and counted.
             ctx.stored = False
@@ -164,21 +207,7 @@ class MqttSink:
             log.error("result %s not stored: %s", record.get("id"), exc)
 
     def acked(self, seq: int) -> None:
-        """Its own acknowledgements: it reported them to ``on_ack`` already."""
-
-    def has_room(self) -> bool:
-        """False while the broker is connected and the outbox holds more than two
-        windows of results (2 × ``mqtt.max_inflight``): records that can wait (the
-        errors of a flood of triggers) should."""
-        pub = self.publisher
-        return not pub.connected or pub.outbox_depth <= 2 * self._mqtt.max_inflight
-
-    def flush(self, timeout: float) -> None:
-        """Send what the outbox holds for up to ``timeout`` s, publish the "stopped"
-        status and disconnect; what is left stays for the next start, and records
-        delivered from now on are stored for it."""
-        if not self.publisher.stop(timeout):
-            log.warning("stop: %d results stay in the outbox for the next start", self.outbox.depth())
+        """The sinks acknowledge in the outbox themselves."""
 
     def close(self) -> None:
         """Close the outbox (once the checkpoint thread, ended by the stop, is done)."""
@@ -206,6 +235,54 @@ class MqttSink:
             # pages: what the WAL grew by since the last checkpoint (each one starts it over)
             grown = pages * self.outbox.page_size
             wait = period if grown <= 0 else min(period, max(shortest, wait * WAL_LIMIT / 4 / grown))
+
+
+class MqttSink:
+    """MQTT: sends over MQTT (QoS 1) what the outbox holds for it (``sink``), each
+    record as soon as :class:`OutboxSink` stored it; an entry is acknowledged there
+    once the broker acknowledged it (station/publish.py), and ``on_ack(seq)`` then
+    hears of it, on paho's network thread. The outbox is the store's: this sink
+    neither opens nor closes it."""
+
+    def __init__(self, cfg: StationConfig, outbox: Outbox, policy: ThreadPolicy, on_ack: Callable[[int], None],
+                 sink: str = "mqtt"):
+        assert cfg.mqtt is not None  # build_sinks makes it only with an mqtt section
+        self._mqtt = cfg.mqtt
+        self.sink = sink
+        self.outbox = outbox
+        self.publisher = MqttPublisher(cfg.mqtt, cfg.station.id, outbox, policy, on_ack, sink)
+
+    def start(self) -> None:
+        """Start sending (what waits from before first)."""
+        self.publisher.start()
+
+    def deliver(self, record: dict, ctx: Delivery) -> None:
+        if ctx.seq is not None:
+            ctx.acked = True
+            self.publisher.send_now()
+
+    def acked(self, seq: int) -> None:
+        """Its own acknowledgements: it reported them to ``on_ack`` already."""
+
+    def link_state(self) -> tuple[str, bool]:
+        return self.publisher.state.value, self.publisher.connected
+
+    def has_room(self) -> bool:
+        """False while the broker is connected and the outbox holds more than two
+        windows of results for it (2 × ``mqtt.max_inflight``): records that can wait
+        (the errors of a flood of triggers) should."""
+        pub = self.publisher
+        return not pub.connected or pub.outbox_depth <= 2 * self._mqtt.max_inflight
+
+    def flush(self, timeout: float) -> None:
+        """Send what the outbox holds for up to ``timeout`` s, publish the "stopped"
+        status and disconnect; what is left stays for the next start, and records
+        delivered from now on are stored for it."""
+        if not self.publisher.stop(timeout):
+            log.warning("stop: %d results stay in the outbox for MQTT's next start", self.publisher.outbox_depth)
+
+    def close(self) -> None:
+        """Stopped by :meth:`flush` already."""
 
 
 class MetricsSink:
@@ -297,25 +374,35 @@ def archive_root(cfg: StationConfig, state_dir: Path | None) -> Path:
 def build_sinks(cfg: StationConfig, state_dir: Path | None, metrics: Metrics, stats: RollingStats,
                 policy: ThreadPolicy, on_ack: Callable[[int], None], stop: threading.Event,
                 jsonl: Path | None = None, extra: Sequence[Sink] = ()) -> Fanout:
-    """The daemon's sinks, in the order they are fed (see above): the durable one with
-    an ``mqtt`` section (``on_ack`` hears its acknowledgements; its checkpoints end
-    when ``stop`` is set), the metrics, the JSONL file when ``jsonl`` is given,
-    ``extra``, the archive when enabled. They start with :meth:`Fanout.start`."""
-    mqtt = MqttSink(cfg, state_dir, metrics, policy, on_ack, stop) if cfg.mqtt is not None else None
+    """The daemon's sinks, in the order they are fed (see above): the durable store with
+    an ``mqtt``, ``plc`` or ``sparkplug`` section (its checkpoints end when ``stop`` is
+    set), MQTT (``on_ack`` hears its acknowledgements), the metrics, the JSONL file
+    when ``jsonl`` is given, the PLC, Sparkplug B, ``extra``, the archive when enabled,
+    the operator's live page when enabled (station/view/). They start with :meth:`Fanout.start`."""
+    confirming = [name for name in ("mqtt", "plc", "sparkplug") if getattr(cfg, name) is not None]
+    store = OutboxSink(cfg, state_dir, metrics, policy, stop, confirming) if confirming else None
+    sinks: list[Sink] = [store] if store is not None else []
+    mqtt = MqttSink(cfg, store.outbox, policy, on_ack) if store is not None and cfg.mqtt is not None else None
     archive = Archive(cfg.archive, archive_root(cfg, state_dir)) if cfg.archive.enabled else None
-    sinks: list[Sink] = [mqtt] if mqtt is not None else []
+    sinks += [mqtt] if mqtt is not None else []
     sinks.append(MetricsSink(metrics, stats))
     if jsonl is not None:
         sinks.append(JsonlSink(jsonl))
-    if cfg.plc is not None:  # the optional extras are imported only when configured
+    if store is not None and cfg.plc is not None:  # the optional extras are imported only when configured
         from .plc import OpcUaSink
 
-        sinks.append(OpcUaSink(cfg.plc, cfg.station.id, policy=policy))
-    if cfg.sparkplug is not None:
+        sinks.append(OpcUaSink(cfg.plc, cfg.station.id, store.outbox, policy=policy))
+    if store is not None and cfg.sparkplug is not None:
         from .sparkplug import SparkplugSink
 
-        sinks.append(SparkplugSink(cfg.sparkplug, cfg.station.id, state_dir, policy))
+        sinks.append(SparkplugSink(cfg.sparkplug, cfg.station.id, store.outbox, state_dir, policy))
     sinks += extra
     if archive is not None:
         sinks.append(ArchiveSink(archive))
-    return Fanout(sinks, mqtt, archive)
+    if cfg.operator_view.enabled:  # last: it shows the health of those before it
+        from .view import OperatorView
+
+        view = OperatorView(cfg.operator_view, cfg.station.id, mqtt, store.outbox if store is not None else None, policy)
+        view.peers = list(sinks)
+        sinks.append(view)
+    return Fanout(sinks, mqtt, archive, store)
