@@ -39,49 +39,53 @@ def mask_defects(
     Returns (defects, mask (src_h, src_w) bool).
     """
     union = np.zeros((geometry.src_h, geometry.src_w), bool)
-    parts = []
-    for c, name in enumerate(classes):
-        plane = prob[:, :, c]
-        # Nothing above the threshold at model resolution (most good parts):
-        # bilinear resizing cannot create a pixel above it, so skip the work.
-        above = geometry.crop(plane) > threshold
-        if not above.any():
-            continue
-        p = geometry.to_source(plane)
-        binary = above if p.shape == above.shape else p > threshold  # not resized: the same pixels
-        # Regions are labelled inside the box around all pixels above the threshold
-        # (usually a small part of the frame: 0.03 instead of 0.23 ms at 256 x 256).
-        rows, cols = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
-        if rows.size == 0:
-            continue
-        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        sub, p_sub = binary[y0:y1, x0:x1], p[y0:y1, x0:x1]
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(sub.view(np.uint8), connectivity=8)
-        area = stats[1:, cv2.CC_STAT_AREA]
-        big = np.flatnonzero(area >= max(min_area_px, 1)) + 1  # labels large enough to keep
-        mean = _region_means(p_sub, labels, stats, big, n)
-        keep = big[mean[big] >= min_score]
-        if keep.size == 0:
-            continue
-        x, y = stats[keep, cv2.CC_STAT_LEFT] + x0, stats[keep, cv2.CC_STAT_TOP] + y0
-        w, h = stats[keep, cv2.CC_STAT_WIDTH], stats[keep, cv2.CC_STAT_HEIGHT]
-        kept_area = stats[keep, cv2.CC_STAT_AREA]
-        if keep.size == n - 1:
-            union[y0:y1, x0:x1] |= sub
-        else:
-            lut = np.zeros(n, bool)
-            lut[keep] = True
-            union[y0:y1, x0:x1] |= lut[labels]
-        parts.append(
-            Defects(
-                xyxy=np.stack([x, y, x + w, y + h], axis=1).astype(np.float32),
-                confidence=mean[keep].astype(np.float32),
-                class_name=np.full(keep.size, name),
-                area_px=kept_area.astype(np.float64),
-                kind=np.full(keep.size, "segmentation"),
-            )
-        )
+    parts = [found for c, name in enumerate(classes)
+             if (found := _class_defects(prob[:, :, c], name, geometry, threshold, min_area_px, min_score,
+                                         union)) is not None]
     return Defects.concat(parts), union
+
+
+def _class_defects(plane: np.ndarray, name: str, geometry: Geometry, threshold: float, min_area_px: int,
+                   min_score: float, union: np.ndarray) -> Defects | None:
+    """One class's regions of :func:`mask_defects` (None: none kept); their pixels are
+    or-ed into ``union``."""
+    # Nothing above the threshold at model resolution (most good parts):
+    # bilinear resizing cannot create a pixel above it, so skip the work.
+    above = geometry.crop(plane) > threshold
+    if not above.any():
+        return None
+    p = geometry.to_source(plane)
+    binary = above if p.shape == above.shape else p > threshold  # not resized: the same pixels
+    # Regions are labelled inside the box around all pixels above the threshold
+    # (usually a small part of the frame: 0.03 instead of 0.23 ms at 256 x 256).
+    rows, cols = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
+    if rows.size == 0:
+        return None
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    sub, p_sub = binary[y0:y1, x0:x1], p[y0:y1, x0:x1]
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(sub.view(np.uint8), connectivity=8)
+    area = stats[1:, cv2.CC_STAT_AREA]
+    big = np.flatnonzero(area >= max(min_area_px, 1)) + 1  # labels large enough to keep
+    mean = _region_means(p_sub, labels, stats, big, n)
+    keep = big[mean[big] >= min_score]
+    if keep.size == 0:
+        return None
+    x, y = stats[keep, cv2.CC_STAT_LEFT] + x0, stats[keep, cv2.CC_STAT_TOP] + y0
+    w, h = stats[keep, cv2.CC_STAT_WIDTH], stats[keep, cv2.CC_STAT_HEIGHT]
+    kept_area = stats[keep, cv2.CC_STAT_AREA]
+    if keep.size == n - 1:
+        union[y0:y1, x0:x1] |= sub
+    else:
+        lut = np.zeros(n, bool)
+        lut[keep] = True
+        union[y0:y1, x0:x1] |= lut[labels]
+    return Defects(
+        xyxy=np.stack([x, y, x + w, y + h], axis=1).astype(np.float32),
+        confidence=mean[keep].astype(np.float32),
+        class_name=np.full(keep.size, name),
+        area_px=kept_area.astype(np.float64),
+        kind=np.full(keep.size, "segmentation"),
+    )
 
 
 # Up to this many regions, each one's mean is taken in its own box (cv2.mean under

@@ -218,50 +218,12 @@ def soak(config: Path | None, minutes: float, out: Path, plot: Path | None = Non
     proc = subprocess.Popen([sys.executable, "-m", "station", "run", "-c", str(cfg_path), "--state-dir", str(state)],
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     samples: list[dict] = []
-    t0 = time.monotonic()
-    exit_code: int | None = None
-    died = False
     try:
-        next_t = t0
-        while True:
-            now = time.monotonic()
-            if now - t0 >= duration:
-                break
-            if proc.poll() is not None:
-                died = True
-                break
-            if now >= next_t:
-                next_t += interval
-                try:
-                    s = proc_sample(proc.pid)
-                except (OSError, KeyError, IndexError):
-                    continue  # the process is exiting; poll() tells next turn
-                received, distinct, errors = counter.snapshot() if counter else (0, 0, 0)
-                samples.append({"t": round(now - t0, 2), **s, "received": received, "distinct": distinct,
-                                "error_records": errors, **state_sizes(state)})
-                if not quiet:
-                    print(f"soak t={now - t0:7.1f}s rss={s['rss_kib'] / 1024:7.1f} MiB fds={s['fds']:3d} "
-                          f"threads={s['threads']:3d} results={received}", file=sys.stderr, flush=True)
-            time.sleep(min(0.2, max(0.0, next_t - time.monotonic())))
+        died = _sample(proc, counter, state, duration, interval, quiet, samples)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                exit_code = proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                exit_code = proc.wait(5)
-        else:
-            exit_code = proc.returncode
+        exit_code = _stop(proc)
         if counter is not None:
-            deadline = time.monotonic() + 5.0  # results flushed at stop are still on their way
-            inspected = _daemon_count(log_path)
-            while counter.snapshot()[1] < inspected and time.monotonic() < deadline:
-                time.sleep(0.1)
-            received, distinct, errors = counter.snapshot()
-            if samples:
-                samples[-1].update(received=received, distinct=distinct, error_records=errors)
-            counter.close()
+            _last_counts(counter, log_path, samples)
         if local is not None:
             local.stop()
     summary = summarize(samples, warmup_s)
@@ -273,6 +235,56 @@ def soak(config: Path | None, minutes: float, out: Path, plot: Path | None = Non
     if plot is not None:
         write_plot(samples, plot)
     return summary
+
+
+def _sample(proc: subprocess.Popen, counter: ResultCounter | None, state: Path, duration: float, interval: float,
+            quiet: bool, samples: list[dict]) -> bool:
+    """A sample of the daemon into ``samples`` every ``interval`` s for ``duration`` s; True
+    when it died early."""
+    t0 = next_t = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if now - t0 >= duration:
+            return False
+        if proc.poll() is not None:
+            return True
+        if now >= next_t:
+            next_t += interval
+            try:
+                s = proc_sample(proc.pid)
+            except (OSError, KeyError, IndexError):
+                continue  # the process is exiting; poll() tells next turn
+            received, distinct, errors = counter.snapshot() if counter else (0, 0, 0)
+            samples.append({"t": round(now - t0, 2), **s, "received": received, "distinct": distinct,
+                            "error_records": errors, **state_sizes(state)})
+            if not quiet:
+                print(f"soak t={now - t0:7.1f}s rss={s['rss_kib'] / 1024:7.1f} MiB fds={s['fds']:3d} "
+                      f"threads={s['threads']:3d} results={received}", file=sys.stderr, flush=True)
+        time.sleep(min(0.2, max(0.0, next_t - time.monotonic())))
+
+
+def _stop(proc: subprocess.Popen) -> int | None:
+    """SIGTERM (then SIGKILL after 60 s) unless it ended already: its exit code."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(5)
+
+
+def _last_counts(counter: ResultCounter, log_path: Path, samples: list[dict]) -> None:
+    """Wait up to 5 s for the results flushed at the stop, put the final counts into the last sample."""
+    deadline = time.monotonic() + 5.0
+    inspected = _daemon_count(log_path)
+    while counter.snapshot()[1] < inspected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    received, distinct, errors = counter.snapshot()
+    if samples:
+        samples[-1].update(received=received, distinct=distinct, error_records=errors)
+    counter.close()
 
 
 def _daemon_count(log_path: Path) -> int:
