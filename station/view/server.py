@@ -51,6 +51,9 @@ _FILES = {"/": ("index.html", "text/html; charset=utf-8"),
 CLIENT_QUEUE = 256  # events waiting for one browser; beyond, it is dropped (it reconnects)
 KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing an idle stream
 SOCKET_TIMEOUT_S = 10.0  # a request, or a browser taking no data, for this long is closed
+# The kernel's send buffer of an event stream (Linux doubles it): small, so that a browser that
+# stops reading backs up into its event queue and is dropped, not into megabytes of TCP buffer.
+STREAM_SNDBUF = 32 * 1024
 RETRY_MS = 2000  # how soon a browser reconnects to the stream (the SSE "retry" field)
 COOKIE = "station_view"
 _HEADERS = {
@@ -231,6 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.end_headers()
             self.close_connection = True
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF)
             self.wfile.write(f"retry: {RETRY_MS}\n\n".encode() + b"".join(content.hello()))
             while not client.dropped:
                 try:
