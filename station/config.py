@@ -443,14 +443,16 @@ class RunConfig(_Strict):
 class TuningConfig(_Strict):
     """How the station's threads share the CPU (station/priority.py, docs/tuning.md).
 
-    Every default is the plain setup: ONNX Runtime's own threads, the models in
-    turn, every thread at the process's priority on any CPU, glibc's allocator as
-    it is. Each knob helped on some host and cost on another: set one only where
-    ``station bench`` shows it helps on the line's machine.
+    The defaults are what won side by side on a 2-core host with the shipped
+    models (docs/tuning.md): the two models of a frame at the same time, each on
+    its share of the cores; otherwise ONNX Runtime's own threads, every thread at
+    the process's priority on any CPU, glibc's allocator as it is. Each other knob
+    helped on some host and cost on another: set one only where ``station bench``
+    shows it helps on the line's machine.
     """
 
     parallel_models: bool = Field(
-        False,
+        True,
         description="run a frame's segmentation and detection models at the same time, each on a thread of its "
         "own; with intra_op_threads 0 each model gets (cores ÷ models) threads instead of all of them",
     )

@@ -136,9 +136,9 @@ def test_an_infer_nice_outside_the_nice_range_is_refused(value):
 
 
 def test_tuning_is_off_unless_asked():
-    """Every scheduling knob's default is the plain setup (docs/tuning.md)."""
+    """Every scheduling knob but parallel_models is off unless asked (docs/tuning.md)."""
     assert parse_config("station: {id: a}\n").tuning == TuningConfig(
-        parallel_models=False, intra_op_threads=0, spin=False, helper_yield_ms=0, nice_non_inference=0,
+        parallel_models=True, intra_op_threads=0, spin=False, helper_yield_ms=0, nice_non_inference=0,
         realtime_inference=0, infer_cpu=None, infer_nice=None, steady_malloc=False)
 
 

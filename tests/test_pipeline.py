@@ -63,8 +63,8 @@ def test_models_in_parallel_give_the_results_of_models_in_turn():
         parallel.close()
 
 
-def test_without_the_setting_it_is_the_inspectors_infer():
-    cfg = config()
+def test_with_the_models_in_turn_it_is_the_inspectors_infer():
+    cfg = config(parallel_models=False)
     inspector = Inspector(open_models(cfg), cfg)
     work = ParallelInfer()(inspector.prepare(frames()[0]))
     assert "infer" not in work.latency and set(work.outputs) == set(MODELS)
@@ -75,7 +75,7 @@ def test_threads_are_shared_out_among_parallel_models(monkeypatch):
     assert model_threads(config(parallel_models=True), 2) == 2
     assert model_threads(config(parallel_models=True), 1) == 0  # one model: ONNX Runtime's default
     assert model_threads(config(parallel_models=True, intra_op_threads=3), 2) == 3  # set explicitly: kept
-    assert model_threads(config(), 2) == 0
+    assert model_threads(config(parallel_models=False), 2) == 0
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     assert model_threads(config(parallel_models=True), 2) == 1
 
