@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -52,10 +53,17 @@ def by_source(records: list[dict]) -> dict[str, set[str]]:
 
 
 def metric(port: int, name: str) -> float:
-    """The sum of a metric's samples from the daemon's /metrics endpoint (0 if absent)."""
+    """The sum of a metric's samples from the daemon's /metrics endpoint (0 if absent; NaN,
+    which no wait accepts, while the endpoint is not listening yet: the outbox can raise its
+    alarm before the metrics server is up)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ConnectionRefusedError):
+            return float("nan")
+        raise
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 
 
