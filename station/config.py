@@ -10,7 +10,7 @@ import logging
 import re
 import stat
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Self, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -27,6 +27,17 @@ DEMO_MODEL = ASSETS / "demo_seg.onnx"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Reconnecting(_Strict):
+    """A section with a reconnect backoff (``reconnect_min_s`` … ``reconnect_max_s``, fields of its own)."""
+
+    @model_validator(mode="after")
+    def _backoff_ordered(self) -> Self:
+        low, high = getattr(self, "reconnect_min_s"), getattr(self, "reconnect_max_s")  # noqa: B009 - fields of the subclasses
+        if low > high:
+            raise ValueError(f"reconnect_min_s ({low}) must not exceed reconnect_max_s ({high})")
+        return self
 
 
 class StationInfo(_Strict):
@@ -417,7 +428,7 @@ class TriggerConfig(_Strict):
     )
 
 
-class RunConfig(_Strict):
+class RunConfig(_Reconnecting):
     """The daemon's own behaviour."""
 
     queue_size: int = Field(4, ge=1, le=1000, description="frames waiting for inspection, at most")
@@ -433,11 +444,6 @@ class RunConfig(_Strict):
     state_dir: Path | None = Field(None, description="outbox and archive root; default $STATE_DIRECTORY or --state-dir")
     include_mask: bool = Field(False, description="put the defect mask (PNG, base64) into each result payload")
 
-    @model_validator(mode="after")
-    def _backoff_ordered(self) -> "RunConfig":
-        if self.reconnect_min_s > self.reconnect_max_s:
-            raise ValueError(f"reconnect_min_s ({self.reconnect_min_s}) must not exceed reconnect_max_s ({self.reconnect_max_s})")
-        return self
 
 
 class TuningConfig(_Strict):
@@ -557,7 +563,7 @@ class MqttAuthConfig(_PasswordSource):
         return self
 
 
-class MqttConfig(_Strict):
+class MqttConfig(_Reconnecting):
     """The broker connection and the topic prefix.
 
     Topics are ``<prefix>/result`` (QoS 1), ``<prefix>/status`` (retained, Last
@@ -625,13 +631,6 @@ class MqttConfig(_Strict):
             )
         return value
 
-    @model_validator(mode="after")
-    def _backoff_ordered(self) -> "MqttConfig":
-        if self.reconnect_min_s > self.reconnect_max_s:
-            raise ValueError(
-                f"reconnect_min_s ({self.reconnect_min_s}) must not exceed reconnect_max_s ({self.reconnect_max_s})"
-            )
-        return self
 
     @property
     def effective_port(self) -> int:
@@ -790,7 +789,7 @@ class OpcUaAuthConfig(_PasswordSource):
         return self
 
 
-class OpcUaConfig(_Strict):
+class OpcUaConfig(_Reconnecting):
     """The line PLC, reached as a client of its OPC UA server (the ``opcua`` extra).
 
     Each inspected part is written to the PLC as part id, grade code, sequence number
@@ -850,13 +849,6 @@ class OpcUaConfig(_Strict):
                                 "certificates, and the longest wait before a refused part is written again",
     )
 
-    @model_validator(mode="after")
-    def _backoff_ordered(self) -> "OpcUaConfig":
-        if self.reconnect_min_s > self.reconnect_max_s:
-            raise ValueError(
-                f"reconnect_min_s ({self.reconnect_min_s}) must not exceed reconnect_max_s ({self.reconnect_max_s})"
-            )
-        return self
 
     def with_base_dir(self, base_dir: Path) -> "OpcUaConfig":
         """Relative certificate, key and password file paths made absolute against ``base_dir``."""
@@ -881,7 +873,7 @@ class OpcUaConfig(_Strict):
 # `mqtt` section's TLS and auth models: the password is read when the node starts.
 
 
-class SparkplugConfig(_Strict):
+class SparkplugConfig(_Reconnecting):
     """The station as an edge node, its camera as a device (the ``sparkplug`` extra).
 
     The station is edge node ``edge_node_id`` of group ``group_id``, and its camera the
@@ -950,13 +942,6 @@ class SparkplugConfig(_Strict):
         # YAML reads `protocol: 5` as an integer and `protocol: 3.1.1` as text.
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
-    @model_validator(mode="after")
-    def _backoff_ordered(self) -> "SparkplugConfig":
-        if self.reconnect_min_s > self.reconnect_max_s:
-            raise ValueError(
-                f"reconnect_min_s ({self.reconnect_min_s}) must not exceed reconnect_max_s ({self.reconnect_max_s})"
-            )
-        return self
 
     @property
     def effective_port(self) -> int:
